@@ -1,0 +1,87 @@
+"""How the worker ranks neurons: every neuron FULL (no policy, or a request asking
+for full precision), or the store's policy with the trained predictors, scored
+in-process (weights pulled once from the Ranker) or by a Rank RPC per layer."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from m2cache import grpc_util
+from m2cache.core.format import DTYPES, Manifest, Precision
+from m2cache.errors import FailedPrecondition
+from m2cache.ranker.bands import BandRatios, assign_bands
+from m2cache.ranker.predictor import Predictor
+from m2cache.worker.config import WorkerConfig
+from m2cache.worker.provider import Choose
+from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def full_choose(num_neurons: int) -> Choose:
+    all_ids = torch.arange(num_neurons)
+
+    def choose(layer: int, x: torch.Tensor) -> dict[Precision, torch.Tensor]:
+        return {Precision.FULL: all_ids}
+
+    return choose
+
+
+def local_choose(predictor: Predictor, ratios: BandRatios) -> Choose:
+    """Score x [1, T, d] with the layer's predictor; one band set for the T rows."""
+
+    def choose(layer: int, x: torch.Tensor) -> dict[Precision, torch.Tensor]:
+        scores = predictor.scores(layer, x.reshape(-1, x.shape[-1]))  # [T, d_ffn]
+        return {p: ids.cpu() for p, ids in assign_bands(scores, ratios).as_choice().items()}
+
+    return choose
+
+
+def remote_choose(stub: ranker_pb2_grpc.RankerStub, model: str, timeout_s: float) -> Choose:
+    """One Rank RPC per layer and step (the Ranker applies the store's policy)."""
+
+    def choose(layer: int, x: torch.Tensor) -> dict[Precision, torch.Tensor]:
+        h = x.reshape(-1, x.shape[-1]).float().cpu().contiguous()  # [T, d]
+        blob = common_pb2.TensorBlob(data=h.numpy().tobytes(), shape=list(h.shape), dtype="float32")
+        resp = stub.Rank(ranker_pb2.RankRequest(model=model, layer=layer, hidden=blob), timeout=timeout_s)
+        return {Precision.FULL: torch.tensor(resp.full_ids, dtype=torch.long),
+                Precision.INT8: torch.tensor(resp.int8_ids, dtype=torch.long),
+                Precision.INT4: torch.tensor(resp.int4_ids, dtype=torch.long)}
+
+    return choose
+
+
+def pull_predictor(stub: ranker_pb2_grpc.RankerStub, model: str, timeout_s: float) -> Predictor:
+    resp = stub.GetPredictor(ranker_pb2.PredictorRequest(model=model), timeout=timeout_s)
+    tensors = {t.name: torch.frombuffer(bytearray(t.data), dtype=DTYPES[t.dtype or "float32"]).reshape(list(t.shape))
+               for t in resp.tensors}
+    return Predictor.from_tensors(tensors, version=resp.version)
+
+
+@dataclass
+class Choosers:
+    full: Choose
+    default: Choose
+    ratios: dict[str, float] | None  # the policy's band ratios (None: all FULL)
+
+    @classmethod
+    def build(cls, config: WorkerConfig, manifest: Manifest, policy: dict | None) -> "Choosers":
+        full = full_choose(manifest.d_ffn)
+        if not policy:
+            log.info("model %s has no precision policy: every neuron at full precision", config.model)
+            return cls(full, full, None)
+        if not config.ranker_addr:
+            raise FailedPrecondition(
+                f"model {config.model} has a precision policy; the worker needs --ranker-addr to rank neurons")
+        ratios = BandRatios.from_dict(policy["ratios"])
+        stub = ranker_pb2_grpc.RankerStub(grpc_util.channel(config.ranker_addr))
+        try:
+            if config.rank_mode == "remote":
+                return cls(full, remote_choose(stub, config.model, config.fetch_deadline_s), ratios.to_dict())
+            predictor = pull_predictor(stub, config.model, config.fetch_deadline_s).to(config.device)
+        except grpc.RpcError as err:
+            raise FailedPrecondition(f"could not get predictors from the ranker: {err.details()}") from err
+        return cls(full, local_choose(predictor, ratios), ratios.to_dict())

@@ -1,0 +1,41 @@
+"""Worker configuration: one frozen dataclass, built from flags/env in the entry point."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m2cache.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model: str
+    dram_addr: str
+    listen: str = "127.0.0.1:0"
+    ranker_addr: str = ""  # set with rank_mode="remote"
+    rank_mode: str = "local"  # "local": predictor weights pulled once; "remote": a Rank RPC per layer
+    device: str = "cpu"
+    cache_fraction: float = 0.25  # HBM neuron-cache budget as a fraction of the model's FULL FFN bytes
+    window: int = 4  # tokens a used neuron stays cached (LLM in a flash: 4-5 OPT, 2 Llama-2)
+    prefetch: bool = True
+    max_batch: int = 8  # sequences decoded together
+    max_queue: int = 32  # waiting requests beyond the batch
+    queue_timeout_s: float = 30.0  # how long a request may wait for a slot
+    max_context: int = 0  # 0: the model's context length
+    fetch_deadline_s: float = 30.0  # one fetch, retries included
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    grace_s: float = 5.0
+    worker_id: str = "worker-0"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidArgument("worker needs --model")
+        if not self.dram_addr:
+            raise InvalidArgument("worker needs --dram-addr")
+        if self.rank_mode not in ("local", "remote"):
+            raise InvalidArgument(f"rank_mode must be local or remote, got {self.rank_mode!r}")
+        if self.rank_mode == "remote" and not self.ranker_addr:
+            raise InvalidArgument("rank_mode=remote needs --ranker-addr")
+        if not 0 < self.cache_fraction <= 1:
+            raise InvalidArgument(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:
+            raise InvalidArgument("window and max_batch must be >= 1, max_queue >= 0")

@@ -1,0 +1,119 @@
+"""Assembles a worker from the tiers: manifest, dense weights and tokenizer come
+through the DramTier; FFN neurons come through the HBM neuron cache."""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from m2cache import grpc_util
+from m2cache.core.format import Manifest, Precision
+from m2cache.model.config import ModelConfig
+from m2cache.model.model import CausalLM
+from m2cache.worker.choosers import Choosers
+from m2cache.worker.config import WorkerConfig
+from m2cache.worker.engine import Engine, Request, Sequence
+from m2cache.worker.fetcher import TierFetcher
+from m2cache.worker.neuron_cache import NeuronCache
+from m2cache.worker.provider import CachedProvider
+from m2cache_client.pb import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+def cache_shares(ratios: dict[str, float] | None, manifest: Manifest) -> dict[Precision, float]:
+    """Split the HBM budget across precisions in proportion to the bytes each band
+    moves per token (all FULL when there is no policy)."""
+    if not ratios:
+        return {Precision.FULL: 1.0}
+    layout = manifest.layout
+    return {p: ratios.get(p.name.lower(), 0.0) * layout.num_bytes(p) for p in Precision}
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest, policy: dict | None,
+                 model: CausalLM, tokenizer, choosers: Choosers):
+        self.config = config
+        self.model_name = config.model
+        self.fetcher = fetcher
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.choosers = choosers
+        layout = manifest.layout
+        ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
+        self.cache = NeuronCache.with_budget(
+            manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
+            int(ffn_bytes * config.cache_fraction), cache_shares(choosers.ratios, manifest), config.window, config.device,
+        )
+        self.provider = CachedProvider(self.cache, layout, fetcher.neurons, manifest.num_layers,
+                                       prefetch=config.prefetch, device=config.device)
+        self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
+                             config.queue_timeout_s, config.max_context)
+
+    @classmethod
+    def connect(cls, config: WorkerConfig) -> "WorkerRuntime":
+        channel = grpc_util.channel(config.dram_addr)
+        fetcher = TierFetcher(channel, config.model, config.worker_id, deadline_s=config.fetch_deadline_s)
+        manifest, policy = fetcher.manifest()
+        model = CausalLM(ModelConfig.from_hf(manifest.hf_config), fetcher.dense(), config.device)
+        tokenizer = _tokenizer(fetcher, manifest)
+        return cls(config, fetcher, manifest, policy, model, tokenizer, Choosers.build(config, manifest, policy))
+
+    # ---- requests ------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            from m2cache.errors import InvalidArgument
+
+            raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
+        return list(self.tokenizer.encode(prompt))
+
+    def submit(self, request: Request) -> Sequence:
+        choose = self.choosers.full if request.full_precision else self.choosers.default
+        return self.engine.submit(request, choose)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.fetcher.channel.close()
+
+    # ---- stats -----------------------------------------------------------------------
+    def snapshot(self) -> tuple[int, int, int, int]:
+        s = self.provider.stats
+        return s.hbm_hits, s.hbm_misses, s.bytes_hbm, s.bytes_fetched
+
+    def stats_for(self, seq: Sequence, before: tuple[int, int, int, int]) -> worker_pb2.GenerationStats:
+        """Stats over the sequence's lifetime (tier bytes are the worker's, shared by a batch)."""
+        hits, misses, b_hbm, b_fetch = (a - b for a, b in zip(self.snapshot(), before))
+        decode_s = max(seq.finished_at - seq.first_token_at, 1e-9)
+        return worker_pb2.GenerationStats(
+            prompt_tokens=len(seq.request.prompt_ids), generated_tokens=len(seq.generated),
+            ttft_s=seq.first_token_at - seq.submitted,
+            tokens_per_s=(len(seq.generated) - 1) / decode_s if len(seq.generated) > 1 else 0.0,
+            bytes=worker_pb2.TierBytes(hbm=b_hbm, dram=b_fetch),
+            hbm_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+            finish_reason=seq.finish_reason,
+        )
+
+    def worker_stats(self) -> worker_pb2.WorkerStats:
+        s = self.provider.stats
+        total = s.hbm_hits + s.hbm_misses
+        return worker_pb2.WorkerStats(
+            requests=self.engine.requests, active=self.engine.num_active, tokens=self.engine.tokens,
+            hbm_hit_rate=s.hbm_hits / total if total else 0.0,
+            bytes=worker_pb2.TierBytes(hbm=s.bytes_hbm, dram=s.bytes_fetched),
+            cache_bytes=self.cache.num_bytes, cache_budget_bytes=self.cache.budget_bytes,
+        )
+
+
+def _tokenizer(fetcher: TierFetcher, manifest: Manifest):
+    names = list(manifest.files)
+    if not any(n in manifest.files for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="m2cache-tok-") as tmp:
+        for name in names:
+            Path(tmp, name).write_bytes(fetcher.file(name))
+        return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
