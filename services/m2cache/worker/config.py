@@ -1,15 +1,19 @@
 """Worker configuration: one frozen dataclass, built from flags/env in the entry point."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
+from m2cache import envflags
 from m2cache.errors import InvalidArgument
+
+ENV_PREFIX = "worker"
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    model: str
-    dram_addr: str
+    model: str = ""  # model name (the store's directory name under the store root)
+    dram_addr: str = "127.0.0.1:50062"
     listen: str = "127.0.0.1:0"
     ranker_addr: str = ""  # set with rank_mode="remote"
     rank_mode: str = "local"  # "local": predictor weights pulled once; "remote": a Rank RPC per layer
@@ -39,3 +43,11 @@ class WorkerConfig:
             raise InvalidArgument(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
         if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:
             raise InvalidArgument("window and max_batch must be >= 1, max_queue >= 0")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "WorkerConfig":
+        return envflags.config_from_args(cls, args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    envflags.add_config_arguments(parser, WorkerConfig, ENV_PREFIX)

@@ -34,7 +34,7 @@ def cache_shares(ratios: dict[str, float] | None, manifest: Manifest) -> dict[Pr
 
 
 class WorkerRuntime:
-    def __init__(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest, policy: dict | None,
+    def __init__(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest,
                  model: CausalLM, tokenizer, choosers: Choosers):
         self.config = config
         self.model_name = config.model
@@ -54,13 +54,15 @@ class WorkerRuntime:
                              config.queue_timeout_s, config.max_context)
 
     @classmethod
-    def connect(cls, config: WorkerConfig) -> "WorkerRuntime":
+    def connect(cls, config: WorkerConfig, choosers: Choosers | None = None) -> "WorkerRuntime":
+        """Load the model through the DramTier; ``choosers`` overrides the policy's."""
         channel = grpc_util.channel(config.dram_addr)
         fetcher = TierFetcher(channel, config.model, config.worker_id, deadline_s=config.fetch_deadline_s)
         manifest, policy = fetcher.manifest()
         model = CausalLM(ModelConfig.from_hf(manifest.hf_config), fetcher.dense(), config.device)
         tokenizer = _tokenizer(fetcher, manifest)
-        return cls(config, fetcher, manifest, policy, model, tokenizer, Choosers.build(config, manifest, policy))
+        choosers = choosers or Choosers.build(config, manifest, policy)
+        return cls(config, fetcher, manifest, model, tokenizer, choosers)
 
     # ---- requests ------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:

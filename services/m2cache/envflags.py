@@ -1,0 +1,52 @@
+"""Command-line flags whose defaults come from environment variables.
+
+Every service config is built from flags in its entry point; a flag
+``--redis-port`` of service ``dram`` reads its default from
+``M2CACHE_DRAM_REDIS_PORT``, so containers can configure by env alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+from m2cache.errors import InvalidArgument
+
+
+def env_name(prefix: str, flag: str) -> str:
+    """``("dram", "--redis-port")`` -> ``"M2CACHE_DRAM_REDIS_PORT"``."""
+    return f"M2CACHE_{prefix}_{flag.lstrip('-')}".upper().replace("-", "_")
+
+
+def parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidArgument(f"not a boolean: {text!r} (use true/false)")
+
+
+def add(parser: argparse.ArgumentParser, prefix: str, flag: str, default: Any, kind: Callable = str,
+        help: str = "") -> None:
+    """Add ``flag`` with its default taken from the env variable when set."""
+    env = env_name(prefix, flag)
+    raw = os.environ.get(env)
+    try:
+        value = kind(raw) if raw is not None else default
+    except (TypeError, ValueError) as err:
+        raise InvalidArgument(f"bad value for {env}={raw!r}: {err}") from None
+    parser.add_argument(flag, type=kind, default=value, help=f"{help} (env {env}, default {default!r})")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls, prefix: str) -> None:
+    """One flag per field of a config dataclass (``max_batch`` -> ``--max-batch``),
+    defaulting to env ``M2CACHE_<PREFIX>_<FIELD>`` or the field's default."""
+    for name, f in config_cls.__dataclass_fields__.items():
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
+        add(parser, prefix, "--" + name.replace("_", "-"), f.default, kind, name.replace("_", " "))
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The frozen config from parsed flags (fields only)."""
+    return config_cls(**{name: getattr(args, name) for name in config_cls.__dataclass_fields__})

@@ -1,0 +1,177 @@
+"""Decode worker over the real tiers: caching never changes results, batching
+never changes results, bad input gets clear codes, faults leave it healthy."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import transformers
+import torch
+
+from checkpoints import real_model_dir
+from m2cache.worker.choosers import local_choose
+from worker_stack import RATIOS, WorkerHandle, mixed_choosers, random_predictor, reference_tokens, status_of
+
+PROMPT = [1, 365, 118, 263, 431]  # ids valid for every test model (vocab >= 512)
+
+
+@pytest.fixture(scope="module")
+def dram(store_service, tmp_path_factory):
+    from tiers import DramHandle, start_redis
+
+    redis = start_redis()
+    handle = DramHandle(store_service.target, redis.url, budget_bytes=1 << 20, num_pinned_layers=1, preload_ahead=1)
+    yield handle
+    handle.stop()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stories(store_service):
+    """The stories260k store as the store server opened it (LMDB opens an env once per process)."""
+    return store_service.catalog.get("stories260k")
+
+
+def test_full_precision_matches_transformers(dram):
+    worker = WorkerHandle(dram.target, "tinystories-656k", cache_fraction=1.0)
+    try:
+        ids, stats = worker.generate(PROMPT, 32, full_precision=True)
+    finally:
+        worker.stop()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir("tinystories-656k"))
+    want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0, len(PROMPT):].tolist()
+    assert ids == want[: len(ids)] and (len(ids) == 32 or ids[-1] in (2,))
+    assert stats.generated_tokens == len(ids) and stats.finish_reason in ("length", "eos")
+
+
+@pytest.mark.parametrize("fraction,window", [(1.0, 4), (0.5, 2), (0.25, 4), (0.1, 1)])
+def test_caching_never_changes_mixed_precision_tokens(dram, stories, fraction, window):
+    store = stories
+    want = reference_tokens(store, PROMPT, 24, local_choose(random_predictor(store), RATIOS))
+    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(store), cache_fraction=fraction, window=window)
+    try:
+        got, stats = worker.generate(PROMPT, 24)
+        cache = worker.runtime.cache
+        assert cache.num_bytes <= cache.budget_bytes <= fraction * cache_ffn_bytes(store) + 1
+    finally:
+        worker.stop()
+    assert got == want
+    assert 0.0 <= stats.hbm_hit_rate <= 1.0
+    if fraction == 1.0:
+        assert stats.hbm_hit_rate > 0.3  # most chosen neurons repeat between tokens
+
+
+def cache_ffn_bytes(store) -> int:
+    from m2cache.core.format import Precision
+
+    m = store.manifest
+    return m.num_layers * m.d_ffn * m.layout.num_bytes(Precision.FULL)
+
+
+def test_eight_concurrent_streams_match_alone(dram, stories):
+    store = stories
+    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(store), cache_fraction=0.25, max_batch=8)
+    prompts = [PROMPT[: 2 + i % 4] + [300 + i] for i in range(8)]
+    lengths = [6 + 3 * i for i in range(8)]
+    try:
+        alone = [worker.generate(p, n)[0] for p, n in zip(prompts, lengths)]
+        together: list = [None] * 8
+        barrier = threading.Barrier(8)
+
+        def run(i):
+            barrier.wait()
+            together[i] = worker.generate(prompts[i], lengths[i])[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        worker.stop()
+    assert together == alone
+    assert [len(t) for t in together] == lengths
+
+
+def test_bad_input_gets_clear_codes_and_worker_survives(dram):
+    worker = WorkerHandle(dram.target, "stories260k", max_batch=1, max_queue=0, queue_timeout_s=1.0)
+    try:
+        ctx = worker.runtime.engine.max_context
+        assert status_of(lambda: worker.generate([1] * ctx, 8)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(lambda: worker.generate(PROMPT, 0)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(lambda: worker.generate(PROMPT, 4, model="nope")) == grpc.StatusCode.NOT_FOUND
+        bad_sampling = {"sampling": {"temperature": -1.0}}
+        assert status_of(lambda: worker.generate(PROMPT, 4, **bad_sampling)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(lambda: worker.generate(PROMPT, 4, sampling={"top_p": 1.5})) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(lambda: worker.generate([99999], 4)) == grpc.StatusCode.INVALID_ARGUMENT
+        # one slot, no queue: a second concurrent request is refused, the first completes
+        first = worker.stub.Generate(_req(worker, 40), timeout=60)
+        next(first)  # the first holds the only slot now
+        assert status_of(lambda: worker.generate(PROMPT, 4)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len([m for m in first if not m.HasField("stats")]) == 39
+        ids, _ = worker.generate(PROMPT, 4)  # unharmed
+        assert len(ids) == 4
+    finally:
+        worker.stop()
+
+
+def _req(worker, n):
+    from m2cache_client.pb import worker_pb2
+
+    return worker_pb2.GenerateRequest(model=worker.config.model, prompt_token_ids=PROMPT, max_new_tokens=n)
+
+
+def test_sampling_with_seed_is_reproducible(dram):
+    worker = WorkerHandle(dram.target, "stories260k")
+    try:
+        s = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 7, "has_seed": True}
+        a, _ = worker.generate(PROMPT, 16, sampling=s)
+        b, _ = worker.generate(PROMPT, 16, sampling=s)
+    finally:
+        worker.stop()
+    assert a == b and len(a) == 16
+
+
+def _restartable_dram(store_service, redis, port=0):
+    from tiers import DramHandle
+
+    return DramHandle(store_service.target, redis.url, address=f"127.0.0.1:{port}", budget_bytes=1 << 20)
+
+
+def test_dram_outage_retries_then_unavailable_and_worker_stays_healthy(store_service, stories):
+    from m2cache import grpc_util
+    from tiers import start_redis
+
+    redis = start_redis()
+    dram = _restartable_dram(store_service, redis)
+    port = dram.port
+    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(stories), cache_fraction=0.05, window=1,
+                          fetch_deadline_s=3.0)
+    want = reference_tokens(stories, PROMPT, 60, local_choose(random_predictor(stories), RATIOS))
+    try:
+        # 1) a short outage inside the fetch deadline: retries, same tokens
+        stream = worker.stub.Generate(_req(worker, 60), timeout=60)
+        got = [next(stream).token_id for _ in range(5)]
+        dram.stop()
+        holder: list = []
+        threading.Timer(1.0, lambda: holder.append(_restartable_dram(store_service, redis, port))).start()
+        got += [m.token_id for m in stream if not m.HasField("stats")]
+        assert got == want
+        dram = holder[0]
+        assert worker.runtime.fetcher.stats.retries > 0
+        # 2) an outage longer than the deadline: UNAVAILABLE, then the worker serves again
+        stream = worker.stub.Generate(_req(worker, 60), timeout=60)
+        next(stream)
+        dram.stop()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert grpc_util.check_health(worker.target, "m2cache.v1.Worker") == "SERVING"
+        dram = _restartable_dram(store_service, redis, port)
+        ids, _ = worker.generate(PROMPT, 60)
+        assert ids == want
+    finally:
+        worker.stop()
+        dram.stop()
+        redis.stop()
