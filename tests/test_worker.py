@@ -7,10 +7,12 @@ import threading
 import grpc
 import pytest
 import transformers
+from prometheus_client import generate_latest
 import torch
 
 from checkpoints import real_model_dir
 from m2cache.worker.choosers import local_choose
+from m2cache.worker.metrics import worker_registry
 from worker_stack import RATIOS, WorkerHandle, mixed_choosers, random_predictor, reference_tokens, status_of
 
 PROMPT = [1, 365, 118, 263, 431]  # ids valid for every test model (vocab >= 512)
@@ -128,9 +130,12 @@ def test_sampling_with_seed_is_reproducible(dram):
         s = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 7, "has_seed": True}
         a, _ = worker.generate(PROMPT, 16, sampling=s)
         b, _ = worker.generate(PROMPT, 16, sampling=s)
+        metrics = generate_latest(worker_registry(worker.runtime)).decode()
     finally:
         worker.stop()
     assert a == b and len(a) == 16
+    assert "m2cache_worker_tokens_total 32.0" in metrics
+    assert 'm2cache_worker_hbm_lookups_total{result="hit"}' in metrics
 
 
 def _restartable_dram(store_service, redis, port=0):

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
-
-import grpc
 
 from m2cache import grpc_util
 from m2cache.errors import InvalidArgument, NotFound
 from m2cache.model.generate import Sampling
+from m2cache.metrics import start_metrics_server
 from m2cache.worker.config import WorkerConfig
+from m2cache.worker.metrics import worker_registry
 from m2cache.worker.engine import Request
 from m2cache.worker.runtime import WorkerRuntime
 from m2cache_client.pb import worker_pb2, worker_pb2_grpc
@@ -43,6 +42,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         seq = self.runtime.submit(request_from_proto(request, self.runtime))
         context.add_callback(seq.cancel)  # client gone or deadline: stop decoding it
         before = self.runtime.snapshot()
+        first = True
         while True:
             try:
                 event = seq.events.get(timeout=0.5)
@@ -52,7 +52,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     return
                 continue
             if event.kind == "token":
-                yield worker_pb2.GenerateResponse(token_id=event.token_id, text=event.text)
+                prompt = seq.request.prompt_ids if first else ()
+                first = False
+                yield worker_pb2.GenerateResponse(token_id=event.token_id, text=event.text, prompt_token_ids=prompt)
             elif event.kind == "error":
                 raise event.error
             else:
@@ -75,5 +77,6 @@ def create_server(config: WorkerConfig, runtime: WorkerRuntime | None = None):
 
 def serve(config: WorkerConfig) -> None:
     server, port, runtime = create_server(config)
+    start_metrics_server(config.metrics_port, worker_registry(runtime))
     log.info("worker %s serving %s on port %d", config.worker_id, config.model, port)
     grpc_util.serve_until_signal(server, config.grace_s, on_stop=runtime.close)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15m2cache/v1/dram.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"k\n\x10\x44ramFetchRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12\x15\n\rcurrent_layer\x18\x02 \x01(\r\x12\x11\n\tcaller_id\x18\x03 \x01(\t\"9\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\"\xff\x01\n\tDramStats\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.LayerStats\x12\x18\n\x10\x62ytes_from_redis\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_from_store\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x10\n\x08preloads\x18\x06 \x01(\x04\x12\x16\n\x0epreload_misses\x18\x07 \x01(\x04\x12\x19\n\x11mean_preload_lead\x18\x08 \x01(\x01\x12\x10\n\x08redis_up\x18\t \x01(\x08\x12\x11\n\tevictions\x18\n \x01(\x04\x32\xcc\x02\n\x08\x44ramTier\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12\x45\n\x0c\x46\x65tchNeurons\x12\x1c.m2cache.v1.DramFetchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12;\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x15.m2cache.v1.DramStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15m2cache/v1/dram.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"k\n\x10\x44ramFetchRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12\x15\n\rcurrent_layer\x18\x02 \x01(\r\x12\x11\n\tcaller_id\x18\x03 \x01(\t\"H\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\"\xce\x02\n\tDramStats\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.LayerStats\x12\x18\n\x10\x62ytes_from_redis\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_from_store\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x10\n\x08preloads\x18\x06 \x01(\x04\x12\x16\n\x0epreload_misses\x18\x07 \x01(\x04\x12\x19\n\x11mean_preload_lead\x18\x08 \x01(\x01\x12\x10\n\x08redis_up\x18\t \x01(\x08\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x17\n\x0f\x62ytes_preloaded\x18\x0b \x01(\x04\x12\x18\n\x10preloads_skipped\x18\x0c \x01(\x04\x12\x1a\n\x12\x63hecksum_refetches\x18\r \x01(\x04\x32\xcc\x02\n\x08\x44ramTier\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12\x45\n\x0c\x46\x65tchNeurons\x12\x1c.m2cache.v1.DramFetchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12;\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x15.m2cache.v1.DramStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAMFETCHREQUEST']._serialized_start=62
   _globals['_DRAMFETCHREQUEST']._serialized_end=169
   _globals['_LAYERSTATS']._serialized_start=171
-  _globals['_LAYERSTATS']._serialized_end=228
-  _globals['_DRAMSTATS']._serialized_start=231
-  _globals['_DRAMSTATS']._serialized_end=486
-  _globals['_DRAMTIER']._serialized_start=489
-  _globals['_DRAMTIER']._serialized_end=821
+  _globals['_LAYERSTATS']._serialized_end=243
+  _globals['_DRAMSTATS']._serialized_start=246
+  _globals['_DRAMSTATS']._serialized_end=580
+  _globals['_DRAMTIER']._serialized_start=583
+  _globals['_DRAMTIER']._serialized_end=915
 # @@protoc_insertion_point(module_scope)

@@ -18,17 +18,19 @@ class DramFetchRequest(_message.Message):
     def __init__(self, batch: _Optional[_Union[_common_pb2.NeuronBatchRequest, _Mapping]] = ..., current_layer: _Optional[int] = ..., caller_id: _Optional[str] = ...) -> None: ...
 
 class LayerStats(_message.Message):
-    __slots__ = ("layer", "hits", "misses")
+    __slots__ = ("layer", "hits", "misses", "model")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hits: int
     misses: int
-    def __init__(self, layer: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, layer: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DramStats(_message.Message):
-    __slots__ = ("layers", "bytes_from_redis", "bytes_from_store", "bytes_resident", "budget_bytes", "preloads", "preload_misses", "mean_preload_lead", "redis_up", "evictions")
+    __slots__ = ("layers", "bytes_from_redis", "bytes_from_store", "bytes_resident", "budget_bytes", "preloads", "preload_misses", "mean_preload_lead", "redis_up", "evictions", "bytes_preloaded", "preloads_skipped", "checksum_refetches")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FROM_REDIS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,9 @@ class DramStats(_message.Message):
     MEAN_PRELOAD_LEAD_FIELD_NUMBER: _ClassVar[int]
     REDIS_UP_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PRELOADED_FIELD_NUMBER: _ClassVar[int]
+    PRELOADS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_REFETCHES_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerStats]
     bytes_from_redis: int
     bytes_from_store: int
@@ -49,4 +54,7 @@ class DramStats(_message.Message):
     mean_preload_lead: float
     redis_up: bool
     evictions: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., bytes_from_redis: _Optional[int] = ..., bytes_from_store: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., preloads: _Optional[int] = ..., preload_misses: _Optional[int] = ..., mean_preload_lead: _Optional[float] = ..., redis_up: _Optional[bool] = ..., evictions: _Optional[int] = ...) -> None: ...
+    bytes_preloaded: int
+    preloads_skipped: int
+    checksum_refetches: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., bytes_from_redis: _Optional[int] = ..., bytes_from_store: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., preloads: _Optional[int] = ..., preload_misses: _Optional[int] = ..., mean_preload_lead: _Optional[float] = ..., redis_up: _Optional[bool] = ..., evictions: _Optional[int] = ..., bytes_preloaded: _Optional[int] = ..., preloads_skipped: _Optional[int] = ..., checksum_refetches: _Optional[int] = ...) -> None: ...

@@ -70,14 +70,16 @@ class GenerationStats(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes: _Optional[_Union[TierBytes, _Mapping]] = ..., hbm_hit_rate: _Optional[float] = ..., dram_hit_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_id", "text", "stats")
+    __slots__ = ("token_id", "text", "stats", "prompt_token_ids")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     stats: GenerationStats
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("requests", "active", "tokens", "hbm_hit_rate", "bytes", "cache_bytes", "cache_budget_bytes")

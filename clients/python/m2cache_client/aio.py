@@ -1,0 +1,76 @@
+"""asyncio client: the same calls as ``Client`` over ``grpc.aio``."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from m2cache_client.client import Completion, Token, _Progress, build_request, channel_options, resumed
+from m2cache_client.errors import Unavailable, from_rpc_error
+from m2cache_client.pb import worker_pb2_grpc
+
+
+class AsyncClient:
+    """``async with AsyncClient([...]) as c: await c.generate(...)`` / ``async for t in c.stream(...)``."""
+
+    def __init__(self, targets: str | Sequence[str], *, model: str = "", timeout_s: float = 120.0,
+                 retries: int = 3, backoff_s: float = 0.2, tls: bool = False,
+                 root_certificates: bytes | None = None):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("at least one worker target is needed")
+        self.model, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
+        creds = grpc.ssl_channel_credentials(root_certificates) if tls else None
+        opts = channel_options(self.targets)
+        self._channels = [grpc.aio.secure_channel(t, creds, opts) if creds else grpc.aio.insecure_channel(t, opts)
+                          for t in self.targets]
+        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        self._next = itertools.count()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def stream(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                     max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                     seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
+                     timeout_s: float | None = None, _progress: _Progress | None = None) -> AsyncIterator[Token]:
+        request = build_request(prompt, prompt_token_ids, max_new_tokens, self.model, temperature, top_p, top_k,
+                                seed, stop, full_precision)
+        progress = _progress if _progress is not None else _Progress()
+        end = time.monotonic() + (timeout_s or self.timeout_s)
+        for attempt in range(self.retries + 1):
+            stub = self._stubs[next(self._next) % len(self._stubs)]
+            try:
+                call = stub.Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
+                async for msg in call:
+                    if msg.prompt_token_ids and not progress.prompt_ids:
+                        progress.prompt_ids = list(msg.prompt_token_ids)
+                    if msg.HasField("stats"):
+                        progress.stats = msg.stats
+                        if msg.text:
+                            yield Token(-1, msg.text)
+                        return
+                    progress.token_ids.append(msg.token_id)
+                    yield Token(msg.token_id, msg.text)
+                return
+            except grpc.RpcError as err:
+                typed = from_rpc_error(err)
+                if not isinstance(typed, Unavailable) or attempt == self.retries or time.monotonic() >= end:
+                    raise typed from None
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, max(end - time.monotonic(), 0)))
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        progress = _Progress()
+        parts = [t.text async for t in self.stream(prompt, _progress=progress, **kwargs)]
+        stats = progress.stats
+        return Completion("".join(parts), progress.token_ids, progress.prompt_ids,
+                          stats.finish_reason if stats else "", stats)

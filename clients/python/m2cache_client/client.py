@@ -1,0 +1,168 @@
+"""Blocking client: ``generate`` and ``stream`` against one or more workers.
+
+- Every call has a deadline (``timeout_s``).
+- Targets: a list of ``host:port`` used round-robin, or one ``dns:///name:port``
+  whose addresses gRPC balances itself (``round_robin`` policy).
+- UNAVAILABLE is retried on the next target. A stream that breaks after some
+  tokens resumes on the next worker from the prompt plus the tokens received
+  (exact for greedy decoding; a seeded sampler restarts its random stream).
+- Errors are raised as the typed exceptions in ``m2cache_client.errors``.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import grpc
+
+from m2cache_client.errors import M2CacheClientError, Unavailable, from_rpc_error
+from m2cache_client.pb import common_pb2, worker_pb2, worker_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str = ""
+    stats: worker_pb2.GenerationStats | None = None
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one logical stream has received so far (for resuming elsewhere)."""
+
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    stats: worker_pb2.GenerationStats | None = None
+
+
+def channel_options(targets: Sequence[str]) -> list[tuple[str, object]]:
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if len(targets) == 1 and targets[0].startswith("dns:"):
+        opts.append(("grpc.lb_policy_name", "round_robin"))
+    return opts
+
+
+def build_request(prompt: str | None, prompt_token_ids: Sequence[int] | None, max_new_tokens: int, model: str,
+                  temperature: float, top_p: float, top_k: int, seed: int | None, stop: Sequence[str],
+                  full_precision: bool) -> worker_pb2.GenerateRequest:
+    if (prompt is None) == (prompt_token_ids is None):
+        raise ValueError("give exactly one of prompt or prompt_token_ids")
+    sampling = worker_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                         seed=seed or 0, has_seed=seed is not None)
+    return worker_pb2.GenerateRequest(model=model, prompt=prompt or "", prompt_token_ids=list(prompt_token_ids or []),
+                                      max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
+                                      full_precision=full_precision)
+
+
+def resumed(request: worker_pb2.GenerateRequest, progress: _Progress) -> worker_pb2.GenerateRequest:
+    """The request that continues ``progress`` on another worker."""
+    if not progress.prompt_ids:
+        return request
+    again = worker_pb2.GenerateRequest()
+    again.CopyFrom(request)
+    again.prompt = ""
+    again.ClearField("prompt_token_ids")
+    again.prompt_token_ids.extend(progress.prompt_ids + progress.token_ids)
+    again.max_new_tokens = request.max_new_tokens - len(progress.token_ids)
+    return again
+
+
+class Client:
+    """A client of m2cache workers. Thread-safe; close() or use as a context manager."""
+
+    def __init__(self, targets: str | Sequence[str], *, model: str = "", timeout_s: float = 120.0,
+                 retries: int = 3, backoff_s: float = 0.2, tls: bool = False,
+                 root_certificates: bytes | None = None):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("at least one worker target is needed")
+        self.model = model
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        creds = grpc.ssl_channel_credentials(root_certificates) if tls else None
+        opts = channel_options(self.targets)
+        self._channels = [grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts)
+                          for t in self.targets]
+        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def _stub(self) -> worker_pb2_grpc.WorkerStub:
+        with self._lock:
+            return self._stubs[next(self._next) % len(self._stubs)]
+
+    def stream(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+               seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
+               timeout_s: float | None = None, _progress: _Progress | None = None) -> Iterator[Token]:
+        """Yield tokens as the worker samples them."""
+        request = build_request(prompt, prompt_token_ids, max_new_tokens, self.model, temperature, top_p, top_k,
+                                seed, stop, full_precision)
+        progress = _progress if _progress is not None else _Progress()
+        end = time.monotonic() + (timeout_s or self.timeout_s)
+        for attempt in range(self.retries + 1):
+            try:
+                call = self._stub().Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
+                for msg in call:
+                    if msg.prompt_token_ids and not progress.prompt_ids:
+                        progress.prompt_ids = list(msg.prompt_token_ids)
+                    if msg.HasField("stats"):
+                        progress.stats = msg.stats
+                        if msg.text:
+                            yield Token(-1, msg.text)
+                        return
+                    progress.token_ids.append(msg.token_id)
+                    yield Token(msg.token_id, msg.text)
+                return
+            except grpc.RpcError as err:
+                typed = from_rpc_error(err)
+                if not isinstance(typed, Unavailable) or attempt == self.retries or time.monotonic() >= end:
+                    raise typed from None
+                time.sleep(min(self.backoff_s * 2**attempt, max(end - time.monotonic(), 0)))
+        raise Unavailable(grpc.StatusCode.UNAVAILABLE, "no worker answered")
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        """The whole completion at once (same arguments as ``stream``)."""
+        progress = _Progress()
+        text = "".join(t.text for t in self.stream(prompt, _progress=progress, **kwargs))
+        stats = progress.stats
+        return Completion(text, progress.token_ids, progress.prompt_ids,
+                          stats.finish_reason if stats else "", stats)
+
+    def stats(self, timeout_s: float = 10.0) -> list[worker_pb2.WorkerStats]:
+        """GetStats of every target."""
+        try:
+            return [s.GetStats(common_pb2.StatsRequest(), timeout=timeout_s) for s in self._stubs]
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+__all__ = ["Client", "Completion", "Token", "M2CacheClientError"]
