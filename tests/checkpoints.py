@@ -50,10 +50,11 @@ TINY_CONFIGS = {
 
 
 def make_tiny_checkpoint(family: str, out_dir: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
-                         max_shard_size: str | None = None) -> Path:
-    """Save a random-init model of ``family`` to ``out_dir`` (safetensors + config.json)."""
+                         max_shard_size: str | None = None, config: transformers.PretrainedConfig | None = None) -> Path:
+    """Save a random-init model of ``family`` to ``out_dir`` (safetensors + config.json);
+    ``config`` overrides TINY_CONFIGS[family] (e.g. a variant with llama3 rope scaling)."""
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[family]()
+    config = config if config is not None else TINY_CONFIGS[family]()
     model = transformers.AutoModelForCausalLM.from_config(config)
     # Random init leaves biases and norms at trivial values; perturb every tensor
     # so a mixed-up weight (wrong bias, wrong norm) changes the logits.

@@ -42,7 +42,7 @@ def mixed_choosers(store: NeuronStore, ratios: BandRatios = RATIOS) -> Choosers:
 
 class WorkerHandle:
     def __init__(self, dram_target: str, model: str, choosers: Choosers | None = None, **overrides):
-        self.config = dataclasses.replace(WorkerConfig(model=model, dram_addr=dram_target, listen="127.0.0.1:0",
+        self.config = dataclasses.replace(WorkerConfig(model=model, dram_target=dram_target, address="127.0.0.1:0",
                                                        fetch_deadline_s=5.0), **overrides)
         runtime = WorkerRuntime.connect(self.config, choosers)
         self.server, self.port, self.runtime = worker_server.create_server(self.config, runtime)

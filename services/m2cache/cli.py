@@ -13,6 +13,15 @@ from m2cache.errors import M2CacheError
 # Module names under m2cache.commands, in --help order.
 COMMANDS = (
     "convert",
+    "health",
+    "run",
+    "k8s",
+    "serve",
+    "train_predictor",
+    "search_policy",
+    "up",
+    "generate",
+    "status",
 )
 
 

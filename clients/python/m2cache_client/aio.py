@@ -8,7 +8,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from m2cache_client.client import Completion, Token, _Progress, build_request, channel_options, resumed
+from m2cache_client.client import Completion, Token, Progress, build_request, channel_options, resumed
 from m2cache_client.errors import Unavailable, from_rpc_error
 from m2cache_client.pb import worker_pb2_grpc
 
@@ -40,12 +40,13 @@ class AsyncClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def stream(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                     messages: Sequence[dict] | None = None,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                      seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
-                     timeout_s: float | None = None, _progress: _Progress | None = None) -> AsyncIterator[Token]:
-        request = build_request(prompt, prompt_token_ids, max_new_tokens, self.model, temperature, top_p, top_k,
+                     timeout_s: float | None = None, progress_out: Progress | None = None) -> AsyncIterator[Token]:
+        request = build_request(prompt, prompt_token_ids, messages, max_new_tokens, self.model, temperature, top_p, top_k,
                                 seed, stop, full_precision)
-        progress = _progress if _progress is not None else _Progress()
+        progress = progress_out if progress_out is not None else Progress()
         end = time.monotonic() + (timeout_s or self.timeout_s)
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next) % len(self._stubs)]
@@ -69,8 +70,8 @@ class AsyncClient:
                 await asyncio.sleep(min(self.backoff_s * 2**attempt, max(end - time.monotonic(), 0)))
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
-        progress = _Progress()
-        parts = [t.text async for t in self.stream(prompt, _progress=progress, **kwargs)]
+        progress = Progress()
+        parts = [t.text async for t in self.stream(prompt, progress_out=progress, **kwargs)]
         stats = progress.stats
         return Completion("".join(parts), progress.token_ids, progress.prompt_ids,
                           stats.finish_reason if stats else "", stats)

@@ -40,7 +40,7 @@ class Completion:
 
 
 @dataclass(slots=True)
-class _Progress:
+class Progress:
     """What one logical stream has received so far (for resuming elsewhere)."""
 
     prompt_ids: list[int] = field(default_factory=list)
@@ -59,25 +59,27 @@ def channel_options(targets: Sequence[str]) -> list[tuple[str, object]]:
     return opts
 
 
-def build_request(prompt: str | None, prompt_token_ids: Sequence[int] | None, max_new_tokens: int, model: str,
-                  temperature: float, top_p: float, top_k: int, seed: int | None, stop: Sequence[str],
-                  full_precision: bool) -> worker_pb2.GenerateRequest:
-    if (prompt is None) == (prompt_token_ids is None):
-        raise ValueError("give exactly one of prompt or prompt_token_ids")
+def build_request(prompt: str | None, prompt_token_ids: Sequence[int] | None, messages: Sequence[dict] | None,
+                  max_new_tokens: int, model: str, temperature: float, top_p: float, top_k: int, seed: int | None,
+                  stop: Sequence[str], full_precision: bool) -> worker_pb2.GenerateRequest:
+    if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt, prompt_token_ids or messages")
     sampling = worker_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                          seed=seed or 0, has_seed=seed is not None)
+    chat = [worker_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return worker_pb2.GenerateRequest(model=model, prompt=prompt or "", prompt_token_ids=list(prompt_token_ids or []),
                                       max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
-                                      full_precision=full_precision)
+                                      full_precision=full_precision, messages=chat)
 
 
-def resumed(request: worker_pb2.GenerateRequest, progress: _Progress) -> worker_pb2.GenerateRequest:
+def resumed(request: worker_pb2.GenerateRequest, progress: Progress) -> worker_pb2.GenerateRequest:
     """The request that continues ``progress`` on another worker."""
     if not progress.prompt_ids:
         return request
     again = worker_pb2.GenerateRequest()
     again.CopyFrom(request)
     again.prompt = ""
+    again.ClearField("messages")
     again.ClearField("prompt_token_ids")
     again.prompt_token_ids.extend(progress.prompt_ids + progress.token_ids)
     again.max_new_tokens = request.max_new_tokens - len(progress.token_ids)
@@ -120,13 +122,14 @@ class Client:
             return self._stubs[next(self._next) % len(self._stubs)]
 
     def stream(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+               messages: Sequence[dict] | None = None,
                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
-               timeout_s: float | None = None, _progress: _Progress | None = None) -> Iterator[Token]:
+               timeout_s: float | None = None, progress_out: Progress | None = None) -> Iterator[Token]:
         """Yield tokens as the worker samples them."""
-        request = build_request(prompt, prompt_token_ids, max_new_tokens, self.model, temperature, top_p, top_k,
+        request = build_request(prompt, prompt_token_ids, messages, max_new_tokens, self.model, temperature, top_p, top_k,
                                 seed, stop, full_precision)
-        progress = _progress if _progress is not None else _Progress()
+        progress = progress_out if progress_out is not None else Progress()
         end = time.monotonic() + (timeout_s or self.timeout_s)
         for attempt in range(self.retries + 1):
             try:
@@ -151,8 +154,8 @@ class Client:
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         """The whole completion at once (same arguments as ``stream``)."""
-        progress = _Progress()
-        text = "".join(t.text for t in self.stream(prompt, _progress=progress, **kwargs))
+        progress = Progress()
+        text = "".join(t.text for t in self.stream(prompt, progress_out=progress, **kwargs))
         stats = progress.stats
         return Completion(text, progress.token_ids, progress.prompt_ids,
                           stats.finish_reason if stats else "", stats)

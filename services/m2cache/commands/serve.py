@@ -15,6 +15,7 @@ SERVICES: dict[str, tuple[str, str, str]] = {
     "dram": ("m2cache.dram.config", "DramConfig", "m2cache.dram.server"),
     "ranker": ("m2cache.ranker.config", "RankerConfig", "m2cache.ranker.server"),
     "worker": ("m2cache.worker.config", "WorkerConfig", "m2cache.worker.server"),
+    "gateway": ("m2cache.gateway.config", "GatewayConfig", "m2cache.gateway.server"),
 }
 
 

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from m2cache.errors import InvalidArgument
+
 INT8_QMAX = 127
 INT4_QMAX = 7
 _FP16_TINY = 2.0 ** -24  # smallest positive fp16 subnormal
+
+
+_FP16_MAX = 65504.0
 
 
 def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """fp16 scale >= amax / qmax (never clips), 1.0 for all-zero vectors."""
     # amax: [...] float32
     exact = amax.float() / qmax
+    if exact.numel() and not bool(torch.isfinite(exact).all() and (exact <= _FP16_MAX).all()):
+        raise InvalidArgument(f"weights too large (or not finite) for fp16 scales: |w| must stay below {_FP16_MAX * qmax:g}")
     s = exact.to(torch.float16)
     low = s.float() < exact
     s = torch.where(low, torch.nextafter(s, torch.tensor(float("inf"), dtype=torch.float16)), s)

@@ -73,11 +73,11 @@ class Choosers:
         if not policy:
             log.info("model %s has no precision policy: every neuron at full precision", config.model)
             return cls(full, full, None)
-        if not config.ranker_addr:
+        if not config.ranker_target:
             raise FailedPrecondition(
-                f"model {config.model} has a precision policy; the worker needs --ranker-addr to rank neurons")
+                f"model {config.model} has a precision policy; the worker needs --ranker-target to rank neurons")
         ratios = BandRatios.from_dict(policy["ratios"])
-        stub = ranker_pb2_grpc.RankerStub(grpc_util.channel(config.ranker_addr))
+        stub = ranker_pb2_grpc.RankerStub(grpc_util.channel(config.ranker_target))
         try:
             if config.rank_mode == "remote":
                 return cls(full, remote_choose(stub, config.model, config.fetch_deadline_s), ratios.to_dict())

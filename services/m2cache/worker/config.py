@@ -13,9 +13,9 @@ ENV_PREFIX = "worker"
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model: str = ""  # model name (the store's directory name under the store root)
-    dram_addr: str = "127.0.0.1:50062"
-    listen: str = "127.0.0.1:0"
-    ranker_addr: str = ""  # set with rank_mode="remote"
+    dram_target: str = "127.0.0.1:50062"
+    address: str = "127.0.0.1:50064"  # listen address (port 0 = any)
+    ranker_target: str = ""  # set with rank_mode="remote"
     rank_mode: str = "local"  # "local": predictor weights pulled once; "remote": a Rank RPC per layer
     device: str = "cpu"
     cache_fraction: float = 0.25  # HBM neuron-cache budget as a fraction of the model's FULL FFN bytes
@@ -33,12 +33,12 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise InvalidArgument("worker needs --model")
-        if not self.dram_addr:
-            raise InvalidArgument("worker needs --dram-addr")
+        if not self.dram_target:
+            raise InvalidArgument("worker needs --dram-target")
         if self.rank_mode not in ("local", "remote"):
             raise InvalidArgument(f"rank_mode must be local or remote, got {self.rank_mode!r}")
-        if self.rank_mode == "remote" and not self.ranker_addr:
-            raise InvalidArgument("rank_mode=remote needs --ranker-addr")
+        if self.rank_mode == "remote" and not self.ranker_target:
+            raise InvalidArgument("rank_mode=remote needs --ranker-target")
         if not 0 < self.cache_fraction <= 1:
             raise InvalidArgument(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
         if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:

@@ -11,6 +11,7 @@ import torch
 
 from m2cache import grpc_util
 from m2cache.core.format import Manifest, Precision
+from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM
 from m2cache.worker.choosers import Choosers
@@ -56,7 +57,7 @@ class WorkerRuntime:
     @classmethod
     def connect(cls, config: WorkerConfig, choosers: Choosers | None = None) -> "WorkerRuntime":
         """Load the model through the DramTier; ``choosers`` overrides the policy's."""
-        channel = grpc_util.channel(config.dram_addr)
+        channel = grpc_util.channel(config.dram_target)
         fetcher = TierFetcher(channel, config.model, config.worker_id, deadline_s=config.fetch_deadline_s)
         manifest, policy = fetcher.manifest()
         model = CausalLM(ModelConfig.from_hf(manifest.hf_config), fetcher.dense(), config.device)
@@ -67,10 +68,19 @@ class WorkerRuntime:
     # ---- requests ------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
-            from m2cache.errors import InvalidArgument
-
             raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
         return list(self.tokenizer.encode(prompt))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The model's chat template when it has one; else "role: content" lines
+        ending with "assistant:" (tiny story models have no template)."""
+        if self.tokenizer is None:
+            raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) else out)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode(text)
 
     def submit(self, request: Request) -> Sequence:
         choose = self.choosers.full if request.full_precision else self.choosers.default

@@ -27,7 +27,12 @@ def request_from_proto(req: worker_pb2.GenerateRequest, runtime: WorkerRuntime) 
         top_p=None if s.top_p in (0.0, 1.0) else s.top_p,  # 0 and 1 both mean off
         seed=s.seed if s.has_seed else None,
     )
-    ids = list(req.prompt_token_ids) or runtime.encode(req.prompt)
+    if req.prompt_token_ids:
+        ids = list(req.prompt_token_ids)
+    elif req.messages:
+        ids = runtime.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+    else:
+        ids = runtime.encode(req.prompt)
     return Request(tuple(ids), req.max_new_tokens, sampling, tuple(req.stop), req.full_precision)
 
 
@@ -66,10 +71,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def create_server(config: WorkerConfig, runtime: WorkerRuntime | None = None):
-    """(server, port, runtime): a real server on ``config.listen`` (port 0 = any)."""
+    """(server, port, runtime): a real server on ``config.address`` (port 0 = any)."""
     runtime = runtime or WorkerRuntime.connect(config)
     server, port, health = grpc_util.create_server(
-        config.listen, [(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(runtime))], [SERVICE_NAME],
+        config.address, [(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(runtime))], [SERVICE_NAME],
         max_workers=config.max_batch + config.max_queue + 8,
     )
     return server, port, runtime

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17m2cache/v1/worker.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\"\xb6\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.m2cache.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0e\x66ull_precision\x18\x07 \x01(\x08\"3\n\tTierBytes\x12\x0b\n\x03hbm\x18\x01 \x01(\x04\x12\x0c\n\x04\x64ram\x18\x02 \x01(\x04\x12\x0b\n\x03ssd\x18\x03 \x01(\x04\"\xd2\x01\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12$\n\x05\x62ytes\x18\x05 \x01(\x0b\x32\x15.m2cache.v1.TierBytes\x12\x14\n\x0chbm_hit_rate\x18\x06 \x01(\x01\x12\x15\n\rdram_hit_rate\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\"x\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.m2cache.v1.GenerationStats\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\"\xac\x01\n\x0bWorkerStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x14\n\x0chbm_hit_rate\x18\x04 \x01(\x01\x12$\n\x05\x62ytes\x18\x05 \x01(\x0b\x32\x15.m2cache.v1.TierBytes\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x07 \x01(\x04\x32\x90\x01\n\x06Worker\x12G\n\x08Generate\x12\x1b.m2cache.v1.GenerateRequest\x1a\x1c.m2cache.v1.GenerateResponse0\x01\x12=\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x17.m2cache.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17m2cache/v1/worker.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.m2cache.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0e\x66ull_precision\x18\x07 \x01(\x08\x12)\n\x08messages\x18\x08 \x03(\x0b\x32\x17.m2cache.v1.ChatMessage\"3\n\tTierBytes\x12\x0b\n\x03hbm\x18\x01 \x01(\x04\x12\x0c\n\x04\x64ram\x18\x02 \x01(\x04\x12\x0b\n\x03ssd\x18\x03 \x01(\x04\"\xd2\x01\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12$\n\x05\x62ytes\x18\x05 \x01(\x0b\x32\x15.m2cache.v1.TierBytes\x12\x14\n\x0chbm_hit_rate\x18\x06 \x01(\x01\x12\x15\n\rdram_hit_rate\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\"x\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.m2cache.v1.GenerationStats\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\"\xac\x01\n\x0bWorkerStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x14\n\x0chbm_hit_rate\x18\x04 \x01(\x01\x12$\n\x05\x62ytes\x18\x05 \x01(\x0b\x32\x15.m2cache.v1.TierBytes\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x07 \x01(\x04\x32\x90\x01\n\x06Worker\x12G\n\x08Generate\x12\x1b.m2cache.v1.GenerateRequest\x1a\x1c.m2cache.v1.GenerateResponse0\x01\x12=\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x17.m2cache.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=64
   _globals['_SAMPLINGPARAMS']._serialized_end=163
-  _globals['_GENERATEREQUEST']._serialized_start=166
-  _globals['_GENERATEREQUEST']._serialized_end=348
-  _globals['_TIERBYTES']._serialized_start=350
-  _globals['_TIERBYTES']._serialized_end=401
-  _globals['_GENERATIONSTATS']._serialized_start=404
-  _globals['_GENERATIONSTATS']._serialized_end=614
-  _globals['_GENERATERESPONSE']._serialized_start=616
-  _globals['_GENERATERESPONSE']._serialized_end=736
-  _globals['_WORKERSTATS']._serialized_start=739
-  _globals['_WORKERSTATS']._serialized_end=911
-  _globals['_WORKER']._serialized_start=914
-  _globals['_WORKER']._serialized_end=1058
+  _globals['_CHATMESSAGE']._serialized_start=165
+  _globals['_CHATMESSAGE']._serialized_end=209
+  _globals['_GENERATEREQUEST']._serialized_start=212
+  _globals['_GENERATEREQUEST']._serialized_end=437
+  _globals['_TIERBYTES']._serialized_start=439
+  _globals['_TIERBYTES']._serialized_end=490
+  _globals['_GENERATIONSTATS']._serialized_start=493
+  _globals['_GENERATIONSTATS']._serialized_end=703
+  _globals['_GENERATERESPONSE']._serialized_start=705
+  _globals['_GENERATERESPONSE']._serialized_end=825
+  _globals['_WORKERSTATS']._serialized_start=828
+  _globals['_WORKERSTATS']._serialized_end=1000
+  _globals['_WORKER']._serialized_start=1003
+  _globals['_WORKER']._serialized_end=1147
 # @@protoc_insertion_point(module_scope)

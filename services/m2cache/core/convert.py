@@ -1,0 +1,198 @@
+"""Hugging Face checkpoint -> m2cache LMDB store (see core/format.py).
+
+Streaming: one layer's FFN tensors (or one dense tensor) are in memory at a
+time, and neurons are encoded in chunks. Atomic: the store is written into a
+sibling temp directory, the manifest last, then fsynced and renamed into place;
+any failure (or Ctrl-C) removes the temp directory, so a store directory that
+opens is always a finished one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m2cache.core.checkpoint import Checkpoint
+from m2cache.core.format import (
+    DTYPES, MANIFEST_KEY, Manifest, Precision, RecordLayout, crc32, crc_key, dense_key, file_key, int4_group_size, neuron_key,
+)
+from m2cache.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_NEURONS = 1024
+_PAGE = 4096
+
+
+def convert(hf_dir: str | os.PathLike, store_dir: str | os.PathLike, *, force: bool = False,
+            progress: bool = True, chunk_neurons: int = DEFAULT_CHUNK_NEURONS) -> Manifest:
+    """Convert the checkpoint at ``hf_dir`` into a new store at ``store_dir``.
+
+    Raises CheckpointError / UnsupportedArchitecture for bad input (before
+    anything is written) and FailedPrecondition if ``store_dir`` exists and
+    ``force`` is false. With ``force`` an existing store is replaced only once
+    the new one is complete.
+    """
+    if chunk_neurons < 1:
+        raise InvalidArgument(f"chunk_neurons must be >= 1, got {chunk_neurons}")
+    start = time.monotonic()
+    ckpt = Checkpoint(hf_dir)
+    target = Path(store_dir)
+    if target.exists() and not force:
+        raise FailedPrecondition(f"{target} already exists; use --force (force=True) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a store is an ordinary directory
+        manifest = _write_store(ckpt, tmp, progress, chunk_neurons)
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s -> %s in %.1f s", ckpt.path, target, time.monotonic() - start)
+    return manifest
+
+
+def new_manifest(ckpt: Checkpoint) -> Manifest:
+    """The manifest of ``ckpt``'s store, before dense tensors and files are added."""
+    a = ckpt.arch
+    return Manifest(family=a.family, hf_config=ckpt.config, dtype=ckpt.dtype, num_layers=a.num_layers,
+                    d_model=a.d_model, d_ffn=a.d_ffn, ffn_kind=a.ffn_kind, int4_group=int4_group_size(a.d_model),
+                    source=str(ckpt.path.resolve()))
+
+
+def _write_store(ckpt: Checkpoint, directory: Path, progress: bool, chunk_neurons: int) -> Manifest:
+    manifest = new_manifest(ckpt)
+    layout = manifest.layout
+    # No lock file (private temp dir, single writer); sync once at the end.
+    env = lmdb.open(str(directory), map_size=_map_size(ckpt, layout), subdir=True, lock=False,
+                    sync=False, metasync=False, readahead=False)
+    try:
+        with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for layer in range(manifest.num_layers):
+                _write_layer(env, ckpt, layer, layout, chunk_neurons)
+                bar.update(sum(ckpt.tensors[n].nbytes for n in ckpt.ffn_names(layer).values()))
+            for name in ckpt.dense_names():
+                manifest.dense[name] = _write_dense(env, ckpt, name)
+                bar.update(ckpt.tensors[name].nbytes)
+        manifest.files = _write_files(env, ckpt)
+        with env.begin(write=True) as txn:  # manifest last: its presence marks a finished store
+            txn.put(MANIFEST_KEY, manifest.to_json())
+        env.sync(True)
+    finally:
+        env.close()
+    _fsync_dir(directory)
+    return manifest
+
+
+def _map_size(ckpt: Checkpoint, layout: RecordLayout) -> int:
+    """Generous LMDB map size: records rounded up to whole pages, twice over (the file is sparse)."""
+    per_neuron = sum(-(-(layout.num_bytes(p) + 64) // _PAGE) * _PAGE for p in Precision)
+    records = ckpt.arch.num_layers * ckpt.arch.d_ffn * per_neuron
+    return 2 * (records + ckpt.total_bytes) + (256 << 20)
+
+
+# ---- FFN neurons --------------------------------------------------------------
+def _write_layer(env: lmdb.Environment, ckpt: Checkpoint, layer: int, layout: RecordLayout, chunk: int) -> None:
+    """All neuron records of one layer in the three precisions, plus their crc tables.
+
+    One transaction per chunk of neurons: large enough to amortise commits, small
+    enough to bound LMDB's in-memory dirty pages (and its dirty-page limit) on
+    big layers. Keys are appended in ascending order (layer, precision, neuron).
+    """
+    vectors, bias = layer_neurons(ckpt, layer)  # [d_ffn, nvec, d], [d_ffn] | None
+    d_ffn = vectors.shape[0]
+    for prec in Precision:
+        crcs = np.empty(d_ffn, dtype="<u4")
+        for lo in range(0, d_ffn, chunk):
+            hi = min(lo + chunk, d_ffn)
+            records = layout.encode(vectors[lo:hi], None if bias is None else bias[lo:hi], prec)  # [n, bytes]
+            with env.begin(write=True) as txn:
+                crcs[lo:hi] = _put_records(txn.cursor(), layer, prec, lo, records)
+        with env.begin(write=True) as txn:  # "c..." keys sort before "n...": a plain put
+            txn.put(crc_key(layer, prec), crcs.tobytes())
+    log.debug("layer %d: %d neurons written", layer, d_ffn)
+
+
+def layer_neurons(ckpt: Checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's neurons as vectors [d_ffn, nvec, d] in the checkpoint dtype (+ fc1 bias [d_ffn] for OPT).
+
+    Filled one weight at a time so peak memory is the layer plus one tensor;
+    the output projection is transposed here once, not per chunk.
+    """
+    names = ckpt.ffn_names(layer)
+    a = ckpt.arch
+    # SwiGLU: gate, up [d_ffn, d] and down [d, d_ffn]; ReLU: fc1 [d_ffn, d] and fc2 [d, d_ffn].
+    rows, cols = (("gate", "up"), "down") if a.family == "llama" else (("fc1",), "fc2")
+    vectors = torch.empty(a.d_ffn, len(rows) + 1, a.d_model, dtype=DTYPES[ckpt.dtype])
+    for k, role in enumerate(rows):
+        vectors[:, k] = ckpt.read(names[role])
+    vectors[:, -1] = ckpt.read(names[cols]).T
+    bias = ckpt.read(names["fc1_bias"]) if a.family == "opt" else None
+    return vectors, bias
+
+
+def _put_records(cursor: lmdb.Cursor, layer: int, prec: Precision, first: int, records: torch.Tensor) -> list[int]:
+    """Append records of neurons first.. (keys ascending); returns their crc32s."""
+    num, size = records.shape
+    buf = memoryview(records.numpy().tobytes())
+    values = [buf[i * size : (i + 1) * size] for i in range(num)]
+    keys = [neuron_key(layer, prec, first + i) for i in range(num)]
+    consumed, added = cursor.putmulti(zip(keys, values), append=True)
+    assert consumed == added == num, (consumed, added, num)
+    return [crc32(v) for v in values]
+
+
+# ---- dense tensors and files ----------------------------------------------------
+def _write_dense(env: lmdb.Environment, ckpt: Checkpoint, name: str) -> dict:
+    """One dense tensor as raw bytes in its checkpoint dtype; returns its manifest entry."""
+    tensor = ckpt.read(name)
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    with env.begin(write=True) as txn:
+        txn.put(dense_key(name), raw)
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "crc32": crc32(raw)}
+
+
+def _write_files(env: lmdb.Environment, ckpt: Checkpoint) -> dict:
+    entries = {}
+    with env.begin(write=True) as txn:
+        for path in ckpt.aux_files():
+            data = path.read_bytes()
+            txn.put(file_key(path.name), data)
+            entries[path.name] = {"crc32": crc32(data), "size": len(data)}
+    return entries
+
+
+# ---- atomic placement -------------------------------------------------------------
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` to ``target``; an existing target is removed only afterwards."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "old"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

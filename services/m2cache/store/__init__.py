@@ -1,0 +1,1 @@
+"""NeuronStore gRPC service: the SSD tier, a root directory of LMDB stores."""
