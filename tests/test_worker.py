@@ -180,3 +180,22 @@ def test_dram_outage_retries_then_unavailable_and_worker_stays_healthy(store_ser
         worker.stop()
         dram.stop()
         redis.stop()
+
+
+def test_over_budget_dense_layers_stream_and_match(dram, stories):
+    """Resident parts over the device budget: later layers' attention streams per step."""
+    m = stories.manifest
+    non_attention = sum(torch.Size(v["shape"]).numel() * 4 for n, v in m.dense.items() if "self_attn." not in n)
+    layer0 = sum(torch.Size(v["shape"]).numel() * 4 for n, v in m.dense.items() if n.startswith("model.layers.0.self_attn."))
+    want = reference_tokens(stories, PROMPT, 20, local_choose(random_predictor(stories), RATIOS))
+    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(stories), dense_budget_bytes=non_attention + layer0)
+    try:
+        got, _ = worker.generate(PROMPT, 20)
+        streamer = worker.runtime.streamer
+        assert sorted(streamer.streamed) == list(range(1, m.num_layers))
+        assert streamer.bytes >= 20 * (m.num_layers - 1) * layer0  # every step fetched them again
+    finally:
+        worker.stop()
+    assert got == want
+    with pytest.raises(Exception, match="dense budget"):
+        WorkerHandle(dram.target, "stories260k", dense_budget_bytes=1000)

@@ -96,6 +96,7 @@ def attention(
 
     Writes this step's keys/values into the cache rows ``slots`` at ``positions``
     and attends over each row's whole history."""
+    assert w is not None, f"attention weights of layer {layer} are not loaded (streamed layer)"
     B, T, _ = x.shape
     q = F.linear(x, w.wq, w.bq).view(B, T, num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
     k = F.linear(x, w.wk, w.bk).view(B, T, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, D]

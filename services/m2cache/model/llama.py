@@ -24,14 +24,24 @@ def _attention_weights(w: DenseWeights, prefix: str) -> AttentionWeights:
 class LlamaModel:
     """Dense weights by HF name (model.layers.{i}.self_attn.q_proj.weight, ...)."""
 
-    def __init__(self, config: ModelConfig, w: DenseWeights, device):
+    def __init__(self, config: ModelConfig, w: DenseWeights, device, streamed: frozenset[int] = frozenset()):
         self.config = config
         self.embed, self.lm_head = w.embedding_and_head("model.embed_tokens.weight", config.tie_word_embeddings)
-        self.attn = [_attention_weights(w, f"model.layers.{i}.") for i in range(config.num_layers)]
+        # streamed layers' attention arrives per step via set_attention (None until then)
+        self.attn = [None if i in streamed else _attention_weights(w, self.layer_prefix(i))
+                     for i in range(config.num_layers)]
         self.attn_norm = [w.get(f"model.layers.{i}.input_layernorm.weight") for i in range(config.num_layers)]
         self.ffn_norm = [w.get(f"model.layers.{i}.post_attention_layernorm.weight") for i in range(config.num_layers)]
         self.norm = w.get("model.norm.weight")
         self.inv_freq = rope_inv_freq(config.rope, config.head_dim, device)  # [D/2]
+
+    @staticmethod
+    def layer_prefix(i: int) -> str:
+        return f"model.layers.{i}."
+
+    def set_attention(self, i: int, w: DenseWeights | None) -> None:
+        """Install (or, with None, drop) layer i's attention projections."""
+        self.attn[i] = None if w is None else _attention_weights(w, self.layer_prefix(i))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
                 ffn: FFNProvider) -> torch.Tensor:

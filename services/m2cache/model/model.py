@@ -16,16 +16,30 @@ from m2cache.model.weights import DenseWeights
 FAMILIES = {"llama": LlamaModel, "opt": OPTModel}
 
 
+def attention_names(config: ModelConfig, layer: int, names) -> list[str]:
+    """Of ``names`` (dense tensor names), those of layer ``layer``'s attention projections."""
+    prefix = FAMILIES[config.family].layer_prefix(layer) + "self_attn."
+    return [n for n in names if n.startswith(prefix)]
+
+
 class CausalLM:
     """``CausalLM(config, dense, device)``; dense: Hugging Face name -> tensor
     (every non-FFN tensor, plus OPT's fc2 biases; lm_head optional when tied)."""
 
     def __init__(self, config: ModelConfig, dense: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, streamed_layers: frozenset[int] = frozenset()):
+        """``streamed_layers``: layers whose attention projections are not in ``dense``;
+        the caller installs them with ``set_attention`` before each use (the worker
+        streams them through the tiers when the resident parts exceed the device budget)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.net = FAMILIES[config.family](config, DenseWeights(dense, self.device, dtype), self.device)
+        self.net = FAMILIES[config.family](config, DenseWeights(dense, self.device, dtype), self.device,
+                                           frozenset(streamed_layers))
+
+    def set_attention(self, layer: int, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Install layer ``layer``'s attention projections (HF names), or drop them with None."""
+        self.net.set_attention(layer, None if tensors is None else DenseWeights(tensors, self.device, self.dtype))
 
     def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
         """A KV cache on this model's device and dtype (max_len: the context length by default)."""

@@ -32,19 +32,28 @@ def _norm(w: DenseWeights, prefix: str) -> tuple[torch.Tensor | None, torch.Tens
 class OPTModel:
     """Dense weights by HF name (model.decoder.layers.{i}.self_attn.q_proj.weight, ...)."""
 
-    def __init__(self, config: ModelConfig, w: DenseWeights, device):
+    def __init__(self, config: ModelConfig, w: DenseWeights, device, streamed: frozenset[int] = frozenset()):
         self.config = config
         d = "model.decoder."
         self.embed, self.lm_head = w.embedding_and_head(d + "embed_tokens.weight", config.tie_word_embeddings)
         self.positions = w.get(d + "embed_positions.weight")  # [max_pos + 2, d]
         self.project_in = w.maybe(d + "project_in.weight")  # [d, d_proj] or None
         self.project_out = w.maybe(d + "project_out.weight")  # [d_proj, d] or None
-        layers = [f"{d}layers.{i}." for i in range(config.num_layers)]
-        self.attn = [_attention_weights(w, p) for p in layers]
+        layers = [self.layer_prefix(i) for i in range(config.num_layers)]
+        # streamed layers' attention arrives per step via set_attention (None until then)
+        self.attn = [None if i in streamed else _attention_weights(w, p) for i, p in enumerate(layers)]
         self.attn_norm = [_norm(w, p + "self_attn_layer_norm") for p in layers]
         self.ffn_norm = [_norm(w, p + "final_layer_norm") for p in layers]
         self.fc2_bias = [w.maybe(p + "fc2.bias") for p in layers]  # [d] or None
         self.final_norm = _norm(w, d + "final_layer_norm") if config.do_layer_norm_before else None
+
+    @staticmethod
+    def layer_prefix(i: int) -> str:
+        return f"model.decoder.layers.{i}."
+
+    def set_attention(self, i: int, w: DenseWeights | None) -> None:
+        """Install (or, with None, drop) layer i's attention projections."""
+        self.attn[i] = None if w is None else _attention_weights(w, self.layer_prefix(i))
 
     def _ffn(self, i: int, x: torch.Tensor, ffn: FFNProvider) -> torch.Tensor:
         """x: [B, T, d] FFN input -> [B, T, d]."""

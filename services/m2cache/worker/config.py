@@ -21,6 +21,8 @@ class WorkerConfig:
     cache_fraction: float = 0.25  # HBM neuron-cache budget as a fraction of the model's FULL FFN bytes
     window: int = 4  # tokens a used neuron stays cached (LLM in a flash: 4-5 OPT, 2 Llama-2)
     prefetch: bool = True
+    dense_budget_bytes: int = 0  # device bytes for the resident parts; 0 = all resident, else over-budget
+    #                              layers' attention streams through the tiers every step
     max_batch: int = 8  # sequences decoded together
     max_queue: int = 32  # waiting requests beyond the batch
     queue_timeout_s: float = 30.0  # how long a request may wait for a slot

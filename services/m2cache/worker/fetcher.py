@@ -69,8 +69,9 @@ class TierFetcher:
         policy = json.loads(resp.policy_json) if resp.policy_json else None
         return Manifest.from_json(resp.manifest_json.encode(), where=f"model {self.model}"), policy
 
-    def dense(self) -> dict[str, torch.Tensor]:
-        resp = self._call(self.stub.FetchDense, common_pb2.DenseRequest(model=self.model))
+    def dense(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Dense tensors by name (all of them when ``names`` is None)."""
+        resp = self._call(self.stub.FetchDense, common_pb2.DenseRequest(model=self.model, names=names or []))
         out = {}
         for blob in resp.tensors:
             if self.verify and crc32(blob.data) != blob.crc32:

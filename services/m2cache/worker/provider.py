@@ -8,7 +8,6 @@ and prefetching never change results, only where the bytes come from.
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -47,7 +46,9 @@ class CachedProvider:
     x [1, T, d], as an in-process run of that sequence alone would call it."""
 
     def __init__(self, cache: NeuronCache, layout: RecordLayout, fetch: Fetch, num_layers: int,
-                 prefetch: bool = True, device: torch.device | str = "cpu"):
+                 prefetch: bool = True, device: torch.device | str = "cpu", layer_hooks=None):
+        """``layer_hooks``: optional object with ``begin_step()`` and ``before_ffn(layer)``
+        (the dense-layer streamer), called on the per-layer path."""
         self.cache = cache
         self.layout = layout
         self.fetch = fetch
@@ -58,12 +59,14 @@ class CachedProvider:
         self.choose_rows: list[Choose] = []
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._staged: dict[int, Future] = {}
-        self._lock = threading.Lock()
+        self.layer_hooks = layer_hooks
 
     def begin_step(self, choose_rows: list[Choose]) -> None:
         """Start a forward step whose batch rows use these choose functions."""
         self.step += 1
         self.choose_rows = choose_rows
+        if self.layer_hooks is not None:
+            self.layer_hooks.begin_step()
 
     def close(self) -> None:
         if self._prefetch:
@@ -72,6 +75,8 @@ class CachedProvider:
     # ---- the per-layer path --------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor) -> NeuronWeights | list[NeuronWeights]:
         """x: [B, T, d] -> one NeuronWeights per row (a single one when B == 1)."""
+        if self.layer_hooks is not None:
+            self.layer_hooks.before_ffn(layer)
         choices = [choose(layer, x[b : b + 1]) for b, choose in enumerate(self.choose_rows)]
         union = _union(choices)  # prec -> sorted unique ids
         pending = self._staged.pop(layer, None)

@@ -13,9 +13,10 @@ from m2cache import grpc_util
 from m2cache.core.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
-from m2cache.model.model import CausalLM
+from m2cache.model.model import CausalLM, attention_names
 from m2cache.worker.choosers import Choosers
 from m2cache.worker.config import WorkerConfig
+from m2cache.worker.dense_stream import AttentionStreamer, plan_resident
 from m2cache.worker.engine import Engine, Request, Sequence
 from m2cache.worker.fetcher import TierFetcher
 from m2cache.worker.neuron_cache import NeuronCache
@@ -36,7 +37,7 @@ def cache_shares(ratios: dict[str, float] | None, manifest: Manifest) -> dict[Pr
 
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest,
-                 model: CausalLM, tokenizer, choosers: Choosers):
+                 model: CausalLM, tokenizer, choosers: Choosers, streamer: AttentionStreamer | None = None):
         self.config = config
         self.model_name = config.model
         self.fetcher = fetcher
@@ -49,8 +50,9 @@ class WorkerRuntime:
             manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
             int(ffn_bytes * config.cache_fraction), cache_shares(choosers.ratios, manifest), config.window, config.device,
         )
+        self.streamer = streamer
         self.provider = CachedProvider(self.cache, layout, fetcher.neurons, manifest.num_layers,
-                                       prefetch=config.prefetch, device=config.device)
+                                       prefetch=config.prefetch, device=config.device, layer_hooks=streamer)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
                              config.queue_timeout_s, config.max_context)
 
@@ -60,10 +62,10 @@ class WorkerRuntime:
         channel = grpc_util.channel(config.dram_target)
         fetcher = TierFetcher(channel, config.model, config.worker_id, deadline_s=config.fetch_deadline_s)
         manifest, policy = fetcher.manifest()
-        model = CausalLM(ModelConfig.from_hf(manifest.hf_config), fetcher.dense(), config.device)
+        model, streamer = _build_model(config, manifest, fetcher)
         tokenizer = _tokenizer(fetcher, manifest)
         choosers = choosers or Choosers.build(config, manifest, policy)
-        return cls(config, fetcher, manifest, model, tokenizer, choosers)
+        return cls(config, fetcher, manifest, model, tokenizer, choosers, streamer)
 
     # ---- requests ------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -88,6 +90,8 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self.engine.close()
+        if self.streamer is not None:
+            self.streamer.close()
         self.fetcher.channel.close()
 
     # ---- stats -----------------------------------------------------------------------
@@ -117,6 +121,20 @@ class WorkerRuntime:
             bytes=worker_pb2.TierBytes(hbm=s.bytes_hbm, dram=s.bytes_fetched),
             cache_bytes=self.cache.num_bytes, cache_budget_bytes=self.cache.budget_bytes,
         )
+
+
+def _build_model(config: WorkerConfig, manifest: Manifest,
+                 fetcher: TierFetcher) -> tuple[CausalLM, AttentionStreamer | None]:
+    """The model with every dense part resident, or, over ``dense_budget_bytes``,
+    the first layers resident and the rest's attention streamed."""
+    model_config = ModelConfig.from_hf(manifest.hf_config)
+    if not config.dense_budget_bytes:
+        return CausalLM(model_config, fetcher.dense(), config.device), None
+    resident, streamed = plan_resident(manifest, lambda i: attention_names(model_config, i, manifest.dense),
+                                       config.dense_budget_bytes)
+    model = CausalLM(model_config, fetcher.dense(resident), config.device, streamed_layers=frozenset(streamed))
+    log.info("dense budget %d B: %d layers' attention streamed", config.dense_budget_bytes, len(streamed))
+    return model, AttentionStreamer(model, fetcher.dense, streamed) if streamed else None
 
 
 def _tokenizer(fetcher: TierFetcher, manifest: Manifest):
