@@ -23,10 +23,8 @@ import time
 import zlib
 from pathlib import Path
 
-import grpc
 import lmdb
 import numpy as np
-import redis
 import torch
 
 from m2cache import grpc_util

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-from checkpoints import make_tiny_checkpoint
-from m2cache.core.convert import convert
 from m2cache.stack import pid_alive
 from tiers import free_port
 

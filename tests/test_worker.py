@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 import torch
 
 from checkpoints import real_model_dir
-from m2cache.worker.choosers import local_choose
+from m2cache.ranker.ranking import Ranker
 from m2cache.worker.metrics import worker_registry
 from worker_stack import RATIOS, WorkerHandle, mixed_choosers, random_predictor, reference_tokens, status_of
 
@@ -50,7 +50,7 @@ def test_full_precision_matches_transformers(dram):
 @pytest.mark.parametrize("fraction,window", [(1.0, 4), (0.5, 2), (0.25, 4), (0.1, 1)])
 def test_caching_never_changes_mixed_precision_tokens(dram, stories, fraction, window):
     store = stories
-    want = reference_tokens(store, PROMPT, 24, local_choose(random_predictor(store), RATIOS))
+    want = reference_tokens(store, PROMPT, 24, Ranker(random_predictor(store), RATIOS).choose())
     worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(store), cache_fraction=fraction, window=window)
     try:
         got, stats = worker.generate(PROMPT, 24)
@@ -153,7 +153,7 @@ def test_dram_outage_retries_then_unavailable_and_worker_stays_healthy(store_ser
     port = dram.port
     worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(stories), cache_fraction=0.05, window=1,
                           fetch_deadline_s=3.0)
-    want = reference_tokens(stories, PROMPT, 60, local_choose(random_predictor(stories), RATIOS))
+    want = reference_tokens(stories, PROMPT, 60, Ranker(random_predictor(stories), RATIOS).choose())
     try:
         # 1) a short outage inside the fetch deadline: retries, same tokens
         stream = worker.stub.Generate(_req(worker, 60), timeout=60)
@@ -187,7 +187,7 @@ def test_over_budget_dense_layers_stream_and_match(dram, stories):
     m = stories.manifest
     non_attention = sum(torch.Size(v["shape"]).numel() * 4 for n, v in m.dense.items() if "self_attn." not in n)
     layer0 = sum(torch.Size(v["shape"]).numel() * 4 for n, v in m.dense.items() if n.startswith("model.layers.0.self_attn."))
-    want = reference_tokens(stories, PROMPT, 20, local_choose(random_predictor(stories), RATIOS))
+    want = reference_tokens(stories, PROMPT, 20, Ranker(random_predictor(stories), RATIOS).choose())
     worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(stories), dense_budget_bytes=non_attention + layer0)
     try:
         got, _ = worker.generate(PROMPT, 20)

@@ -16,7 +16,8 @@ from m2cache.model.providers import ChoiceProvider
 from m2cache.ranker.bands import BandRatios
 from m2cache.ranker.predictor import LayerPredictor, Predictor
 from m2cache.worker import server as worker_server
-from m2cache.worker.choosers import Choosers, full_choose, local_choose
+from m2cache.ranker.ranking import Ranker
+from m2cache.worker.choosers import Choosers, full_choose
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.runtime import WorkerRuntime
 from m2cache_client.pb import worker_pb2, worker_pb2_grpc
@@ -36,7 +37,7 @@ def random_predictor(store: NeuronStore, seed: int = 0, rank: int = 16) -> Predi
 
 
 def mixed_choosers(store: NeuronStore, ratios: BandRatios = RATIOS) -> Choosers:
-    choose = local_choose(random_predictor(store), ratios)
+    choose = Ranker(random_predictor(store), ratios).choose()
     return Choosers(full_choose(store.manifest.d_ffn), choose, ratios.to_dict())
 
 

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from m2cache.core.format import POLICY_KEY, Precision
+from m2cache.core.format import Precision
 from m2cache.core.neuron_store import NeuronStore
 from m2cache.errors import FailedPrecondition
 from m2cache.model.ffn import FFNProvider
@@ -39,21 +39,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def read_policy(store: NeuronStore) -> dict | None:
-    """The store's precision policy (JSON under b"policy", written by the ranker), or None."""
-    with store.env.begin() as txn:
-        raw = txn.get(POLICY_KEY)
-    return None if raw is None else json.loads(raw)
-
-
 def default_choose(store: NeuronStore, bank: WeightBank) -> Choose:
     """What ``run`` computes with when neither --full nor --precision is given:
     the store's policy (band ratios from ``m2cache search-policy``) ranked by its
     newest predictor; every neuron at full precision when the store has no policy."""
-    if read_policy(store) is None:
-        return uniform_choose(bank, Precision.FULL)
-    from m2cache.ranker.ranking import Ranker  # the ranker team's in-process API
+    from m2cache.ranker.ranking import Ranker
+    from m2cache.ranker.storage import load_policy
 
+    if load_policy(store) is None:
+        return uniform_choose(bank, Precision.FULL)
     ranker = Ranker.from_store(store, require_policy=True)
     ranker.predictor = ranker.predictor.to(bank.device)
     log.info("policy %s with predictor v%d", ranker.ratios, ranker.predictor.version)

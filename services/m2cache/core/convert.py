@@ -5,6 +5,11 @@ time, and neurons are encoded in chunks. Atomic: the store is written into a
 sibling temp directory, the manifest last, then fsynced and renamed into place;
 any failure (or Ctrl-C) removes the temp directory, so a store directory that
 opens is always a finished one.
+
+With ``prune`` (core/prune.py) every neuron vector is pruned before encoding;
+Wanda's input norms are measured first (core/calibrate.py), then the layers are
+converted. With ``codec="bitmap"`` (the default when pruning) each record is
+stored in its bitmap sparse form where that is smaller (core/bitmap.py).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -20,10 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m2cache.core import bitmap
 from m2cache.core.checkpoint import Checkpoint
 from m2cache.core.format import (
-    DTYPES, MANIFEST_KEY, Manifest, Precision, RecordLayout, crc32, crc_key, dense_key, file_key, int4_group_size, neuron_key,
+    CODECS, DTYPES, MANIFEST_KEY, Manifest, Precision, RecordLayout, crc32, crc_key, dense_key, file_key,
+    int4_group_size, neuron_key,
 )
+from m2cache.core.prune import PruneSpec, prune_vectors
 from m2cache.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -33,26 +42,32 @@ _PAGE = 4096
 
 
 def convert(hf_dir: str | os.PathLike, store_dir: str | os.PathLike, *, force: bool = False,
-            progress: bool = True, chunk_neurons: int = DEFAULT_CHUNK_NEURONS) -> Manifest:
+            progress: bool = True, chunk_neurons: int = DEFAULT_CHUNK_NEURONS, prune: PruneSpec | None = None,
+            codec: str | None = None) -> Manifest:
     """Convert the checkpoint at ``hf_dir`` into a new store at ``store_dir``.
 
     Raises CheckpointError / UnsupportedArchitecture for bad input (before
     anything is written) and FailedPrecondition if ``store_dir`` exists and
     ``force`` is false. With ``force`` an existing store is replaced only once
-    the new one is complete.
+    the new one is complete. ``prune`` prunes the FFN neurons; ``codec`` is
+    "dense" or "bitmap" (default: bitmap when pruning, else dense).
     """
     if chunk_neurons < 1:
         raise InvalidArgument(f"chunk_neurons must be >= 1, got {chunk_neurons}")
+    codec = codec or ("bitmap" if prune is not None else "dense")
+    if codec not in CODECS:
+        raise InvalidArgument(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     start = time.monotonic()
     ckpt = Checkpoint(hf_dir)
     target = Path(store_dir)
     if target.exists() and not force:
         raise FailedPrecondition(f"{target} already exists; use --force (force=True) to replace it")
+    plan = _Plan(codec, prune, _input_norms(ckpt, prune))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a store is an ordinary directory
-        manifest = _write_store(ckpt, tmp, progress, chunk_neurons)
+        manifest = _write_store(ckpt, tmp, progress, chunk_neurons, plan)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,8 +84,35 @@ def new_manifest(ckpt: Checkpoint) -> Manifest:
                     source=str(ckpt.path.resolve()))
 
 
-def _write_store(ckpt: Checkpoint, directory: Path, progress: bool, chunk_neurons: int) -> Manifest:
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How neurons are transformed and stored: codec, pruning, Wanda norms per layer."""
+
+    codec: str = "dense"
+    prune: PruneSpec | None = None
+    norms: list[torch.Tensor] | None = None  # [d] per layer (wanda)
+
+    def neurons(self, ckpt: Checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's neurons as stored: [d_ffn, nvec, d] (pruned when asked) + bias."""
+        vectors, bias = layer_neurons(ckpt, layer)
+        if self.prune is not None:
+            vectors = prune_vectors(vectors, self.prune.sparsity, None if self.norms is None else self.norms[layer])
+        return vectors, bias
+
+
+def _input_norms(ckpt: Checkpoint, prune: PruneSpec | None) -> list[torch.Tensor] | None:
+    if prune is None or prune.method != "wanda":
+        return None
+    from m2cache.core.calibrate import input_norms  # runs the reference model
+
+    return input_norms(ckpt, prune.text, layer_neurons, prune.max_tokens, prune.context)
+
+
+def _write_store(ckpt: Checkpoint, directory: Path, progress: bool, chunk_neurons: int,
+                 plan: _Plan = _Plan()) -> Manifest:
     manifest = new_manifest(ckpt)
+    manifest.codec = plan.codec
+    manifest.prune = plan.prune.to_manifest() if plan.prune is not None else {}
     layout = manifest.layout
     # No lock file (private temp dir, single writer); sync once at the end.
     env = lmdb.open(str(directory), map_size=_map_size(ckpt, layout), subdir=True, lock=False,
@@ -78,7 +120,9 @@ def _write_store(ckpt: Checkpoint, directory: Path, progress: bool, chunk_neuron
     try:
         with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for layer in range(manifest.num_layers):
-                _write_layer(env, ckpt, layer, layout, chunk_neurons)
+                largest = _write_layer(env, ckpt, layer, layout, chunk_neurons, plan)
+                for name, size in largest.items():
+                    manifest.max_record_bytes[name] = max(size, manifest.max_record_bytes.get(name, 0))
                 bar.update(sum(ckpt.tensors[n].nbytes for n in ckpt.ffn_names(layer).values()))
             for name in ckpt.dense_names():
                 manifest.dense[name] = _write_dense(env, ckpt, name)
@@ -101,25 +145,32 @@ def _map_size(ckpt: Checkpoint, layout: RecordLayout) -> int:
 
 
 # ---- FFN neurons --------------------------------------------------------------
-def _write_layer(env: lmdb.Environment, ckpt: Checkpoint, layer: int, layout: RecordLayout, chunk: int) -> None:
-    """All neuron records of one layer in the three precisions, plus their crc tables.
+def _write_layer(env: lmdb.Environment, ckpt: Checkpoint, layer: int, layout: RecordLayout, chunk: int,
+                 plan: _Plan) -> dict[str, int]:
+    """All neuron records of one layer in the three precisions, plus their crc tables;
+    returns the largest stored record per precision name.
 
     One transaction per chunk of neurons: large enough to amortise commits, small
     enough to bound LMDB's in-memory dirty pages (and its dirty-page limit) on
     big layers. Keys are appended in ascending order (layer, precision, neuron).
     """
-    vectors, bias = layer_neurons(ckpt, layer)  # [d_ffn, nvec, d], [d_ffn] | None
+    vectors, bias = plan.neurons(ckpt, layer)  # [d_ffn, nvec, d], [d_ffn] | None
     d_ffn = vectors.shape[0]
+    largest = {}
     for prec in Precision:
         crcs = np.empty(d_ffn, dtype="<u4")
+        spec = bitmap.element_spec(layout, prec) if plan.codec == "bitmap" else None
         for lo in range(0, d_ffn, chunk):
             hi = min(lo + chunk, d_ffn)
             records = layout.encode(vectors[lo:hi], None if bias is None else bias[lo:hi], prec)  # [n, bytes]
+            values = _split_rows(records) if spec is None else bitmap.encode(records, spec)
+            largest[prec.name.lower()] = max(largest.get(prec.name.lower(), 0), max(len(v) for v in values))
             with env.begin(write=True) as txn:
-                crcs[lo:hi] = _put_records(txn.cursor(), layer, prec, lo, records)
+                crcs[lo:hi] = _put_records(txn.cursor(), layer, prec, lo, values)
         with env.begin(write=True) as txn:  # "c..." keys sort before "n...": a plain put
             txn.put(crc_key(layer, prec), crcs.tobytes())
     log.debug("layer %d: %d neurons written", layer, d_ffn)
+    return largest
 
 
 def layer_neurons(ckpt: Checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,11 +191,16 @@ def layer_neurons(ckpt: Checkpoint, layer: int) -> tuple[torch.Tensor, torch.Ten
     return vectors, bias
 
 
-def _put_records(cursor: lmdb.Cursor, layer: int, prec: Precision, first: int, records: torch.Tensor) -> list[int]:
-    """Append records of neurons first.. (keys ascending); returns their crc32s."""
+def _split_rows(records: torch.Tensor) -> list[memoryview]:
+    """[n, size] uint8 -> n zero-copy row views."""
     num, size = records.shape
     buf = memoryview(records.numpy().tobytes())
-    values = [buf[i * size : (i + 1) * size] for i in range(num)]
+    return [buf[i * size : (i + 1) * size] for i in range(num)]
+
+
+def _put_records(cursor: lmdb.Cursor, layer: int, prec: Precision, first: int, values: list) -> list[int]:
+    """Append stored records of neurons first.. (keys ascending); returns their crc32s."""
+    num = len(values)
     keys = [neuron_key(layer, prec, first + i) for i in range(num)]
     consumed, added = cursor.putmulti(zip(keys, values), append=True)
     assert consumed == added == num, (consumed, added, num)

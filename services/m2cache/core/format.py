@@ -23,6 +23,10 @@ Record layout by precision (``bias`` present for ReLU models only):
 - FULL: bias f32 | vectors in the checkpoint dtype, [nvec, d] row-major
 - INT8: bias f32 | scales f16 [nvec] | int8 [nvec, d]
 - INT4: bias f32 | scales f16 [nvec, d/group] | nibbles uint8 [ceil(nvec*d/2)]
+
+Stores converted with pruning may use the "bitmap" codec (manifest ``codec``):
+each ``b"n"`` value is then either the dense record above or, where smaller,
+its bitmap sparse form (core/bitmap.py); readers hand out dense records.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from m2cache.core import quant
 from m2cache.errors import FormatVersionError, InvalidArgument
 
 FORMAT_VERSION = 1
+CODECS = ("dense", "bitmap")  # how neuron records are stored (core/bitmap.py)
 MANIFEST_KEY = b"manifest"
 POLICY_KEY = b"policy"
 
@@ -192,6 +197,9 @@ class Manifest:
     files: dict = field(default_factory=dict)  # filename -> {"crc32": int, "size": int}
     source: str = ""
     format_version: int = FORMAT_VERSION
+    codec: str = "dense"  # "dense" | "bitmap": how neuron records are stored
+    prune: dict = field(default_factory=dict)  # {"method", "sparsity", "calibration"} of a pruned conversion
+    max_record_bytes: dict = field(default_factory=dict)  # precision name -> largest stored record (bitmap)
 
     @property
     def layout(self) -> RecordLayout:
@@ -200,6 +208,11 @@ class Manifest:
 
     def record_bytes(self) -> dict[str, int]:
         return {p.name.lower(): self.layout.num_bytes(p) for p in Precision}
+
+    def stored_record_bytes(self, prec: Precision) -> int:
+        """Upper bound of a stored record's size at ``prec`` (the dense size unless bitmap)."""
+        dense = self.layout.num_bytes(prec)
+        return int(self.max_record_bytes.get(prec.name.lower(), dense)) if self.codec == "bitmap" else dense
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -215,4 +228,7 @@ class Manifest:
                 f"{where} has format version {version}, this m2cache reads version {FORMAT_VERSION}; reconvert it"
             )
         d.pop("record_bytes", None)
+        if d.get("codec", "dense") not in CODECS:
+            raise FormatVersionError(f"{where} stores records with codec {d['codec']!r}; this m2cache reads "
+                                     f"{', '.join(CODECS)}")
         return cls(**d)

@@ -1,15 +1,21 @@
 """Read side of an LMDB neuron store (the SSD tier). No grpc here: the
-NeuronStore service and the in-process path both use this class."""
+NeuronStore service and the in-process path both use this class.
+
+Records are handed out dense (``get_neurons``) or as stored (``get_records``:
+bitmap-compressed where the store's codec is "bitmap", with their lengths)."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import torch
 
+from m2cache.core import bitmap
 from m2cache.core.format import (
     MANIFEST_KEY,
     Manifest,
@@ -26,18 +32,51 @@ from m2cache.errors import ChecksumError, InvalidArgument, NotFound, StoreNotFou
 log = logging.getLogger(__name__)
 
 
+# py-lmdb refuses a second handle on an environment a process already has open,
+# so every part of one process (store service, ranker, in-process runs) shares
+# one handle per store: NeuronStore(path) returns the open instance, counted,
+# and close() releases it, closing the environment with its last user.
+_OPEN: dict[Path, "NeuronStore"] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    """Read-only environment, readahead off (neuron reads are small and random).
+    Locking stays on where the directory is writable, since the ranker may write
+    predictors into a store being served; on a read-only mount (no lock file can
+    be made) it opens without locking, which is safe only while nothing writes."""
+    try:
+        return lmdb.open(str(path), readonly=True, readahead=False, max_readers=512, subdir=True)
+    except lmdb.Error as err:
+        if not any(text in str(err) for text in ("Read-only file system", "Permission denied")):
+            raise
+        log.warning("%s is read-only (%s): opening without LMDB locking", path, err)
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512, subdir=True)
+
+
 class NeuronStore:
     """One converted model. ``get_neurons`` returns the concatenated records of
     many neurons of one layer at one precision, checksum-verified."""
 
-    def __init__(self, path: str | os.PathLike, verify: bool = True):
-        self.path = Path(path)
+    def __new__(cls, path: str | os.PathLike, verify: bool = True):
+        key = Path(path).resolve()
+        with _OPEN_LOCK:
+            store = _OPEN.get(key)
+            if store is None:
+                store = super().__new__(cls)
+                store._refs = 0
+                store._open(key, verify)
+                _OPEN[key] = store
+            store._refs += 1
+            return store
+
+    def _open(self, path: Path, verify: bool) -> None:
+        self.path = path
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(f"no m2cache store at {self.path} (missing data.mdb)")
-        # readahead off: neuron reads are small and random; lock off: read-only sharing.
-        self.env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=512, subdir=True)
+        self.env = _open_env(self.path)
         self.verify = verify
-        with self.env.begin(buffers=False) as txn:
+        with self.read_txn() as txn:
             raw = txn.get(MANIFEST_KEY)
         if raw is None:
             raise StoreNotFound(f"{self.path} has no manifest: not a finished m2cache store")
@@ -46,7 +85,25 @@ class NeuronStore:
         self._crc_tables: dict[tuple[int, Precision], np.ndarray] = {}
 
     def close(self) -> None:
+        """Release this user's share; the environment closes with the last one."""
+        with _OPEN_LOCK:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            _OPEN.pop(self.path, None)
         self.env.close()
+
+    @contextmanager
+    def read_txn(self, buffers: bool = False):
+        """A read transaction; adopts the file's new size when another process
+        (the ranker saving predictors) grew it since this handle opened."""
+        try:
+            txn = self.env.begin(buffers=buffers)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            txn = self.env.begin(buffers=buffers)
+        with txn:
+            yield txn
 
     # ---- validation -------------------------------------------------------
     def check_layer(self, layer: int) -> None:
@@ -65,7 +122,7 @@ class NeuronStore:
         key = (layer, prec)
         table = self._crc_tables.get(key)
         if table is None:
-            with self.env.begin() as txn:
+            with self.read_txn() as txn:
                 raw = txn.get(crc_key(layer, prec))
             if raw is None:
                 raise NotFound(f"no checksum table for layer {layer} {prec.name}")
@@ -73,22 +130,32 @@ class NeuronStore:
         return table
 
     def get_neurons(self, layer: int, neuron_ids, prec: Precision | int | str) -> bytes:
-        """Concatenated records, in ``neuron_ids`` order."""
+        """Concatenated dense records, in ``neuron_ids`` order (bitmap records decoded)."""
+        prec = Precision.parse(prec)
+        payload, lengths = self.get_records(layer, neuron_ids, prec)
+        if self.manifest.codec == "dense":
+            return payload
+        return bitmap.decode_bytes(payload, lengths, bitmap.element_spec(self.layout, prec)).numpy().tobytes()
+
+    def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
+        """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""
         prec = Precision.parse(prec)
         self.check_layer(layer)
         ids = self.check_neurons(neuron_ids)
-        size = self.layout.num_bytes(prec)
-        out = bytearray(size * ids.size)
+        size, codec = self.layout.num_bytes(prec), self.manifest.codec
+        parts, lengths = [], np.empty(ids.size, dtype=np.int64)
         table = self.crc_table(layer, prec) if self.verify else None
-        with self.env.begin(buffers=True) as txn:
+        with self.read_txn(buffers=True) as txn:
             for i, nid in enumerate(ids.tolist()):
                 rec = txn.get(neuron_key(layer, prec, nid))
-                if rec is None or len(rec) != size:
+                if rec is None or not bitmap.length_ok(len(rec), size, codec):
                     raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated")
                 if table is not None and crc32(rec) != table[nid]:
                     raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
-                out[i * size : (i + 1) * size] = rec
-        return bytes(out)
+                parts.append(rec)
+                lengths[i] = len(rec)
+            payload = b"".join(parts)
+        return payload, lengths
 
     def get_layer(self, layer: int, prec: Precision | int | str) -> bytes:
         """All neurons of a layer at one precision, in id order."""
@@ -107,7 +174,7 @@ class NeuronStore:
         meta = self.manifest.dense.get(name)
         if meta is None:
             raise NotFound(f"no dense tensor {name!r} in {self.path}")
-        with self.env.begin() as txn:
+        with self.read_txn() as txn:
             raw = txn.get(dense_key(name))
         if raw is None or (self.verify and crc32(raw) != meta["crc32"]):
             raise ChecksumError(f"dense record {name!r} is missing or fails its checksum")
@@ -124,7 +191,7 @@ class NeuronStore:
         meta = self.manifest.files.get(filename)
         if meta is None:
             raise NotFound(f"no file {filename!r} in {self.path}")
-        with self.env.begin() as txn:
+        with self.read_txn() as txn:
             raw = txn.get(file_key(filename))
         if raw is None or (self.verify and crc32(raw) != meta["crc32"]):
             raise ChecksumError(f"file record {filename!r} is missing or fails its checksum")

@@ -48,7 +48,8 @@ class DramTierServicer(dram_pb2_grpc.DramTierServicer):
             batch = self.tier.fetch(req, self._deadline(context))
             return common_pb2.NeuronBatch(model=b.model, layer=b.layer, precision=b.precision,
                                           neuron_ids=batch.neuron_ids, record_bytes=batch.record_bytes,
-                                          payload=batch.payload, crc32=batch.crc32, codec="dense")
+                                          payload=batch.payload, crc32=batch.crc32, codec=batch.codec,
+                                          record_lengths=batch.record_lengths)
 
     def GetManifest(self, request, context):
         with self.tier.stats.rpc.observe("GetManifest"):

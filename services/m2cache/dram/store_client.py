@@ -78,14 +78,16 @@ class StoreClient:
         return Manifest.from_json(self.manifest(model, deadline).manifest_json.encode(), where=f"model {model!r}")
 
     def fetch_neurons(self, model: str, layer: int, prec: int, neuron_ids: Sequence[int], chunk_ids: int,
-                      deadline: float) -> tuple[list[bytes], list[int]]:
+                      deadline: float) -> tuple[list[bytes], list[int], list[int]]:
         """Records of ``neuron_ids`` (one batched call per ``chunk_ids``) as
-        (payloads, crc32 per record); payload j holds its chunk's records back to back."""
-        payloads, crcs = [], []
+        (payloads, crc32 per record, stored length per record — empty for dense
+        stores); payload j holds its chunk's records back to back."""
+        payloads, crcs, lengths = [], [], []
         for i in range(0, len(neuron_ids), chunk_ids):
             request = common_pb2.NeuronBatchRequest(model=model, layer=layer, precision=prec,
                                                     neuron_ids=neuron_ids[i : i + chunk_ids])
             batch = self.call("FetchNeurons", request, deadline)
             payloads.append(batch.payload)
             crcs.extend(batch.crc32)
-        return payloads, crcs
+            lengths.extend(batch.record_lengths)
+        return payloads, crcs, lengths

@@ -7,6 +7,10 @@ written back in one pipeline when the policy admits them. Whole layers are
 preloaded on a small thread pool. If Redis goes away every fetch is served
 from the store and a prober thread brings Redis back into use (emptied and
 re-pinned) once it answers again.
+
+Bitmap stores (core/bitmap.py): records are cached and served as stored
+(compressed, variable-size); the budget counts each at the store's largest
+stored record size at its precision, so Redis never holds more than the budget.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
+from m2cache.core.bitmap import length_ok
 from m2cache.core.format import Manifest, Precision, crc32
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.dram.config import DramConfig
@@ -48,6 +53,8 @@ class Batch:
     record_bytes: int
     payload: bytes
     crc32: list[int]
+    codec: str = "dense"
+    record_lengths: list[int] = field(default_factory=list)  # codec "bitmap": stored length per record
 
 
 class DramTier:
@@ -115,19 +122,22 @@ class DramTier:
         """Records of ``req`` in request order, byte-identical to the store's."""
         manifest = self.manifest(req.model, deadline)
         prec, ids = self._validate(req, manifest)
-        size = manifest.layout.num_bytes(prec)
+        size, codec = manifest.layout.num_bytes(prec), manifest.codec
         key = UnitKey(req.model, req.layer, int(prec))
         self._schedule_window(req.caller_id, req.model, req.current_layer)
         if key in self._inflight and not self.policy.is_pinned(req.layer):
             self.stats.event("preload_miss")
-        records = self._from_redis(key, ids, size)
+        records = self._from_redis(key, ids, size, codec)
         hits = sum(r is not None for r in records)
         missing = [nid for nid, r in zip(ids, records) if r is None]
-        fetched = self._from_store(key, missing, size, deadline) if missing else {}
-        payload = b"".join(r if r is not None else fetched[nid] for nid, r in zip(ids, records))
+        fetched = self._from_store(key, missing, manifest, deadline) if missing else {}
+        parts = [r if r is not None else fetched[nid] for nid, r in zip(ids, records)]
+        payload = b"".join(parts)
         table = self._crc_table(key)
-        self.stats.served(req.model, req.layer, hits, len(missing), hits * size, len(missing) * size)
-        return Batch(ids, size, payload, table[ids].tolist() if ids else [])
+        hit_bytes = sum(len(r) for r in records if r is not None)
+        self.stats.served(req.model, req.layer, hits, len(missing), hit_bytes, len(payload) - hit_bytes)
+        lengths = [len(p) for p in parts] if codec != "dense" else []
+        return Batch(ids, size, payload, table[ids].tolist() if ids else [], codec, lengths)
 
     def _validate(self, req: FetchRequest, manifest: Manifest) -> tuple[Precision, list[int]]:
         prec = Precision.parse(req.precision)
@@ -143,7 +153,7 @@ class DramTier:
             raise InvalidArgument(f"neuron id {bad[0]} out of range: layers of {req.model!r} have {d_ffn} neurons")
         return prec, ids
 
-    def _from_redis(self, key: UnitKey, ids: list[int], size: int) -> list[bytes | None]:
+    def _from_redis(self, key: UnitKey, ids: list[int], size: int, codec: str) -> list[bytes | None]:
         """Verified Redis hits (None elsewhere); one MGET of the believed-resident ids."""
         records: list[bytes | None] = [None] * len(ids)
         if not self.redis_up:
@@ -160,7 +170,7 @@ class DramTier:
         lost = []
         for i, value in zip(idx, values):
             nid = ids[i]
-            if value is not None and len(value) == size and (not self.config.verify_redis
+            if value is not None and length_ok(len(value), size, codec) and (not self.config.verify_redis
                                                              or crc32(value) == table[nid]):
                 records[i] = value
                 continue
@@ -172,15 +182,17 @@ class DramTier:
             self.policy.forget(key, lost)
         return records
 
-    def _from_store(self, key: UnitKey, neuron_ids: list[int], size: int, deadline: float) -> dict[int, memoryview]:
+    def _from_store(self, key: UnitKey, neuron_ids: list[int], manifest: Manifest,
+                    deadline: float) -> dict[int, memoryview]:
         """Records of ``neuron_ids`` from the NeuronStore (verified), written back if admitted."""
         unique = list(dict.fromkeys(neuron_ids))
-        payloads, crcs = self.store.fetch_neurons(key.model, key.layer, key.prec, unique,
-                                                  self.config.store_chunk_ids, deadline)
-        records = _split_verified(key, unique, payloads, crcs, size)
+        prec = Precision(key.prec)
+        payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, unique,
+                                                           self.config.store_chunk_ids, deadline)
+        records = _split_verified(key, unique, payloads, crcs, manifest.layout.num_bytes(prec), lengths)
         table = self._crc_table(key)
         table[unique] = crcs
-        self._admit(key, records, size, pinned=False)
+        self._admit(key, records, manifest.stored_record_bytes(prec), pinned=False)
         return records
 
     # ---- admission and preloading -------------------------------------------
@@ -230,7 +242,7 @@ class DramTier:
         """Load the whole unit from the store into Redis, a chunk at a time."""
         try:
             manifest = self._manifests[key.model]
-            size = manifest.layout.num_bytes(Precision(key.prec))
+            size = manifest.stored_record_bytes(Precision(key.prec))  # budget per record
             deadline = time.monotonic() + self.config.store_timeout_s
             step = self.config.store_chunk_ids
             for lo in range(0, manifest.d_ffn, step):
@@ -243,13 +255,15 @@ class DramTier:
                 if not self.policy.can_admit(key, len(todo), size, pinned):  # no room: skip the I/O too
                     self.stats.event("preload_skipped")
                     return
-                payloads, crcs = self.store.fetch_neurons(key.model, key.layer, key.prec, todo, step, deadline)
-                records = _split_verified(key, todo, payloads, crcs, size)
+                payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, todo, step,
+                                                                   deadline)
+                records = _split_verified(key, todo, payloads, crcs, manifest.layout.num_bytes(Precision(key.prec)),
+                                          lengths)
                 self._crc_table(key)[todo] = crcs
                 if not self._admit(key, records, size, pinned):
                     self.stats.event("preload_skipped")
                     return
-                self.stats.preloaded(len(todo) * size)
+                self.stats.preloaded(sum(len(r) for r in records.values()))
             self.stats.preload_done(None if pinned else self._lead(key, caller_id))
         except Exception:  # a failed preload only costs hits later; never the server
             log.warning("preload of %s failed", key, exc_info=True)
@@ -302,17 +316,25 @@ class DramTier:
 
 
 def _split_verified(key: UnitKey, neuron_ids: list[int], payloads: list[bytes], crcs: list[int],
-                    size: int) -> dict[int, memoryview]:
-    """Zero-copy views of each record of the store's payloads, crc-checked."""
+                    size: int, lengths: list[int] | None = None) -> dict[int, memoryview]:
+    """Zero-copy views of each record of the store's payloads, crc-checked.
+    Records are ``size`` bytes each, or ``lengths[i]`` bytes (bitmap stores)."""
     views = [memoryview(p) for p in payloads]
+    if lengths and len(lengths) != len(neuron_ids):
+        raise ChecksumError(f"NeuronStore sent {len(lengths)} record lengths for {len(neuron_ids)} ids of {key}")
     records = {}
     i = 0
     for view in views:
-        if len(view) % size:
+        if not lengths and len(view) % size:
             raise ChecksumError(f"NeuronStore payload for {key} is not a whole number of records")
-        for off in range(0, len(view), size):
-            rec = view[off : off + size]
-            if crc32(rec) != crcs[i]:
+        off = 0
+        while off < len(view):
+            if i >= len(neuron_ids):
+                raise ChecksumError(f"NeuronStore payload for {key} holds more than {len(neuron_ids)} records")
+            n = lengths[i] if lengths else size
+            rec = view[off : off + n]
+            off += n
+            if len(rec) != n or crc32(rec) != crcs[i]:
                 raise ChecksumError(f"record {key} neuron {neuron_ids[i]} from the store fails its checksum")
             records[neuron_ids[i]] = rec
             i += 1

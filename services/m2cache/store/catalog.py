@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2cache.core.bitmap import length_ok
 from m2cache.core.format import Precision, crc32, neuron_key
 from m2cache.core.neuron_store import NeuronStore
 from m2cache.errors import ChecksumError, InvalidArgument, NotFound, ResourceExhausted
@@ -59,23 +60,25 @@ def check_batch(num_ids: int, record_bytes: int, max_ids: int, max_payload: int)
                                 f"payload limit; split it into batches of at most {max_payload // record_bytes} ids")
 
 
-def read_records(store: NeuronStore, layer: int, prec: Precision, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Concatenated records of ``ids`` and their crc32s.
+def read_records(store: NeuronStore, layer: int, prec: Precision, ids: np.ndarray
+                 ) -> tuple[bytes, np.ndarray, list[int]]:
+    """Concatenated records of ``ids`` as stored, their crc32s, and their lengths
+    (empty for the dense codec, where every record is ``num_bytes(prec)`` long).
 
     Records are read as memoryviews into LMDB's map (``buffers=True``) and
     joined straight into the payload: one copy from the page cache.
     """
-    size = store.layout.num_bytes(prec)
+    size, codec = store.layout.num_bytes(prec), store.manifest.codec
     table = store.crc_table(layer, prec)
     crcs = table[ids]
     views = []
-    with store.env.begin(buffers=True) as txn:
+    with store.read_txn(buffers=True) as txn:
         for nid in ids.tolist():
             rec = txn.get(neuron_key(layer, prec, nid))
-            if rec is None or len(rec) != size:
+            if rec is None or not length_ok(len(rec), size, codec):
                 raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated")
             if store.verify and crc32(rec) != table[nid]:
                 raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
             views.append(rec)
         payload = b"".join(views)
-    return payload, crcs
+    return payload, crcs, [len(v) for v in views] if codec != "dense" else []

@@ -42,14 +42,15 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         """The store's manifest JSON and its precision policy (empty if none)."""
         with self.metrics.rpc.observe("GetManifest"):
             store = self.catalog.get(request.model)
-            with store.env.begin() as txn:
+            with store.read_txn() as txn:
                 policy = txn.get(POLICY_KEY) or b""
             return common_pb2.Manifest(model=request.model, manifest_json=store.manifest.to_json().decode(),
                                        policy_json=policy.decode())
 
     def FetchNeurons(self, request, context):
         """Records of many neurons of one layer at one precision, one payload,
-        with the per-record crc32 recorded at conversion."""
+        with the per-record crc32 recorded at conversion; bitmap stores send
+        their records as stored (compressed) with per-record lengths."""
         with self.metrics.rpc.observe("FetchNeurons"):
             store = self.catalog.get(request.model)
             prec = Precision.parse(request.precision)
@@ -57,12 +58,13 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
             ids = store.check_neurons(range(store.manifest.d_ffn) if request.all_neurons else request.neuron_ids)
             size = store.layout.num_bytes(prec)
             check_batch(ids.size, size, self.config.max_batch_ids, self.config.max_payload_bytes)
-            payload, crcs = read_records(store, request.layer, prec, ids)
+            payload, crcs, lengths = read_records(store, request.layer, prec, ids)
             self.metrics.records.labels(request.model).inc(ids.size)
             self.metrics.bytes.labels(request.model, "neurons").inc(len(payload))
             return common_pb2.NeuronBatch(model=request.model, layer=request.layer, precision=int(prec),
                                           neuron_ids=ids.tolist(), record_bytes=size, payload=payload,
-                                          crc32=crcs.tolist(), codec="dense")
+                                          crc32=crcs.tolist(), codec=store.manifest.codec,
+                                          record_lengths=lengths)
 
     def FetchDense(self, request, context):
         """Named dense tensors (all of them when ``names`` is empty)."""

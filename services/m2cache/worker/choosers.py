@@ -1,6 +1,7 @@
 """How the worker ranks neurons: every neuron FULL (no policy, or a request asking
 for full precision), or the store's policy with the trained predictors, scored
-in-process (weights pulled once from the Ranker) or by a Rank RPC per layer."""
+in-process (weights pulled once from the Ranker, scored with
+``ranker.ranking.Ranker`` exactly as ``m2cache run`` does) or by a Rank RPC per layer."""
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,9 @@ import torch
 from m2cache import grpc_util
 from m2cache.core.format import DTYPES, Manifest, Precision
 from m2cache.errors import FailedPrecondition
-from m2cache.ranker.bands import BandRatios, assign_bands
+from m2cache.ranker.bands import BandRatios
 from m2cache.ranker.predictor import Predictor
+from m2cache.ranker.ranking import Ranker
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.provider import Choose
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
@@ -26,16 +28,6 @@ def full_choose(num_neurons: int) -> Choose:
 
     def choose(layer: int, x: torch.Tensor) -> dict[Precision, torch.Tensor]:
         return {Precision.FULL: all_ids}
-
-    return choose
-
-
-def local_choose(predictor: Predictor, ratios: BandRatios) -> Choose:
-    """Score x [1, T, d] with the layer's predictor; one band set for the T rows."""
-
-    def choose(layer: int, x: torch.Tensor) -> dict[Precision, torch.Tensor]:
-        scores = predictor.scores(layer, x.reshape(-1, x.shape[-1]))  # [T, d_ffn]
-        return {p: ids.cpu() for p, ids in assign_bands(scores, ratios).as_choice().items()}
 
     return choose
 
@@ -84,4 +76,4 @@ class Choosers:
             predictor = pull_predictor(stub, config.model, config.fetch_deadline_s).to(config.device)
         except grpc.RpcError as err:
             raise FailedPrecondition(f"could not get predictors from the ranker: {err.details()}") from err
-        return cls(full, local_choose(predictor, ratios), ratios.to_dict())
+        return cls(full, Ranker(predictor, ratios).choose(), ratios.to_dict())

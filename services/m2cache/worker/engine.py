@@ -197,6 +197,9 @@ class Engine:
             return
         seq.finish_reason = reason
         seq.finished_at = time.monotonic()
+        if seq.slot >= 0:  # free the KV slot before the client hears "done": it may send the next request at once
+            self.kv.free(seq.slot)
+            seq.slot = -1
         if error is not None:
             seq.events.put(Event("error", error=error))
         else:  # text held back for a possible stop string or a split character
@@ -208,6 +211,3 @@ class Engine:
             if not seq.finish_reason:
                 self._finish(seq, "cancelled")
             self._active.remove(seq)
-            if seq.slot >= 0:
-                self.kv.free(seq.slot)
-                seq.slot = -1

@@ -1,5 +1,9 @@
 """The worker's view of the tiers below it: one DramTier client with deadlines,
-retries with backoff, and checksum verification of every record received."""
+retries with backoff, and checksum verification of every record received.
+
+Bitmap stores (core/bitmap.py) send variable-size records; they are verified as
+received and decompressed here, so everything above (HBM cache, provider)
+sees the fixed-size dense records of the dense codec."""
 from __future__ import annotations
 
 import json
@@ -11,8 +15,9 @@ import grpc
 import numpy as np
 import torch
 
-from m2cache.core.format import DTYPES, Manifest, Precision, crc32
-from m2cache.errors import ChecksumError, DeadlineExceeded, Unavailable
+from m2cache.core import bitmap
+from m2cache.core.format import DTYPES, Manifest, Precision, RecordLayout, crc32
+from m2cache.errors import ChecksumError, Unavailable
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,7 @@ class FetchStats:
     bytes: int = 0
     retries: int = 0
     seconds: float = 0.0
+    decode_seconds: float = 0.0  # bitmap decompression (inside ``seconds``)
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TierFetcher:
     backoff_s: float = 0.05
     verify: bool = True
     stats: FetchStats = field(default_factory=FetchStats)
+    layout: RecordLayout | None = None  # set by manifest(); bitmap records need it to decode
 
     def __post_init__(self) -> None:
         self.stub = dram_pb2_grpc.DramTierStub(self.channel)
@@ -67,7 +74,9 @@ class TierFetcher:
     def manifest(self) -> tuple[Manifest, dict | None]:
         resp = self._call(self.stub.GetManifest, common_pb2.ManifestRequest(model=self.model))
         policy = json.loads(resp.policy_json) if resp.policy_json else None
-        return Manifest.from_json(resp.manifest_json.encode(), where=f"model {self.model}"), policy
+        manifest = Manifest.from_json(resp.manifest_json.encode(), where=f"model {self.model}")
+        self.layout = manifest.layout
+        return manifest, policy
 
     def dense(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Dense tensors by name (all of them when ``names`` is None)."""
@@ -91,20 +100,40 @@ class TierFetcher:
             current_layer=current_layer, caller_id=self.caller_id,
         )
         resp = self._call(self.stub.FetchNeurons, req)
-        rb = resp.record_bytes
-        recs = np.frombuffer(resp.payload, dtype=np.uint8).reshape(len(ids), rb) if len(ids) else np.empty((0, rb), np.uint8)
-        if self.verify:
-            self._verify(recs, resp, layer, prec, ids)
+        if resp.record_lengths:
+            out = self._decode_sparse(resp, layer, prec, ids)
+        else:
+            rb = resp.record_bytes
+            recs = np.frombuffer(resp.payload, dtype=np.uint8).reshape(len(ids), rb) if len(ids) else np.empty((0, rb), np.uint8)
+            if self.verify:
+                self._verify(recs, resp, layer, prec, ids)
+            out = torch.from_numpy(recs.copy())
         self.stats.calls += 1
         self.stats.records += len(ids)
         self.stats.bytes += len(resp.payload)
         self.stats.seconds += time.perf_counter() - t0
-        return torch.from_numpy(recs.copy())
+        return out
+
+    def _decode_sparse(self, resp, layer: int, prec: Precision, ids: torch.Tensor) -> torch.Tensor:
+        """Variable-size (bitmap store) records -> dense records uint8 [m, record_bytes]."""
+        lengths = np.asarray(resp.record_lengths, dtype=np.int64)
+        if len(lengths) != len(ids) or int(lengths.sum()) != len(resp.payload):
+            raise ChecksumError(f"layer {layer} {prec.name}: record lengths do not match the payload")
+        if self.verify:
+            view = memoryview(resp.payload)
+            ends = np.cumsum(lengths)
+            self._verify([view[e - n : e] for e, n in zip(ends.tolist(), lengths.tolist())], resp, layer, prec, ids)
+        assert self.layout is not None, "manifest() sets the layout before any fetch"
+        t0 = time.perf_counter()
+        out = bitmap.decode_bytes(resp.payload, lengths, bitmap.element_spec(self.layout, prec))
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return out
 
     @staticmethod
-    def _verify(recs: np.ndarray, resp, layer: int, prec: Precision, ids: torch.Tensor) -> None:
+    def _verify(recs, resp, layer: int, prec: Precision, ids: torch.Tensor) -> None:
+        """Every record (rows of an array, or byte slices) against its crc32."""
         if len(resp.crc32) != len(recs):
             raise ChecksumError(f"layer {layer} {prec.name}: {len(resp.crc32)} checksums for {len(recs)} records")
         for i, (row, want) in enumerate(zip(recs, resp.crc32)):
-            if crc32(row.tobytes()) != want:
+            if crc32(row if isinstance(row, memoryview) else row.tobytes()) != want:
                 raise ChecksumError(f"record layer {layer} neuron {int(ids[i])} {prec.name} arrived corrupted")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 
-import torch
 
 from m2cache import grpc_util
 from m2cache.core.format import Manifest, Precision

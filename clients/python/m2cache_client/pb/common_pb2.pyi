@@ -47,7 +47,7 @@ class NeuronBatchRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., all_neurons: _Optional[bool] = ...) -> None: ...
 
 class NeuronBatch(_message.Message):
-    __slots__ = ("model", "layer", "precision", "neuron_ids", "record_bytes", "payload", "crc32", "codec")
+    __slots__ = ("model", "layer", "precision", "neuron_ids", "record_bytes", "payload", "crc32", "codec", "record_lengths")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class NeuronBatch(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    RECORD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer: int
     precision: Precision
@@ -64,7 +65,8 @@ class NeuronBatch(_message.Message):
     payload: bytes
     crc32: _containers.RepeatedScalarFieldContainer[int]
     codec: str
-    def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., record_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ...) -> None: ...
+    record_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., record_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DenseRequest(_message.Message):
     __slots__ = ("model", "names")

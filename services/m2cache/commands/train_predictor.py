@@ -1,0 +1,63 @@
+"""``m2cache train-predictor STORE --text FILE``: train the per-layer activation
+predictors on calibration text and save them into the store (a new version)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from m2cache.ranker.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob, run_training
+from m2cache.ranker.storage import load_predictor
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``train-predictor`` subcommand."""
+    p = subparsers.add_parser("train-predictor", help="train activation predictors into a store",
+                              description="Run the full-precision model over calibration text and train one "
+                                          "low-rank neuron-importance predictor per layer (saved in the store).")
+    p.add_argument("store", metavar="STORE", help="store directory (from m2cache convert)")
+    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--rank", default=None, help="predictor rank: R for every layer or R0,R1,... per layer "
+                                                "(default d_model/4, clamped to [8, 256])")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_TRAIN_TOKENS,
+                   help=f"calibration tokens to use (default {DEFAULT_TRAIN_TOKENS})")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+class _Bars:
+    """One tqdm bar per stage."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar, self.stage = None, None
+
+    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, tqdm(total=total, desc=stage, disable=not self.enabled)
+        self.bar.n = step
+        if stage == "train":
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    text = Path(args.text).read_text(encoding="utf-8")
+    job = TrainJob(text, args.rank, args.max_tokens, args.epochs, args.device, source=str(args.text))
+    bars = _Bars(args.progress)
+    try:
+        version = run_training(args.store, job, bars)
+    finally:
+        bars.close()
+    p = load_predictor(args.store, version)
+    print(f"predictor v{version}: {p.num_layers} layers, ranks {p.ranks()}, "
+          f"{p.meta.get('tokens')} tokens, final loss {[round(x, 4) for x in p.meta.get('final_loss', [])]}")
+    return 0

@@ -1,0 +1,54 @@
+"""Ranker service configuration: one frozen dataclass, built from flags/env in
+the entry point only (``m2cache serve ranker``)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from m2cache import envflags
+from m2cache.errors import InvalidArgument
+
+ENV_PREFIX = "ranker"
+
+
+@dataclass(frozen=True, slots=True)
+class RankerConfig:
+    root: Path                         # a directory of stores; model name = subdirectory name
+    address: str = "127.0.0.1:50063"   # host:port (port 0 = any) or unix:///path
+    device: str = "cpu"                # where predictors score and train ("cuda" when present)
+    max_rows: int = 65536              # hidden-state rows per Rank call
+    max_train_tokens: int = 1 << 20    # cap on TrainRequest.max_tokens
+    max_workers: int = 8               # gRPC handler threads
+    metrics_port: int = 0              # Prometheus /metrics port, 0 = off
+    grace_s: float = 5.0               # graceful-shutdown grace on SIGTERM
+
+    def __post_init__(self):
+        if self.max_rows < 1 or self.max_train_tokens < 1 or self.max_workers < 1:
+            raise InvalidArgument("max_rows, max_train_tokens and max_workers must be positive")
+        if not Path(self.root).is_dir():
+            raise InvalidArgument(f"store root {self.root} is not a directory")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RankerConfig":
+        if not args.root:
+            raise InvalidArgument("--root (or M2CACHE_RANKER_ROOT) is required")
+        return cls(root=Path(args.root), address=args.address, device=args.device, max_rows=args.max_rows,
+                   max_train_tokens=args.max_train_tokens, max_workers=args.max_workers,
+                   metrics_port=args.metrics_port, grace_s=args.grace_s)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RankerConfig.__dataclass_fields__
+
+    def add(flag: str, kind, help: str) -> None:
+        envflags.add(parser, ENV_PREFIX, flag, d[flag[2:].replace("-", "_")].default, kind, help)
+
+    envflags.add(parser, ENV_PREFIX, "--root", None, str, "directory holding one converted store per model")
+    add("--address", str, "listen address")
+    add("--device", str, "device for scoring and training (cpu, cuda)")
+    add("--max-rows", int, "most hidden-state rows per Rank call")
+    add("--max-train-tokens", int, "most calibration tokens per TrainPredictor call")
+    add("--max-workers", int, "gRPC handler threads")
+    add("--metrics-port", int, "Prometheus port, 0 = off")
+    add("--grace-s", float, "shutdown grace seconds")

@@ -1,0 +1,200 @@
+"""Predictor training, storage, policy search and the Ranker gRPC service on a
+real tiny model (stories260k) converted into real LMDB stores."""
+import shutil
+
+import grpc
+import pytest
+import torch
+
+from checkpoints import corpus, real_model_dir
+from m2cache.core.convert import convert
+from m2cache.core.neuron_store import NeuronStore
+from m2cache.errors import FailedPrecondition, InvalidArgument
+from m2cache.model.eval import perplexity
+from m2cache.model.loader import load_model
+from m2cache.model.providers import ChoiceProvider, FullProvider
+from m2cache.ranker import storage
+from m2cache.ranker.bands import BandRatios
+from m2cache.ranker.collect import collect_ffn_inputs, full_weights, tokenize
+from m2cache.ranker.config import RankerConfig
+from m2cache.ranker.evaluate import stepwise_score
+from m2cache.ranker.pipeline import SearchJob, TrainJob, run_search, run_training
+from m2cache.ranker.quality import layer_recalls, standard_rankers
+from m2cache.ranker.ranking import Ranker
+from m2cache.ranker.server import create_server
+from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
+
+MODEL = "stories260k"
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Root with stores "trained" (predictor v1 from train text), "bare" (trained
+    over gRPC by one test) and "nopred" (never trained)."""
+    root = tmp_path_factory.mktemp("ranker")
+    convert(real_model_dir(MODEL), root / "bare", progress=False)
+    shutil.copytree(root / "bare", root / "trained")
+    shutil.copytree(root / "bare", root / "nopred")
+    text = corpus("tinystories/train_2316.txt").read_text()
+    assert run_training(root / "trained", TrainJob(text, rank=16, max_tokens=2048, epochs=3)) == 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(root):
+    """FFN inputs of held-out text (the eval file; nothing is tuned on it)."""
+    store = NeuronStore(root / "bare")
+    model, tok, bank = load_model(store)
+    for layer in range(model.config.num_layers):
+        full_weights(bank, layer)
+    seqs = tokenize(tok, corpus("tinystories/valid_500-999_eval.txt").read_text(), 256, 1024, model.config.bos_token_id)
+    inputs = collect_ffn_inputs(model, FullProvider(bank), seqs)
+    store.close()  # FULL weights are decoded into the bank; other tests open this store
+    return inputs, bank, store.manifest.ffn_kind
+
+
+@pytest.fixture(scope="module")
+def stub(root):
+    server, port, _ = create_server(RankerConfig(root=root, address="127.0.0.1:0"))
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield ranker_pb2_grpc.RankerStub(channel)
+    channel.close()
+    server.stop(0)
+
+
+def test_predictor_beats_random_on_held_out_text(root, eval_inputs):
+    inputs, bank, ffn_kind = eval_inputs
+    predictor = storage.load_predictor(root / "trained")
+    recalls = layer_recalls(inputs, lambda l: full_weights(bank, l), ffn_kind, standard_rankers(predictor),
+                            fracs=(0.1, 0.25, 0.5))
+    for layer, (pred, oracle, rand) in enumerate(zip(recalls["predictor"], recalls["oracle"], recalls["random"])):
+        assert oracle == pytest.approx([1.0, 1.0, 1.0])
+        assert rand == pytest.approx([0.1, 0.25, 0.5], abs=0.03)
+        # Measured ~0.3-0.5 at 10%: at least twice random there, clearly above it deeper down.
+        assert pred[0] > 2 * rand[0], (layer, pred, rand)
+        assert pred[1] > rand[1] + 0.1 and pred[2] > rand[2] + 0.05, (layer, pred, rand)
+
+
+def test_stored_predictor_round_trips_and_versions_grow(root, tmp_path):
+    p = storage.load_predictor(root / "trained")
+    assert p.version == 1 and p.ranks() == [16] * 5 and p.meta["tokens"] == 2048
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "trained", copy)
+    assert storage.save_predictor(copy, p) == 2
+    q = storage.load_predictor(copy)
+    assert q.version == 2
+    assert all(torch.equal(a, b) for a, b in zip(p.tensors().values(), q.tensors().values()))
+    assert storage.load_predictor(copy, version=1).version == 1
+    NeuronStore(copy).close()  # the converter's manifest and records are intact
+
+
+def test_policy_search_round_trip_and_run_uses_it(root, tmp_path):
+    store_dir = tmp_path / "s"
+    shutil.copytree(root / "trained", store_dir)
+    job = SearchJob(corpus("tinystories/valid_000-499_calib.txt").read_text(), budget=0.3, step=0.5, max_tokens=48)
+    policy = run_search(store_dir, job)
+    assert storage.load_policy(store_dir) == policy
+    assert policy["predictor_version"] == 1 and policy["budget"] == 0.3
+    assert policy["byte_fraction"] <= 0.3 + 1e-9
+    ranker = Ranker.from_store(store_dir)
+    assert ranker.ratios == BandRatios.from_dict(policy["ratios"])
+    # The default choice of `m2cache run` is the policy's, computed with the stored predictor.
+    from m2cache.commands.run import default_choose
+    store = NeuronStore(store_dir)
+    try:
+        _, _, bank = load_model(store)
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(5))
+        choice = default_choose(store, bank)(3, x)
+        expected = ranker.rank(3, x).as_choice()
+        assert choice.keys() == expected.keys()
+        assert all(torch.equal(choice[p], expected[p]) for p in expected)
+        assert sum(ids.numel() for ids in choice.values()) == sum(ranker.ratios.counts(172))
+    finally:
+        store.close()
+
+
+def test_dense_stepwise_equals_batched_perplexity(root):
+    store = NeuronStore(root / "bare")
+    try:
+        model, tok, bank = load_model(store)
+        seqs = tokenize(tok, corpus("tinystories/valid_500-999_eval.txt").read_text(), 64, 64, model.config.bos_token_id)
+        step = stepwise_score(model, seqs, FullProvider(bank)).perplexity
+        batched = perplexity(model, seqs[0], FullProvider(bank), context=64)
+        assert step == pytest.approx(batched, rel=1e-4)
+        sparse = stepwise_score(model, seqs, ChoiceProvider(bank, Ranker(storage.load_predictor(root / "trained"),
+                                                                       BandRatios(0.1, 0, 0)).choose())).perplexity
+        assert sparse > step  # dropping 90% of neurons costs something
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "Once upon a time."])
+def test_empty_or_short_calibration_text_is_rejected(root, text):
+    with pytest.raises(InvalidArgument, match="empty|too short"):
+        run_training(root / "bare", TrainJob(text, max_tokens=512, epochs=1))
+
+
+def test_store_without_predictor_fails_precondition(root):
+    with pytest.raises(FailedPrecondition, match="no predictors"):
+        storage.load_predictor(root / "nopred")
+    with pytest.raises(FailedPrecondition):
+        run_search(root / "nopred", SearchJob("Once upon a time " * 50, budget=0.5))
+
+
+def _hidden_blob(x: torch.Tensor) -> common_pb2.TensorBlob:
+    return common_pb2.TensorBlob(name="hidden", data=x.numpy().tobytes(), shape=list(x.shape), dtype="float32")
+
+
+def test_rank_rpc_equals_in_process_ranking(root, stub):
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    ratios = BandRatios(0.1, 0.2, 0.3)
+    resp = stub.Rank(ranker_pb2.RankRequest(model="trained", layer=2, hidden=_hidden_blob(x),
+                                            ratios=ranker_pb2.BandRatios(full=0.1, int8=0.2, int4=0.3)), timeout=TIMEOUT)
+    local = Ranker(storage.load_predictor(root / "trained")).rank(2, x, ratios)
+    assert list(resp.full_ids) == local.full_ids.tolist()
+    assert list(resp.int8_ids) == local.int8_ids.tolist()
+    assert list(resp.int4_ids) == local.int4_ids.tolist()
+    assert len(resp.full_ids) == round(0.1 * 172)
+
+
+def test_get_predictor_returns_the_stored_weights(root, stub):
+    resp = stub.GetPredictor(ranker_pb2.PredictorRequest(model="trained"), timeout=TIMEOUT)
+    stored = storage.load_predictor(root / "trained").tensors()
+    assert resp.version == 1 and len(resp.tensors) == len(stored)
+    for blob in resp.tensors:
+        t = torch.frombuffer(bytearray(blob.data), dtype=torch.float32).reshape(list(blob.shape))
+        assert torch.equal(t, stored[blob.name]), blob.name
+
+
+def test_rpc_errors(stub):
+    x = _hidden_blob(torch.randn(2, 64))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rank(ranker_pb2.RankRequest(model="nopred", layer=0, hidden=x,
+                                         ratios=ranker_pb2.BandRatios(full=0.5)), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rank(ranker_pb2.RankRequest(model="trained", layer=0, hidden=x,
+                                         ratios=ranker_pb2.BandRatios(full=0.6, int8=0.5)), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceed 1" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # no ratios and no policy in the store
+        stub.Rank(ranker_pb2.RankRequest(model="trained", layer=0, hidden=x), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.TrainPredictor(ranker_pb2.TrainRequest(model="nopred", text="too short"), timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_train_predictor_streams_progress_and_ends_with_a_version(root, stub):
+    text = corpus("tinystories/valid_000-499_calib.txt").read_text()
+    msgs = list(stub.TrainPredictor(ranker_pb2.TrainRequest(model="bare", text=text, rank=8, max_tokens=512,
+                                                            epochs=1), timeout=120))
+    stages = [m.stage for m in msgs]
+    assert stages[0] == "collect" and "train" in stages and stages[-1] == "done"
+    train = [m for m in msgs if m.stage == "train"]
+    assert train[-1].step == train[-1].total and all(m.loss > 0 for m in train)
+    assert msgs[-1].version == 1
+    resp = stub.GetPredictor(ranker_pb2.PredictorRequest(model="bare", layers=[0]), timeout=TIMEOUT)
+    assert resp.version == 1 and [b.name for b in resp.tensors] == ["layer.0.a", "layer.0.b", "layer.0.bias"]
+    assert list(resp.tensors[0].shape) == [64, 8]
