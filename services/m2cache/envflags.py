@@ -7,7 +7,9 @@ Every service config is built from flags in its entry point; a flag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from m2cache.errors import InvalidArgument
@@ -41,12 +43,23 @@ def add(parser: argparse.ArgumentParser, prefix: str, flag: str, default: Any, k
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls, prefix: str) -> None:
     """One flag per field of a config dataclass (``max_batch`` -> ``--max-batch``),
-    defaulting to env ``M2CACHE_<PREFIX>_<FIELD>`` or the field's default."""
+    defaulting to env ``M2CACHE_<PREFIX>_<FIELD>`` or the field's default; a field
+    without a default is a required flag (or env variable)."""
     for name, f in config_cls.__dataclass_fields__.items():
-        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
-        add(parser, prefix, "--" + name.replace("_", "-"), f.default, kind, name.replace("_", " "))
+        required = f.default is dataclasses.MISSING
+        default = None if required else f.default
+        kind = parse_bool if isinstance(default, bool) else (str if required else type(default))
+        label = name.replace("_", " ") + (" (required)" if required else "")
+        add(parser, prefix, "--" + name.replace("_", "-"), default, kind, label)
 
 
-def config_from_args(config_cls, args: argparse.Namespace):
-    """The frozen config from parsed flags (fields only)."""
-    return config_cls(**{name: getattr(args, name) for name in config_cls.__dataclass_fields__})
+def config_from_args(config_cls, args: argparse.Namespace, prefix: str = ""):
+    """The frozen config from parsed flags (fields only); Path fields become Paths."""
+    values = {}
+    for name, f in config_cls.__dataclass_fields__.items():
+        value = getattr(args, name)
+        if value is None and f.default is dataclasses.MISSING:
+            flag = "--" + name.replace("-", "_").replace("_", "-")
+            raise InvalidArgument(f"{flag} (or {env_name(prefix, flag)}) is required")
+        values[name] = Path(value) if f.type in ("Path", Path) and value is not None else value
+    return config_cls(**values)

@@ -55,12 +55,9 @@ class DramConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DramConfig":
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+        return envflags.config_from_args(cls, args, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, default from ``M2CACHE_DRAM_<FIELD>`` or the dataclass."""
-    for name, f in DramConfig.__dataclass_fields__.items():
-        kind = envflags.parse_bool if isinstance(f.default, bool) else type(f.default)
-        flag = "--" + name.replace("_", "-")
-        envflags.add(parser, ENV_PREFIX, flag, f.default, kind, name.replace("_", " "))
+    envflags.add_config_arguments(parser, DramConfig, ENV_PREFIX)

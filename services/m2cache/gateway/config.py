@@ -29,7 +29,7 @@ class GatewayConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "GatewayConfig":
-        return envflags.config_from_args(cls, args)
+        return envflags.config_from_args(cls, args, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,24 +31,9 @@ class RankerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RankerConfig":
-        if not args.root:
-            raise InvalidArgument("--root (or M2CACHE_RANKER_ROOT) is required")
-        return cls(root=Path(args.root), address=args.address, device=args.device, max_rows=args.max_rows,
-                   max_train_tokens=args.max_train_tokens, max_workers=args.max_workers,
-                   metrics_port=args.metrics_port, grace_s=args.grace_s)
+        return envflags.config_from_args(cls, args, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = RankerConfig.__dataclass_fields__
-
-    def add(flag: str, kind, help: str) -> None:
-        envflags.add(parser, ENV_PREFIX, flag, d[flag[2:].replace("-", "_")].default, kind, help)
-
-    envflags.add(parser, ENV_PREFIX, "--root", None, str, "directory holding one converted store per model")
-    add("--address", str, "listen address")
-    add("--device", str, "device for scoring and training (cpu, cuda)")
-    add("--max-rows", int, "most hidden-state rows per Rank call")
-    add("--max-train-tokens", int, "most calibration tokens per TrainPredictor call")
-    add("--max-workers", int, "gRPC handler threads")
-    add("--metrics-port", int, "Prometheus port, 0 = off")
-    add("--grace-s", float, "shutdown grace seconds")
+    """One flag per config field, default from ``M2CACHE_RANKER_<FIELD>`` or the dataclass."""
+    envflags.add_config_arguments(parser, RankerConfig, ENV_PREFIX)

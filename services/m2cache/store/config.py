@@ -31,22 +31,9 @@ class StoreConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StoreConfig":
-        if not args.root:
-            raise InvalidArgument("--root (or M2CACHE_STORE_ROOT) is required")
-        return cls(root=Path(args.root), address=args.address, max_batch_ids=args.max_batch_ids,
-                   max_payload_bytes=args.max_payload_bytes, verify=args.verify, max_workers=args.max_workers,
-                   metrics_port=args.metrics_port, grace_s=args.grace_s)
+        return envflags.config_from_args(cls, args, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = StoreConfig.__dataclass_fields__
-    add = lambda flag, kind, help: envflags.add(parser, ENV_PREFIX, flag, d[flag[2:].replace("-", "_")].default,
-                                                kind, help)
-    envflags.add(parser, ENV_PREFIX, "--root", None, str, "directory holding one converted store per model")
-    add("--address", str, "listen address")
-    add("--max-batch-ids", int, "most neuron ids per FetchNeurons")
-    add("--max-payload-bytes", int, "most bytes per response")
-    add("--verify", envflags.parse_bool, "verify record checksums on read")
-    add("--max-workers", int, "gRPC handler threads")
-    add("--metrics-port", int, "Prometheus port, 0 = off")
-    add("--grace-s", float, "shutdown grace seconds")
+    """One flag per config field, default from ``M2CACHE_STORE_<FIELD>`` or the dataclass."""
+    envflags.add_config_arguments(parser, StoreConfig, ENV_PREFIX)

@@ -48,7 +48,7 @@ class WorkerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WorkerConfig":
-        return envflags.config_from_args(cls, args)
+        return envflags.config_from_args(cls, args, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
