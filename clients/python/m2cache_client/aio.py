@@ -8,8 +8,8 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from m2cache_client.client import Completion, Token, Progress, build_request, channel_options, resumed
-from m2cache_client.errors import Unavailable, from_rpc_error
+from m2cache_client.client import (Completion, Progress, Token, backoff_s, build_request, channel_options, give_up,
+                                   resumed)
 from m2cache_client.pb import worker_pb2_grpc
 
 
@@ -53,21 +53,15 @@ class AsyncClient:
             try:
                 call = stub.Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
                 async for msg in call:
-                    if msg.prompt_token_ids and not progress.prompt_ids:
-                        progress.prompt_ids = list(msg.prompt_token_ids)
-                    if msg.HasField("stats"):
-                        progress.stats = msg.stats
-                        if msg.text:
-                            yield Token(-1, msg.text)
-                        return
-                    progress.token_ids.append(msg.token_id)
-                    yield Token(msg.token_id, msg.text)
+                    token = progress.absorb(msg)
+                    if token is not None:
+                        yield token
                 return
             except grpc.RpcError as err:
-                typed = from_rpc_error(err)
-                if not isinstance(typed, Unavailable) or attempt == self.retries or time.monotonic() >= end:
+                typed = give_up(err, attempt, self.retries, end)
+                if typed is not None:
                     raise typed from None
-                await asyncio.sleep(min(self.backoff_s * 2**attempt, max(end - time.monotonic(), 0)))
+                await asyncio.sleep(backoff_s(self.backoff_s, attempt, end))
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         progress = Progress()

@@ -47,6 +47,33 @@ class Progress:
     token_ids: list[int] = field(default_factory=list)
     stats: worker_pb2.GenerationStats | None = None
 
+    @property
+    def done(self) -> bool:
+        return self.stats is not None
+
+    def absorb(self, msg: worker_pb2.GenerateResponse) -> Token | None:
+        """Record one streamed message; the token to hand the caller (the final
+        message carries stats and at most some held-back text, id -1)."""
+        if msg.prompt_token_ids and not self.prompt_ids:
+            self.prompt_ids = list(msg.prompt_token_ids)
+        if msg.HasField("stats"):
+            self.stats = msg.stats
+            return Token(-1, msg.text) if msg.text else None
+        self.token_ids.append(msg.token_id)
+        return Token(msg.token_id, msg.text)
+
+
+def give_up(err: grpc.RpcError, attempt: int, retries: int, end: float) -> M2CacheClientError | None:
+    """The typed error to raise, or None when the call should be retried elsewhere."""
+    typed = from_rpc_error(err)
+    if not isinstance(typed, Unavailable) or attempt == retries or time.monotonic() >= end:
+        return typed
+    return None
+
+
+def backoff_s(base: float, attempt: int, end: float) -> float:
+    return min(base * 2**attempt, max(end - time.monotonic(), 0))
+
 
 def channel_options(targets: Sequence[str]) -> list[tuple[str, object]]:
     opts: list[tuple[str, object]] = [
@@ -135,21 +162,15 @@ class Client:
             try:
                 call = self._stub().Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
                 for msg in call:
-                    if msg.prompt_token_ids and not progress.prompt_ids:
-                        progress.prompt_ids = list(msg.prompt_token_ids)
-                    if msg.HasField("stats"):
-                        progress.stats = msg.stats
-                        if msg.text:
-                            yield Token(-1, msg.text)
-                        return
-                    progress.token_ids.append(msg.token_id)
-                    yield Token(msg.token_id, msg.text)
+                    token = progress.absorb(msg)
+                    if token is not None:
+                        yield token
                 return
             except grpc.RpcError as err:
-                typed = from_rpc_error(err)
-                if not isinstance(typed, Unavailable) or attempt == self.retries or time.monotonic() >= end:
+                typed = give_up(err, attempt, self.retries, end)
+                if typed is not None:
                     raise typed from None
-                time.sleep(min(self.backoff_s * 2**attempt, max(end - time.monotonic(), 0)))
+                time.sleep(backoff_s(self.backoff_s, attempt, end))
         raise Unavailable(grpc.StatusCode.UNAVAILABLE, "no worker answered")
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
