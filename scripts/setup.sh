@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned requirements and the project installed (editable).
 # Idempotent: skips pip when requirements.txt and pyproject.toml are unchanged.
+# pip's output goes to .venv/setup.log and is shown only if a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,8 +11,15 @@ fi
 stamp=.venv/.m2cache-setup
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "setting up .venv (pinned requirements + this project) ..." >&2
+  log=.venv/setup.log
+  for step in "--upgrade pip" "-r requirements.txt" "--no-deps -e ."; do
+    # shellcheck disable=SC2086
+    if ! .venv/bin/python -m pip install -q $step >"$log" 2>&1; then
+      grep -v "is ignored: it is neither" "$log" >&2
+      echo "setup failed at: pip install $step" >&2
+      exit 1
+    fi
+  done
   echo "$want" > "$stamp"
 fi
