@@ -1,0 +1,113 @@
+"""What each child runs: ``run_spec(spec, group)`` builds every configuration
+of one system kind (budgets x policy) and measures each with child.run_config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from m2cache.core.format import Precision
+from m2cache.ranker.bands import BandRatios
+
+from bench.harness.child import run_config
+from bench.harness.policy import load_mixed_policy
+
+
+def _paths(spec: dict) -> tuple[Path, Path]:
+    return Path(spec["store_root"]) / spec["model"], Path(spec["hf_dir"])
+
+
+def _manifest(store_path: Path):
+    from m2cache.core.neuron_store import NeuronStore
+
+    store = NeuronStore(store_path)
+    try:
+        return store.manifest
+    finally:
+        store.close()
+
+
+def _mixed(spec: dict, store_path: Path):
+    if spec["policy"] != "mixed":
+        return None
+    return load_mixed_policy(store_path, _manifest(store_path), BandRatios(*spec["ratios"]))
+
+
+def _label(spec: dict, system: str, fraction, mixed) -> dict:
+    return {"system": system, "model": spec["model"], "fraction": fraction, "policy": spec.get("policy", "full"),
+            "predictor": None if mixed is None else mixed.source}
+
+
+def run_spec(spec: dict, group) -> list[dict]:
+    store_path, hf_dir = _paths(spec)
+    kind = spec["kind"]
+    if kind == "dense-reference":
+        from bench.harness.systems_local import DenseReference
+        return [run_config(spec, _label(spec, kind, 1.0, None), lambda: DenseReference(store_path), group)]
+    if kind == "transformers-dense":
+        from bench.harness.systems_hf import TransformersDense
+        return [run_config(spec, _label(spec, kind, 1.0, None), lambda: TransformersDense(hf_dir), group)]
+    if kind == "naive-streaming":
+        from bench.harness.systems_local import NaiveStreaming
+        return [run_config(spec, _label(spec, kind, 0.0, None), lambda: NaiveStreaming(store_path), group)]
+    if kind == "accelerate-offload":
+        return _accelerate(spec, hf_dir, store_path, group)
+    if kind == "m2cache-inprocess":
+        return _inprocess(spec, store_path, group)
+    if kind == "m2cache-stack":
+        return _stack(spec, store_path, group)
+    raise ValueError(f"unknown system kind {kind!r}")
+
+
+def _accelerate(spec, hf_dir, store_path, group) -> list[dict]:
+    """max_memory = the dense (non-FFN) bytes + fraction of the FFN bytes: the same fast memory m2cache gets."""
+    from bench.harness.systems_hf import AccelerateOffload
+
+    m = _manifest(store_path)
+    ffn = m.num_layers * m.d_ffn * m.layout.num_bytes(Precision.FULL)
+    dense = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")) - ffn
+    out = []
+    for f in spec["fractions"]:
+        offload = Path(spec["offload_dir"]) / f"{spec['model']}-{f}"
+        build = lambda f=f, offload=offload: AccelerateOffload(hf_dir, dense + int(f * ffn), offload)
+        out.append(run_config(spec, _label(spec, "accelerate-offload", f, None), build, group))
+    return out
+
+
+def _inprocess(spec, store_path, group) -> list[dict]:
+    from bench.harness.systems_local import M2CacheLocal
+
+    mixed = _mixed(spec, store_path)
+    return [run_config(spec, _label(spec, "m2cache-inprocess", f, mixed),
+                       lambda f=f: M2CacheLocal(store_path, f, mixed, spec["window"]), group)
+            for f in spec["fractions"]]
+
+
+def _stack(spec, store_path, group) -> list[dict]:
+    """Dense model loaded once (locally, before any timing); fresh services and worker per budget."""
+    from m2cache.core.neuron_store import NeuronStore
+    from m2cache.model.loader import load_model
+    from bench.harness.systems_stack import ServiceStack, StackWorker
+
+    mixed = _mixed(spec, store_path)
+    store = NeuronStore(store_path)
+    model, _tok, _bank = load_model(store)
+    manifest = store.manifest
+    store.close()
+    precisions = "full,int8,int4" if mixed else "full"
+    per_prec = sum(manifest.layout.num_bytes(Precision.parse(p)) for p in precisions.split(","))
+    dram_budget = int(spec["dram_fraction"] * manifest.num_layers * manifest.d_ffn * per_prec)
+    out = []
+    for f in spec["fractions"]:
+        holder = {}
+
+        def build(f=f):
+            holder["stack"] = ServiceStack(Path(spec["store_root"]), dram_budget, precisions,
+                                           Path(spec["log_dir"]) / f"stack-{spec['model']}-{spec['policy']}-{f}", group)
+            return StackWorker(holder["stack"], spec["model"], manifest, model, f, mixed, spec["window"])
+
+        label = {**_label(spec, "m2cache-stack", f, mixed), "dram_budget_bytes": dram_budget}
+        try:
+            out.append(run_config(spec, label, build, group, io_pids=lambda system: [system.stack.store.pid]))
+        finally:
+            if "stack" in holder:
+                holder["stack"].close()
+    return out

@@ -1,0 +1,158 @@
+"""m2cache through the full service stack: a NeuronStore process (SSD, under a
+cgroup memory limit), a DramTier process with its own redis-server (DRAM), and
+a Worker gRPC server driven over loopback by a streaming Generate call.
+
+The Worker runs in this (child) process so one model load serves every cache
+budget: ``StackWorker`` builds a fresh WorkerRuntime (empty HBM cache) per
+budget around the shared dense model. Store and DramTier are fresh per budget
+(``ServiceStack``), so DRAM starts empty each time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from m2cache import grpc_util
+from m2cache.core.format import Manifest
+from m2cache.worker import server as worker_server
+from m2cache.worker.choosers import Choosers, full_choose
+from m2cache.worker.config import WorkerConfig
+from m2cache.worker.fetcher import TierFetcher
+from m2cache.worker.runtime import WorkerRuntime
+from m2cache_client.pb import common_pb2, dram_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from bench.harness.honest import MemoryLimit, anon_bytes, device_read_bytes, peak_rss_bytes
+from bench.harness.systems_local import touch_cache
+
+DEADLINE_S = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(args: list[str], target: str, service: str, log_path: Path) -> subprocess.Popen:
+    """``m2cache serve ...`` as a child process, waited on until healthy."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "m2cache.cli", "serve", *args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while grpc_util.check_health(target, service, 1.0) != "SERVING":
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"{service} did not come up (log {log_path})")
+        time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM by PID, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class ServiceStack:
+    """NeuronStore + DramTier (+ its redis-server) for one measured configuration."""
+
+    def __init__(self, store_root: Path, dram_budget: int, precisions: str, log_dir: Path, group: MemoryLimit | None):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.store_target = f"127.0.0.1:{free_port()}"
+        self.dram_target = f"127.0.0.1:{free_port()}"
+        self.store = _serve(["store", "--root", str(store_root), "--address", self.store_target],
+                            self.store_target, "m2cache.v1.NeuronStore", log_dir / "store.log")
+        self.group = group
+        if group is not None:
+            group.add(self.store.pid)
+        self.dram = _serve(["dram", "--store-target", self.store_target, "--address", self.dram_target,
+                            "--redis-port", str(free_port()), "--budget-bytes", str(dram_budget),
+                            "--preload-precisions", precisions, "--key-prefix", f"m2c-bench-{os.getpid()}:"],
+                           self.dram_target, "m2cache.v1.DramTier", log_dir / "dram.log")
+        self.dram_stub = dram_pb2_grpc.DramTierStub(grpc_util.channel(self.dram_target))
+
+    def dram_stats(self):
+        return self.dram_stub.GetStats(common_pb2.StatsRequest(), timeout=30)
+
+    def store_anon_bytes(self) -> int:
+        return anon_bytes(self.store.pid)
+
+    def store_device_reads(self) -> int:
+        return device_read_bytes(self.store.pid)
+
+    def close(self) -> None:
+        _stop(self.dram)
+        _stop(self.store)
+
+
+class StackWorker:
+    """One budget's Worker gRPC server over ``stack`` and the client that drives it."""
+
+    name = "m2cache-stack"
+
+    def __init__(self, stack: ServiceStack, model_name: str, manifest: Manifest, model, fraction: float,
+                 mixed=None, window: int = 4):
+        self.stack = stack
+        self.config = WorkerConfig(model=model_name, dram_target=stack.dram_target, address="127.0.0.1:0",
+                                   cache_fraction=fraction, window=window, fetch_deadline_s=DEADLINE_S, max_batch=1)
+        fetcher = TierFetcher(grpc_util.channel(stack.dram_target), model_name, "bench-worker", deadline_s=DEADLINE_S)
+        full = full_choose(manifest.d_ffn)
+        choosers = (Choosers(full, full, None) if mixed is None else
+                    Choosers(full, mixed.choose(), mixed.ratios.to_dict()))
+        self.runtime = WorkerRuntime(self.config, fetcher, manifest, model, None, choosers)
+        touch_cache(self.runtime.cache)
+        self.server, port, _ = worker_server.create_server(self.config, self.runtime)
+        self.server.start()
+        self.channel = grpc_util.channel(f"127.0.0.1:{port}")
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.info = {"cache_budget_bytes": self.runtime.cache.budget_bytes, "window": window,
+                     "ratios": choosers.ratios, "transport": "gRPC loopback TCP"}
+
+    def generate(self, prompt_ids, n_new, on_token):
+        """Stream one request; tokens are clocked where the worker emits them (the
+        engine's ``_emit``, wrapped here only for the benchmark), so the measured
+        window is the worker's decode, not the client's read of a buffered stream."""
+        engine = self.runtime.engine
+        emit = engine._emit
+
+        def clocked(seq, token):
+            emit(seq, token)
+            on_token(len(seq.generated) - 1, token)
+
+        engine._emit = clocked
+        req = worker_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=n_new, model=self.config.model)
+        try:
+            return [m.token_id for m in self.stub.Generate(req, timeout=DEADLINE_S) if not m.HasField("stats")]
+        finally:
+            engine._emit = emit
+
+    def counters(self) -> dict:
+        s = self.runtime.provider.stats
+        d = self.stack.dram_stats()
+        return {"hbm_bytes": s.bytes_hbm, "hbm_hits": s.hbm_hits, "hbm_misses": s.hbm_misses,
+                "fetched_bytes": s.bytes_fetched, "dram_bytes": d.bytes_from_redis,
+                "ssd_bytes": d.bytes_from_store + d.bytes_preloaded, "ssd_read_through_bytes": d.bytes_from_store}
+
+    def service_peak_rss(self) -> dict[str, int]:
+        """Peak resident memory of the service processes (store, dram, redis-server)."""
+        import psutil
+
+        dram = psutil.Process(self.stack.dram.pid)
+        out = {"store": peak_rss_bytes(self.stack.store.pid), "dram": peak_rss_bytes(dram.pid)}
+        out.update({f"{c.name()}": peak_rss_bytes(c.pid) for c in dram.children(recursive=True)})
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+        self.runtime.close()
