@@ -41,17 +41,20 @@ _OPEN_LOCK = threading.Lock()
 
 
 def _open_env(path: Path) -> lmdb.Environment:
-    """Read-only environment, readahead off (neuron reads are small and random).
-    Locking stays on where the directory is writable, since the ranker may write
-    predictors into a store being served; on a read-only mount (no lock file can
-    be made) it opens without locking, which is safe only while nothing writes."""
+    """Read-only environment. Readahead stays on: records are multi-page and
+    contiguous, and with it off every 4 KiB page is a separate synchronous fault
+    (measured on a dropped page cache: a whole layer 50 -> 741 MB/s, a random
+    quarter of it 48 -> 169 MB/s). Locking stays on where the directory is
+    writable, since the ranker may write predictors into a store being served; on
+    a read-only mount (no lock file can be made) it opens without locking, which
+    is safe only while nothing writes."""
     try:
-        return lmdb.open(str(path), readonly=True, readahead=False, max_readers=512, subdir=True)
+        return lmdb.open(str(path), readonly=True, max_readers=512, subdir=True)
     except lmdb.Error as err:
         if not any(text in str(err) for text in ("Read-only file system", "Permission denied")):
             raise
         log.warning("%s is read-only (%s): opening without LMDB locking", path, err)
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512, subdir=True)
+        return lmdb.open(str(path), readonly=True, lock=False, max_readers=512, subdir=True)
 
 
 class NeuronStore:

@@ -88,22 +88,25 @@ class CachedProvider:
         return rows[0] if len(rows) == 1 else rows
 
     def _records(self, layer: int, prec: Precision, ids: torch.Tensor, staged: _Staged) -> torch.Tensor:
-        """Records of sorted ``ids`` [n]: HBM hits gathered, misses fetched once and admitted."""
+        """Records of sorted ``ids`` [n] -> uint8 [n, rb]: misses fetched once and
+        admitted, then the layer's records gathered from the slots in one copy."""
         slots = self.cache.slots(layer, prec)
         hit = slots.contains(ids)
-        slots.touch(ids, self.step)
+        slots.touch(ids, self.step)  # in the window now: admitting misses cannot evict them
         miss_ids = ids[~hit]
-        records = torch.empty((ids.numel(), self.layout.num_bytes(prec)), dtype=torch.uint8, device=slots.slots.device)
-        if bool(hit.any()):
-            records[hit.to(records.device)] = slots.gather(ids[hit])
-        if miss_ids.numel():
-            fetched = self._take_staged(layer, prec, miss_ids, staged.records.get(prec))
-            records[(~hit).to(records.device)] = fetched.to(records.device)
-            slots.admit(miss_ids, fetched, self.step)
-        n_hit = int(hit.sum())
+        n_hit = int(ids.numel() - miss_ids.numel())
         self.stats.hbm_hits += n_hit
         self.stats.hbm_misses += int(miss_ids.numel())
-        self.stats.bytes_hbm += n_hit * records.shape[1]
+        self.stats.bytes_hbm += n_hit * slots.record_bytes
+        if miss_ids.numel() == 0:
+            return slots.gather(ids)
+        fetched = self._take_staged(layer, prec, miss_ids, staged.records.get(prec))
+        if slots.admit(miss_ids, fetched, self.step) == miss_ids.numel():
+            return slots.gather(ids)
+        # the window left no room for some misses: they are used from the fetched bytes
+        records = torch.empty((ids.numel(), slots.record_bytes), dtype=torch.uint8, device=slots.slots.device)
+        records[hit.to(records.device)] = slots.gather(ids[hit])
+        records[(~hit).to(records.device)] = fetched.to(records.device)
         return records
 
     def _take_staged(self, layer: int, prec: Precision, miss_ids: torch.Tensor,
@@ -148,16 +151,23 @@ class CachedProvider:
         parts, biases = [], []
         for prec, ids in choice.items():
             ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
-            idx = torch.searchsorted(union[prec], ids).to(self.device)
             vectors, bias = decoded[prec]
-            parts.append(vectors.index_select(0, idx))
+            if not torch.equal(ids, union[prec]):  # a row of a batch: pick its neurons
+                idx = torch.searchsorted(union[prec], ids).to(self.device)
+                vectors = vectors.index_select(0, idx)
+                bias = None if bias is None else bias.index_select(0, idx)
+            parts.append(vectors)
             if bias is not None:
-                biases.append(bias.index_select(0, idx))
+                biases.append(bias)
         if not parts:
             d = self.layout.d_model
             empty_bias = torch.zeros(0, device=self.device) if self.layout.has_bias else None
             return NeuronWeights(torch.zeros(0, self.layout.nvec, d, device=self.device), empty_bias)
-        return NeuronWeights(torch.cat(parts), torch.cat(biases) if biases else None)
+        return NeuronWeights(_cat(parts), _cat(biases) if biases else None)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _union(choices: list[dict[Precision, torch.Tensor]]) -> dict[Precision, torch.Tensor]:
