@@ -2,33 +2,21 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from typing import AsyncIterator, Sequence
 
 import grpc
 
-from m2cache_client.client import (Completion, Progress, Token, backoff_s, build_request, channel_options, give_up,
+from m2cache_client.client import (ClientBase, Completion, Progress, Token, backoff_s, build_request, give_up,
                                    resumed)
-from m2cache_client.pb import worker_pb2_grpc
 
 
-class AsyncClient:
-    """``async with AsyncClient([...]) as c: await c.generate(...)`` / ``async for t in c.stream(...)``."""
+class AsyncClient(ClientBase):
+    """``async with AsyncClient([...]) as c: await c.generate(...)`` / ``async for t in c.stream(...)``.
+    Same arguments as ``Client``."""
 
-    def __init__(self, targets: str | Sequence[str], *, model: str = "", timeout_s: float = 120.0,
-                 retries: int = 3, backoff_s: float = 0.2, tls: bool = False,
-                 root_certificates: bytes | None = None):
-        self.targets = [targets] if isinstance(targets, str) else list(targets)
-        if not self.targets:
-            raise ValueError("at least one worker target is needed")
-        self.model, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
-        creds = grpc.ssl_channel_credentials(root_certificates) if tls else None
-        opts = channel_options(self.targets)
-        self._channels = [grpc.aio.secure_channel(t, creds, opts) if creds else grpc.aio.insecure_channel(t, opts)
-                          for t in self.targets]
-        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
-        self._next = itertools.count()
+    def __init__(self, targets: str | Sequence[str], **kwargs):
+        super().__init__(targets, channels=grpc.aio, **kwargs)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -113,25 +113,30 @@ def resumed(request: worker_pb2.GenerateRequest, progress: Progress) -> worker_p
     return again
 
 
-class Client:
-    """A client of m2cache workers. Thread-safe; close() or use as a context manager."""
+class ClientBase:
+    """Settings and channels shared by ``Client`` and ``AsyncClient``; ``channels``
+    is ``grpc`` or ``grpc.aio`` (both offer secure_channel / insecure_channel)."""
 
     def __init__(self, targets: str | Sequence[str], *, model: str = "", timeout_s: float = 120.0,
                  retries: int = 3, backoff_s: float = 0.2, tls: bool = False,
-                 root_certificates: bytes | None = None):
+                 root_certificates: bytes | None = None, channels=grpc):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         if not self.targets:
             raise ValueError("at least one worker target is needed")
-        self.model = model
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.model, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
         creds = grpc.ssl_channel_credentials(root_certificates) if tls else None
         opts = channel_options(self.targets)
-        self._channels = [grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts)
+        self._channels = [channels.secure_channel(t, creds, opts) if creds else channels.insecure_channel(t, opts)
                           for t in self.targets]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
         self._next = itertools.count()
+
+
+class Client(ClientBase):
+    """A client of m2cache workers. Thread-safe; close() or use as a context manager."""
+
+    def __init__(self, targets: str | Sequence[str], **kwargs):
+        super().__init__(targets, **kwargs)
         self._lock = threading.Lock()
 
     def __enter__(self) -> "Client":
