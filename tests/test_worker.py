@@ -3,6 +3,7 @@ never changes results, bad input gets clear codes, faults leave it healthy."""
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -199,3 +200,21 @@ def test_over_budget_dense_layers_stream_and_match(dram, stories):
     assert got == want
     with pytest.raises(Exception, match="dense budget"):
         WorkerHandle(dram.target, "stories260k", dense_budget_bytes=1000)
+
+
+def test_client_going_away_cancels_its_sequence(dram):
+    worker = WorkerHandle(dram.target, "stories260k", max_batch=1)
+    try:
+        stream = worker.stub.Generate(_req(worker, 400), timeout=60)
+        next(stream)
+        stream.cancel()  # the client goes away mid-generation
+        engine = worker.runtime.engine
+        deadline = time.monotonic() + 10
+        while engine.num_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.num_active == 0 and engine.kv.num_free == 1  # slot back, decoding stopped
+        assert engine.tokens < 400
+        ids, _ = worker.generate(PROMPT, 4)  # the freed slot serves the next request
+        assert len(ids) == 4
+    finally:
+        worker.stop()
