@@ -143,3 +143,15 @@ def test_can_admit_is_a_dry_run_of_reserve():
     policy.observe("a", M, 4)                                 # now 4 is a full cycle away, 5 is next
     assert policy.can_admit(UnitKey(M, 5, 1), N, REC)
     assert policy.bytes_resident == 1000 and policy.num_evictions == 0
+
+
+def test_auto_preload_precisions_follow_the_policy():
+    from m2cache.core.format import Precision
+    from m2cache.dram.config import DramConfig
+
+    auto = DramConfig()
+    assert auto.precisions(None) == (Precision.FULL,)  # no policy: workers only ask for FULL
+    policy = {"ratios": {"full": 0.2, "int8": 0.0, "int4": 0.3}}
+    assert auto.precisions(policy) == (Precision.FULL, Precision.INT4)
+    explicit = DramConfig(preload_precisions="int8,full")
+    assert explicit.precisions(policy) == (Precision.INT8, Precision.FULL)

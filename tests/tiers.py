@@ -53,8 +53,9 @@ class DramHandle:
     """A running DramTier server over ``store_target`` and ``redis_url``."""
 
     def __init__(self, store_target: str, redis_url: str, **overrides):
+        # every precision preloaded unless a test asks for "auto" (policy-driven) explicitly
         base = DramConfig(store_target=store_target, address="127.0.0.1:0", redis_probe_interval_s=0.1,
-                          key_prefix=f"m2c-test-{free_port()}:")
+                          key_prefix=f"m2c-test-{free_port()}:", preload_precisions="full,int8,int4")
         self.config = dataclasses.replace(base, **overrides)
         self.server, self.port, self.tier = dram_server.create_server(self.config, redis_url)
         self.server.start()

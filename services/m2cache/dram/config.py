@@ -23,7 +23,8 @@ class DramConfig:
     budget_bytes: int = 1 << 30             # bytes of records in Redis, pinned + dynamic
     num_pinned_layers: int = 2              # n: fixed area holds layers 0..n-1
     preload_ahead: int = 2                  # k: whole layers preloaded this far ahead of callers
-    preload_precisions: str = "full,int8,int4"  # precisions a layer is pinned/preloaded in
+    preload_precisions: str = "auto"        # precisions a layer is pinned/preloaded in: a list, or "auto" =
+    #                                         the model's policy bands (FULL only without a policy)
     preload_workers: int = 2                # threads loading layers from the store
     max_batch_ids: int = 65536              # ids per FetchNeurons; more is RESOURCE_EXHAUSTED
     max_payload_bytes: int = 256 << 20      # bytes per response
@@ -50,7 +51,13 @@ class DramConfig:
         if not self.key_prefix:
             raise InvalidArgument("key_prefix must not be empty (the tier deletes every key under it)")
 
-    def precisions(self) -> tuple[Precision, ...]:
+    def precisions(self, policy: dict | None = None) -> tuple[Precision, ...]:
+        """Precisions to pin and preload for a model with ``policy`` (its stored
+        precision policy, or None): preloading a precision no worker asks for
+        would only spend SSD bandwidth and DRAM budget."""
+        if self.preload_precisions.strip() == "auto":
+            ratios = (policy or {}).get("ratios") or {"full": 1.0}
+            return tuple(p for p in Precision if ratios.get(p.name.lower(), 0) > 0)
         return tuple(Precision.parse(p.strip()) for p in self.preload_precisions.split(",") if p.strip())
 
     @classmethod

@@ -10,7 +10,6 @@ from typing import Sequence
 import grpc
 
 from m2cache import errors, grpc_util
-from m2cache.core.format import Manifest
 from m2cache_client.pb import common_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,6 @@ class StoreClient:
 
     def manifest(self, model: str, deadline: float) -> common_pb2.Manifest:
         return self.call("GetManifest", common_pb2.ManifestRequest(model=model), deadline)
-
-    def parsed_manifest(self, model: str, deadline: float) -> Manifest:
-        return Manifest.from_json(self.manifest(model, deadline).manifest_json.encode(), where=f"model {model!r}")
 
     def fetch_neurons(self, model: str, layer: int, prec: int, neuron_ids: Sequence[int], chunk_ids: int,
                       deadline: float) -> tuple[list[bytes], list[int], list[int]]:

@@ -14,6 +14,7 @@ stored record size at its precision, so Redis never holds more than the budget.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -68,7 +69,7 @@ class DramTier:
         self.stats = stats
         self.policy = LayerAwarePolicy(config.budget_bytes, config.num_pinned_layers, config.preload_ahead,
                                        config.caller_ttl_s)
-        self.precisions = config.precisions()
+        self._precisions: dict[str, tuple[Precision, ...]] = {}  # model -> precisions pinned/preloaded
         self.on_redis_state = on_redis_state
         self.redis_up = False
         self._run_id = ""
@@ -102,8 +103,11 @@ class DramTier:
         """The model's manifest (fetched from the store once); NotFound for unknown models."""
         found = self._manifests.get(model)
         if found is None:
-            found = self.store.parsed_manifest(model, deadline)
+            raw = self.store.manifest(model, deadline)
+            found = Manifest.from_json(raw.manifest_json.encode(), where=f"model {model!r}")
+            policy = json.loads(raw.policy_json) if raw.policy_json else None
             with self._lock:
+                self._precisions[model] = self.config.precisions(policy)
                 self._manifests[model] = found
             self.policy.register_model(model, found.num_layers)
             if self.redis_up:
@@ -220,13 +224,13 @@ class DramTier:
 
     def _schedule_window(self, caller_id: str, model: str, current_layer: int) -> None:
         for layer in self.policy.observe(caller_id, model, current_layer):
-            for prec in self.precisions:
+            for prec in self._precisions[model]:
                 self._submit(UnitKey(model, layer, int(prec)), caller_id, pinned=False)
 
     def _pin(self, model: str) -> None:
         num_layers = self._manifests[model].num_layers
         for layer in range(min(self.config.num_pinned_layers, num_layers)):
-            for prec in self.precisions:
+            for prec in self._precisions[model]:
                 self._submit(UnitKey(model, layer, int(prec)), "", pinned=True)
 
     def _submit(self, key: UnitKey, caller_id: str, pinned: bool) -> None:
