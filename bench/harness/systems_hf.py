@@ -50,7 +50,24 @@ def _param_bytes(model, prefix: str = "") -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith(prefix))
 
 
-class TransformersDense:
+class _HFSystem:
+    """A transformers model generating with a per-token callback; subclasses set
+    ``self.model`` and report their bytes in ``counters``."""
+
+    model = None
+    tokens_done = 0
+
+    def generate(self, prompt_ids, n_new, on_token):
+        def count(i, tok):
+            self.tokens_done += 1
+            on_token(i, tok)
+        return _hf_generate(self.model, prompt_ids, n_new, count)
+
+    def close(self):
+        del self.model
+
+
+class TransformersDense(_HFSystem):
     name = "transformers-dense"
 
     def __init__(self, hf_dir: Path):
@@ -59,17 +76,9 @@ class TransformersDense:
         self.ffn_bytes = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if ".mlp." in n)
         self.info = {"compute_dtype": str(self.model.dtype).removeprefix("torch."), "ffn_resident_bytes": self.ffn_bytes}
 
-    def generate(self, prompt_ids, n_new, on_token):
-        def count(i, tok):
-            self.tokens_done += 1
-            on_token(i, tok)
-        return _hf_generate(self.model, prompt_ids, n_new, count)
-
     def counters(self) -> dict:
         return {"hbm_bytes": self.ffn_bytes * self.tokens_done}
 
-    def close(self):
-        del self.model
 
 
 def _disk_bytes(hf_dir: Path, device_map: dict, dtype) -> int:
@@ -87,7 +96,7 @@ def _disk_bytes(hf_dir: Path, device_map: dict, dtype) -> int:
     return total
 
 
-class AccelerateOffload:
+class AccelerateOffload(_HFSystem):
     name = "accelerate-offload"
 
     def __init__(self, hf_dir: Path, max_memory_bytes: int, offload_dir: Path):
@@ -102,14 +111,6 @@ class AccelerateOffload:
                      "device_map": {k: str(v) for k, v in device_map.items()},
                      "compute_dtype": str(self.model.dtype).removeprefix("torch.")}
 
-    def generate(self, prompt_ids, n_new, on_token):
-        def count(i, tok):
-            self.tokens_done += 1
-            on_token(i, tok)
-        return _hf_generate(self.model, prompt_ids, n_new, count)
-
     def counters(self) -> dict:
         return {"ssd_bytes": self.disk_bytes * self.tokens_done}
 
-    def close(self):
-        del self.model
