@@ -218,3 +218,24 @@ def test_client_going_away_cancels_its_sequence(dram):
         assert len(ids) == 4
     finally:
         worker.stop()
+
+
+def test_stop_strings_end_the_stream_before_them(dram):
+    from m2cache_client.pb import worker_pb2
+
+    worker = WorkerHandle(dram.target, "tinystories-656k")
+
+    def run(stop):
+        req = worker_pb2.GenerateRequest(model="tinystories-656k", prompt="Once upon a time", max_new_tokens=40,
+                                         stop=stop)
+        msgs = list(worker.stub.Generate(req, timeout=60))
+        return "".join(m.text for m in msgs), msgs[-1].stats
+
+    try:
+        full, stats = run([])
+        cut, stopped = run(["Lily"])
+    finally:
+        worker.stop()
+    assert "Lily" in full and stats.finish_reason == "length"
+    assert cut == full[: full.index("Lily")] and stopped.finish_reason == "stop"
+    assert stopped.generated_tokens < stats.generated_tokens
