@@ -21,19 +21,6 @@ import torch
 from m2cache.core.format import Precision
 
 
-@dataclass(slots=True)
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bypassed: int = 0  # fetched but not admitted (window full)
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
 class PrecisionSlots:
     """Slots of one layer at one precision."""
 
@@ -121,7 +108,6 @@ class NeuronCache:
     capacity: dict[Precision, int]
     window: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
         if self.window < 1:
