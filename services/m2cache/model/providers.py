@@ -12,10 +12,8 @@ from typing import Callable
 
 import torch
 
-from m2cache.core.format import Precision, RecordLayout, dtype_name, int4_group_size
-from m2cache.model.config import ModelConfig
+from m2cache.core.format import Precision
 from m2cache.model.ffn import NeuronWeights
-from m2cache.model.neurons import neuron_vectors
 
 # (layer, precision) -> (vectors [F, nvec, d] float32, bias [F] float32 | None)
 NeuronSource = Callable[[int, Precision], tuple[torch.Tensor, torch.Tensor | None]]
@@ -43,21 +41,6 @@ class WeightBank:
             return store.layout.decode_bytes(store.get_layer(layer, prec), prec)
 
         return cls(m.num_layers, m.d_ffn, source, device)
-
-    @classmethod
-    def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                        device: str | torch.device = "cpu") -> "WeightBank":
-        """From an HF state dict, quantised through the store's record codec
-        (same floats a converted store gives, without writing one)."""
-        some = next(iter(state_dict.values()))
-        layout = RecordLayout(config.hidden_size, config.nvec, config.family == "opt", dtype_name(some.dtype),
-                              int4_group_size(config.hidden_size))
-
-        def source(layer: int, prec: Precision):
-            vectors, bias = neuron_vectors(config, state_dict, layer)
-            return layout.decode(layout.encode(vectors, bias, prec), prec)
-
-        return cls(config.num_layers, config.intermediate_size, source, device)
 
     def vectors(self, layer: int, prec: Precision) -> torch.Tensor:
         """[F, nvec, d] float32: every neuron of ``layer`` at ``prec``."""

@@ -101,13 +101,6 @@ def _write_here(path: Path, put, *args):
     return result
 
 
-def latest_version(store) -> int:
-    """Newest predictor version in the store, 0 if it has none."""
-    with _read_txn(store) as txn:
-        raw = txn.get(LATEST_KEY)
-    return int(raw) if raw else 0
-
-
 def save_predictor(store, predictor: Predictor, meta: dict | None = None) -> int:
     """Write ``predictor`` as the store's next version; returns that version."""
     tensors, shapes = {}, {}
