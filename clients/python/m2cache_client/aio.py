@@ -7,7 +7,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from m2cache_client.client import (ClientBase, Completion, Progress, Token, backoff_s, build_request, give_up,
+from m2cache_client.client import (ClientBase, Completion, Progress, Token, backoff_s, give_up,
                                    resumed)
 
 
@@ -32,10 +32,8 @@ class AsyncClient(ClientBase):
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                      seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
                      timeout_s: float | None = None, progress_out: Progress | None = None) -> AsyncIterator[Token]:
-        request = build_request(prompt, prompt_token_ids, messages, max_new_tokens, self.model, temperature, top_p, top_k,
-                                seed, stop, full_precision)
-        progress = progress_out if progress_out is not None else Progress()
-        end = time.monotonic() + (timeout_s or self.timeout_s)
+        request, progress, end = self._begin(prompt, prompt_token_ids, messages, max_new_tokens, temperature, top_p,
+                                             top_k, seed, stop, full_precision, timeout_s, progress_out)
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next) % len(self._stubs)]
             try:

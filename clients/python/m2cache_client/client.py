@@ -131,6 +131,14 @@ class ClientBase:
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
         self._next = itertools.count()
 
+    def _begin(self, prompt, prompt_token_ids, messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
+               full_precision, timeout_s, progress_out) -> tuple[worker_pb2.GenerateRequest, Progress, float]:
+        """(request, progress record, monotonic deadline) of one logical stream."""
+        request = build_request(prompt, prompt_token_ids, messages, max_new_tokens, self.model, temperature, top_p,
+                                top_k, seed, stop, full_precision)
+        progress = progress_out if progress_out is not None else Progress()
+        return request, progress, time.monotonic() + (timeout_s or self.timeout_s)
+
 
 class Client(ClientBase):
     """A client of m2cache workers. Thread-safe; close() or use as a context manager."""
@@ -159,10 +167,8 @@ class Client(ClientBase):
                seed: int | None = None, stop: Sequence[str] = (), full_precision: bool = False,
                timeout_s: float | None = None, progress_out: Progress | None = None) -> Iterator[Token]:
         """Yield tokens as the worker samples them."""
-        request = build_request(prompt, prompt_token_ids, messages, max_new_tokens, self.model, temperature, top_p, top_k,
-                                seed, stop, full_precision)
-        progress = progress_out if progress_out is not None else Progress()
-        end = time.monotonic() + (timeout_s or self.timeout_s)
+        request, progress, end = self._begin(prompt, prompt_token_ids, messages, max_new_tokens, temperature, top_p,
+                                             top_k, seed, stop, full_precision, timeout_s, progress_out)
         for attempt in range(self.retries + 1):
             try:
                 call = self._stub().Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))

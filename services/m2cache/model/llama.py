@@ -13,12 +13,7 @@ from m2cache.model.weights import DenseWeights
 
 
 def _attention_weights(w: DenseWeights, prefix: str) -> AttentionWeights:
-    p = prefix + "self_attn."
-    return AttentionWeights(
-        wq=w.get(p + "q_proj.weight"), wk=w.get(p + "k_proj.weight"), wv=w.get(p + "v_proj.weight"),
-        wo=w.get(p + "o_proj.weight"), bq=w.maybe(p + "q_proj.bias"), bk=w.maybe(p + "k_proj.bias"),
-        bv=w.maybe(p + "v_proj.bias"), bo=w.maybe(p + "o_proj.bias"),
-    )
+    return w.attention(prefix, "o_proj")
 
 
 class LlamaModel:

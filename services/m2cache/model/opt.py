@@ -16,12 +16,7 @@ POSITION_OFFSET = 2  # OPT's learned positions are stored shifted by 2
 
 
 def _attention_weights(w: DenseWeights, prefix: str) -> AttentionWeights:
-    p = prefix + "self_attn."
-    return AttentionWeights(
-        wq=w.get(p + "q_proj.weight"), wk=w.get(p + "k_proj.weight"), wv=w.get(p + "v_proj.weight"),
-        wo=w.get(p + "out_proj.weight"), bq=w.maybe(p + "q_proj.bias"), bk=w.maybe(p + "k_proj.bias"),
-        bv=w.maybe(p + "v_proj.bias"), bo=w.maybe(p + "out_proj.bias"),
-    )
+    return w.attention(prefix, "out_proj")
 
 
 def _norm(w: DenseWeights, prefix: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from m2cache.errors import CheckpointError
+from m2cache.model.layers import AttentionWeights
 
 
 class DenseWeights:
@@ -34,3 +35,13 @@ class DenseWeights:
 
     def maybe(self, name: str) -> torch.Tensor | None:
         return self._tensors.get(name)
+
+    def attention(self, layer_prefix: str, out_proj: str) -> AttentionWeights:
+        """A layer's q/k/v/output projections (``out_proj``: "o_proj" for the
+        Llama family, "out_proj" for OPT); biases None where the checkpoint has none."""
+        p = layer_prefix + "self_attn."
+        return AttentionWeights(
+            wq=self.get(p + "q_proj.weight"), wk=self.get(p + "k_proj.weight"), wv=self.get(p + "v_proj.weight"),
+            wo=self.get(p + out_proj + ".weight"), bq=self.maybe(p + "q_proj.bias"),
+            bk=self.maybe(p + "k_proj.bias"), bv=self.maybe(p + "v_proj.bias"), bo=self.maybe(p + out_proj + ".bias"),
+        )
