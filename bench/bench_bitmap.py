@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tiers import free_port, serve, stop  # noqa: E402  (subprocess helpers)
 
 from m2cache import grpc_util  # noqa: E402
-from m2cache.core import bitmap  # noqa: E402
-from m2cache.core.convert import convert  # noqa: E402
-from m2cache.core.format import Precision  # noqa: E402
-from m2cache.core.neuron_store import NeuronStore  # noqa: E402
-from m2cache.core.prune import PruneSpec  # noqa: E402
+from m2cache.codec import bitmap  # noqa: E402
+from m2cache.convert.writer import convert  # noqa: E402
+from m2cache.codec.format import Precision  # noqa: E402
+from m2cache.store.reader import NeuronStore  # noqa: E402
+from m2cache.convert.prune import PruneSpec  # noqa: E402
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server  # noqa: E402
 from m2cache.worker import server as worker_server  # noqa: E402
 from m2cache.worker.config import WorkerConfig  # noqa: E402

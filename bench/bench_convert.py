@@ -79,7 +79,7 @@ def copy_bytes(src: Path, dst: Path) -> float:
 
 def child(hf_dir: str, store_dir: str) -> None:
     """Run in the child process: convert and print timings as JSON."""
-    from m2cache.core.convert import convert
+    from m2cache.convert.writer import convert
 
     base_rss = peak_rss_kib()
     start, cpu = time.perf_counter(), time.process_time()

@@ -11,9 +11,9 @@ import math
 import tempfile
 from pathlib import Path
 
-from m2cache.core.convert import convert
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.writer import convert
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 from m2cache.model.eval import negative_log_likelihood
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose

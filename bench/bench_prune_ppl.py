@@ -13,9 +13,9 @@ import math
 import tempfile
 from pathlib import Path
 
-from m2cache.core.convert import convert
-from m2cache.core.neuron_store import NeuronStore
-from m2cache.core.prune import PruneSpec
+from m2cache.convert.writer import convert
+from m2cache.store.reader import NeuronStore
+from m2cache.convert.prune import PruneSpec
 from m2cache.model.eval import negative_log_likelihood
 from m2cache.model.loader import load_model
 from m2cache.model.providers import FullProvider

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from m2cache.core.convert import convert
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.writer import convert
+from m2cache.store.reader import NeuronStore
 from m2cache.dram import server as dram_server
 from m2cache.dram.config import DramConfig
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server

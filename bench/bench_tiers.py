@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from m2cache import grpc_util
-from m2cache.core.format import MANIFEST_KEY, Manifest, Precision, crc_key, neuron_key
+from m2cache.codec.format import MANIFEST_KEY, Manifest, Precision, crc_key, neuron_key
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 

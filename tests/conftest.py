@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_tiny_checkpoint, real_model_dir
-from m2cache.core.convert import convert
+from m2cache.convert.writer import convert
 from tiers import DramHandle, StoreHandle, start_redis
 
 # store name -> how to get its Hugging Face directory

@@ -1,5 +1,5 @@
 """Model cases for the reference-model tests: every checkpoint is converted to
-a real LMDB store (m2cache.core.convert) and loaded back with load_model, so
+a real LMDB store (m2cache.convert.writer) and loaded back with load_model, so
 the tests exercise checkpoint -> store -> model end to end."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from checkpoints import REAL_MODELS, corpus, make_tiny_checkpoint, real_model_dir
-from m2cache.core.convert import convert
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.writer import convert
+from m2cache.store.reader import NeuronStore
 from m2cache.model.loader import load_model
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank

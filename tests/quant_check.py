@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from m2cache.core import quant
+from m2cache.codec import quant
 
 # x / s is rounded to fp32 before round(): allow that last-bit error (|x/s| <= qmax + 1/2),
 # i.e. |x - x_hat| <= s/2 + s * qmax * 2**-23.

@@ -1,13 +1,13 @@
-"""Bitmap sparse codec (core/bitmap.py): bit-exact round trips for every dtype,
+"""Bitmap sparse codec (codec/bitmap.py): bit-exact round trips for every dtype,
 precision, shape and sparsity; the size arithmetic; corrupt records refused."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from m2cache.core import bitmap
-from m2cache.core.format import Precision, RecordLayout, int4_group_size
-from m2cache.core.prune import prune_vectors
+from m2cache.codec import bitmap
+from m2cache.codec.format import Precision, RecordLayout, int4_group_size
+from m2cache.convert.prune import prune_vectors
 from m2cache.errors import ChecksumError
 
 DTYPES = ("float32", "float16", "bfloat16")

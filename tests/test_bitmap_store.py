@@ -13,11 +13,11 @@ import torch
 
 from checkpoints import corpus, make_tiny_checkpoint, real_model_dir
 from m2cache import cli
-from m2cache.core import bitmap
-from m2cache.core.convert import convert
-from m2cache.core.format import Precision, neuron_key
-from m2cache.core.neuron_store import NeuronStore
-from m2cache.core.prune import PruneSpec
+from m2cache.codec import bitmap
+from m2cache.convert.writer import convert
+from m2cache.codec.format import Precision, neuron_key
+from m2cache.store.reader import NeuronStore
+from m2cache.convert.prune import PruneSpec
 from m2cache.errors import ChecksumError
 from m2cache.model.loader import load_tokenizer
 from m2cache.ranker.ranking import Ranker

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import REAL_MODELS, TINY_CONFIGS, make_tiny_checkpoint, real_model_dir
-from m2cache.core.checkpoint import AUX_FILES
-from m2cache.core.convert import convert
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.checkpoint import AUX_FILES
+from m2cache.convert.writer import convert
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 from quant_check import assert_int4_bound, assert_int8_bound
 
 # name -> (family, dtype, max_shard_size) for tiny random checkpoints

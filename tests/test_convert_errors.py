@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -12,11 +13,11 @@ import pytest
 import transformers
 from safetensors.torch import load_file, save_file
 
-import m2cache.core.convert as convert_mod
+import m2cache.convert.writer as convert_mod
 from checkpoints import make_tiny_checkpoint
-from m2cache.core.convert import convert
-from m2cache.core.format import MANIFEST_KEY, Precision, neuron_key
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.writer import convert
+from m2cache.codec.format import MANIFEST_KEY, Precision, neuron_key
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import (
     CheckpointError, ChecksumError, FailedPrecondition, FormatVersionError, UnsupportedArchitecture,
 )
@@ -203,8 +204,11 @@ def test_failed_forced_conversion_keeps_the_old_store(base, tmp_path, monkeypatc
 
 # ---- CLI ---------------------------------------------------------------------------
 def test_cli_convert(base, tmp_path):
-    exe = shutil.which("m2cache")
-    assert exe, "the m2cache entry point is not installed (pip install -e .)"
+    # the console script of the environment running the tests (found whether or not
+    # its bin/ is on PATH), as an installed user runs it
+    beside = Path(sys.executable).parent / "m2cache"
+    exe = str(beside) if beside.is_file() else shutil.which("m2cache")
+    assert exe, f"the m2cache entry point is not installed in {sys.prefix} (pip install -e .)"
     cmd = [exe, "convert", str(base["opt"]), str(tmp_path / "store"), "--no-progress"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr

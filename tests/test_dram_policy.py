@@ -146,7 +146,7 @@ def test_can_admit_is_a_dry_run_of_reserve():
 
 
 def test_auto_preload_precisions_follow_the_policy():
-    from m2cache.core.format import Precision
+    from m2cache.codec.format import Precision
     from m2cache.dram.config import DramConfig
 
     auto = DramConfig()

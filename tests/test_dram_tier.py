@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache_client.pb import common_pb2
 from tiers import DEADLINE_S, health, status_of
 

@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import REAL_MODELS
 from model_cases import build_case, eval_text
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.model.eval import negative_log_likelihood, perplexity
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose
 

@@ -8,6 +8,7 @@ import torch
 
 from model_cases import CASES, build_case
 from m2cache.model.generate import Sampling, generate
+from m2cache.model.loader import load_model
 from m2cache.model.providers import FullProvider
 
 ATOL = 1e-4
@@ -62,6 +63,7 @@ def test_batched_decode_of_unequal_lengths_equals_alone(name, tmp_path):
     provider = FullProvider(case.bank)
     prompts = [case.ids[:5], case.ids[10:22], case.ids[30:50]]  # lengths 5, 12, 20
     alone = [_greedy_logits_alone(case, p, provider, steps=10) for p in prompts]  # each [10, V]
+    tol = _fp32_noise(case, prompts, alone)
 
     cache = case.model.new_cache(num_slots=4, max_len=64)
     junk = cache.allocate()  # dirty a slot, free it: the reused row must not leak into its new sequence
@@ -72,21 +74,40 @@ def test_batched_decode_of_unequal_lengths_equals_alone(name, tmp_path):
     last = torch.stack([case.model.forward(p[None], cache, [s], provider)[0, -1] for p, s in zip(prompts, slots)])
     for step in range(10):
         for b in range(3):
-            torch.testing.assert_close(last[b], alone[b][step], atol=1e-5, rtol=0)
+            torch.testing.assert_close(last[b], alone[b][step], atol=tol, rtol=0)
         last = case.model.forward(last.argmax(-1)[:, None], cache, slots, provider)[:, -1]  # [3, V]
     assert [cache.length(s) for s in slots] == [5 + 10, 12 + 10, 20 + 10]
     case.store.close()
 
 
-def _greedy_logits_alone(case, prompt, provider, steps):
-    cache = case.model.new_cache(1, 64)
+def _greedy_logits_alone(case, prompt, provider, steps, model=None, tokens=None):
+    """Logits [steps, V] of greedy decoding ``prompt`` alone (``tokens``: force these next tokens)."""
+    model = model or case.model
+    cache = model.new_cache(1, 64)
     slots = [cache.allocate()]
-    logits = case.model.forward(prompt[None], cache, slots, provider)[:, -1]
+    logits = model.forward(prompt[None], cache, slots, provider)[:, -1]
     out = []
-    for _ in range(steps):
+    for step in range(steps):
         out.append(logits[0])
-        logits = case.model.forward(logits.argmax(-1)[:, None], cache, slots, provider)[:, -1]
+        nxt = logits.argmax(-1) if tokens is None else tokens[step : step + 1]
+        logits = model.forward(nxt[:, None], cache, slots, provider)[:, -1]
     return torch.stack(out)
+
+
+def _fp32_noise(case, prompts, alone) -> float:
+    """The tolerance of batched-vs-alone logits, from the arithmetic itself.
+
+    A batch of 3 runs other GEMM kernels/blockings than a batch of 1, so the same
+    fp32 sums are accumulated in another order; each order's result lies within
+    fp32 rounding of the exact value. The same lone runs in float64 (the same
+    tokens) measure that rounding on this machine: two orders differ by at most
+    twice it, plus the slack of a rounding bound (x2)."""
+    model64, _tok, _bank = load_model(case.store, dtype=torch.float64)
+    worst = 0.0
+    for prompt, ref in zip(prompts, alone):
+        exact = _greedy_logits_alone(case, prompt, FullProvider(case.bank), ref.shape[0], model64, ref.argmax(-1))
+        worst = max(worst, float((ref.double() - exact).abs().max()))
+    return 4 * max(worst, 1e-7)
 
 
 def test_seeded_sampling_is_reproducible(tmp_path):

@@ -1,7 +1,7 @@
 """HBM neuron cache: slot bookkeeping, windowing, budget, swap-with-last eviction."""
 import torch
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.worker.neuron_cache import NeuronCache, PrecisionSlots
 
 

@@ -1,4 +1,4 @@
-"""Pruning at conversion (core/prune.py): exact per-vector sparsity, magnitude
+"""Pruning at conversion (convert/prune.py): exact per-vector sparsity, magnitude
 and Wanda orderings, and clear errors for bad options (API and CLI)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from checkpoints import corpus
 from m2cache import cli
-from m2cache.core.prune import PruneSpec, prune_vectors
+from m2cache.convert.prune import PruneSpec, prune_vectors
 from m2cache.errors import InvalidArgument
 
 CALIB = "tinystories/valid_000-499_calib.txt"

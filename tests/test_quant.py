@@ -1,11 +1,11 @@
-"""INT8 / INT4 quantisers and the neuron record layout (core/quant.py, core/format.py)."""
+"""INT8 / INT4 quantisers and the neuron record layout (codec/quant.py, codec/format.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from m2cache.core import quant
-from m2cache.core.format import Precision, RecordLayout, int4_group_size
+from m2cache.codec import quant
+from m2cache.codec.format import Precision, RecordLayout, int4_group_size
 from m2cache.errors import InvalidArgument
 from quant_check import assert_int4_bound, assert_int8_bound
 

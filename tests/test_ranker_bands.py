@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from m2cache.core.format import Precision, RecordLayout
+from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import InvalidArgument
 from m2cache.ranker.bands import BandRatios, assign_bands, row_percentiles
 from m2cache.ranker.search import candidates

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from checkpoints import corpus, real_model_dir
-from m2cache.core.convert import convert
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.convert.writer import convert
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition, InvalidArgument
 from m2cache.model.eval import perplexity
 from m2cache.model.loader import load_model

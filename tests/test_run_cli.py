@@ -9,7 +9,7 @@ import transformers
 
 from checkpoints import REAL_MODELS, real_model_dir
 from m2cache import cli
-from m2cache.core.convert import convert
+from m2cache.convert.writer import convert
 
 PROMPT = "Once upon a time"
 

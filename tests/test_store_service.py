@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import STORE_SOURCES
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache_client.pb import common_pb2
 from tiers import DEADLINE_S, health, status_of
 

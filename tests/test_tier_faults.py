@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from tiers import DramHandle, StoreHandle, health, status_of, wait_for
 
 MODEL = "stories260k"

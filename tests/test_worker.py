@@ -66,7 +66,7 @@ def test_caching_never_changes_mixed_precision_tokens(dram, stories, fraction, w
 
 
 def cache_ffn_bytes(store) -> int:
-    from m2cache.core.format import Precision
+    from m2cache.codec.format import Precision
 
     m = store.manifest
     return m.num_layers * m.d_ffn * m.layout.num_bytes(Precision.FULL)

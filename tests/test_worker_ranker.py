@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.store.reader import NeuronStore
 from m2cache.ranker import server as ranker_server
 from m2cache.ranker.config import RankerConfig
 from m2cache.ranker.storage import save_policy, save_predictor

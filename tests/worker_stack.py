@@ -8,8 +8,8 @@ import grpc
 import torch
 
 from m2cache import grpc_util
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 from m2cache.model.generate import Sampling, generate
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 
 from bench.harness.honest import device_read_bytes, drop_caches
 

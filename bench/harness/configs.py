@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.ranker.bands import BandRatios
 
 from bench.harness.child import run_config
@@ -16,7 +16,7 @@ def _paths(spec: dict) -> tuple[Path, Path]:
 
 
 def _manifest(store_path: Path):
-    from m2cache.core.neuron_store import NeuronStore
+    from m2cache.store.reader import NeuronStore
 
     store = NeuronStore(store_path)
     try:
@@ -83,7 +83,7 @@ def _inprocess(spec, store_path, group) -> list[dict]:
 
 def _stack(spec, store_path, group) -> list[dict]:
     """Dense model loaded once (locally, before any timing); fresh services and worker per budget."""
-    from m2cache.core.neuron_store import NeuronStore
+    from m2cache.store.reader import NeuronStore
     from m2cache.model.loader import load_model
     from bench.harness.systems_stack import ServiceStack, StackWorker
 

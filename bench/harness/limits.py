@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 
 TARGET_FRACTION = 0.25
 
 
 def ffn_bytes(store_path: Path) -> int:
     """The model's FFN bytes at FULL precision (record bytes, the checkpoint dtype)."""
-    from m2cache.core.neuron_store import NeuronStore
+    from m2cache.store.reader import NeuronStore
 
     store = NeuronStore(store_path)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from m2cache.core.format import Manifest
+from m2cache.codec.format import Manifest
 from m2cache.ranker.bands import BandRatios, assign_bands
 from m2cache.ranker.predictor import LayerPredictor, Predictor
 

@@ -46,7 +46,7 @@ class BenchConfig:
 
 def prompt_ids(store_path: Path, length: int, vocab: int) -> list[int]:
     """A fixed prompt: tokenised story text when the store has a tokenizer, else fixed ids."""
-    from m2cache.core.neuron_store import NeuronStore
+    from m2cache.store.reader import NeuronStore
     from m2cache.model.loader import load_tokenizer
 
     store = NeuronStore(store_path)

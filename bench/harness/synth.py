@@ -85,7 +85,7 @@ def build_checkpoint(s: SynthShape, out_dir: Path, seed: int = 0) -> Path:
 
 def build_store(hf_dir: Path, store_dir: Path) -> Path:
     """Convert ``hf_dir`` once (reused while the checkpoint's config is unchanged)."""
-    from m2cache.core.convert import convert
+    from m2cache.convert.writer import convert
 
     stamp = store_dir / "m2cache-bench-source.json"
     config = (hf_dir / "config.json").read_text()

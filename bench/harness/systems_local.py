@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 from m2cache.model.ffn import NeuronWeights
 from m2cache.model.generate import Sampling, decode_one_token, prefill
 from m2cache.model.loader import load_model

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from m2cache import grpc_util
-from m2cache.core.format import Manifest
+from m2cache.codec.format import Manifest
 from m2cache.worker import server as worker_server
 from m2cache.worker.choosers import Choosers, full_choose
 from m2cache.worker.config import WorkerConfig

@@ -5,9 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
-from m2cache.core.convert import convert
-from m2cache.core.format import CODECS
-from m2cache.core.prune import METHODS, PruneSpec
+from m2cache.convert.writer import convert
+from m2cache.codec.format import CODECS
+from m2cache.convert.prune import METHODS, PruneSpec
 from m2cache.errors import InvalidArgument
 
 

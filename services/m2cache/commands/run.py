@@ -8,8 +8,8 @@ import logging
 
 import torch
 
-from m2cache.core.format import Precision
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.format import Precision
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition
 from m2cache.model.ffn import FFNProvider
 from m2cache.model.generate import Sampling, generate

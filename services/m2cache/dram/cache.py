@@ -10,7 +10,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from m2cache.core.format import neuron_key
+from m2cache.codec.format import neuron_key
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from m2cache import envflags
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.errors import InvalidArgument
 
 ENV_PREFIX = "dram"

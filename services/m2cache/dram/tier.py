@@ -8,7 +8,7 @@ preloaded on a small thread pool. If Redis goes away every fetch is served
 from the store and a prober thread brings Redis back into use (emptied and
 re-pinned) once it answers again.
 
-Bitmap stores (core/bitmap.py): records are cached and served as stored
+Bitmap stores (codec/bitmap.py): records are cached and served as stored
 (compressed, variable-size); the budget counts each at the store's largest
 stored record size at its precision, so Redis never holds more than the budget.
 """
@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m2cache.core.bitmap import length_ok
-from m2cache.core.format import Manifest, Precision, crc32
+from m2cache.codec.bitmap import length_ok
+from m2cache.codec.format import Manifest, Precision, crc32
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.dram.config import DramConfig
 from m2cache.dram.policy import LayerAwarePolicy, UnitKey

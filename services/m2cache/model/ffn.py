@@ -1,6 +1,6 @@
 """The sparse FFN. A layer's FFN is a sum over neurons; the model computes it
 over whatever subset of neurons (at whatever precisions) an ``FFNProvider``
-hands it, already decoded to float. Neurons (see core/format.py):
+hands it, already decoded to float. Neurons (see codec/format.py):
 SwiGLU nvec=3 (gate row, up row, down column); ReLU nvec=2 (fc1 row, fc2 column) + fc1 bias."""
 from __future__ import annotations
 

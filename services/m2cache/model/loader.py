@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.store.reader import NeuronStore
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.model.ffn import NeuronWeights
 
 # (layer, precision) -> (vectors [F, nvec, d] float32, bias [F] float32 | None)

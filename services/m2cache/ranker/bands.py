@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2cache.core.format import Precision, RecordLayout
+from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import InvalidArgument
 
 _EPS = 1e-9

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.errors import InvalidArgument
 
 MIN_TOKENS = 32  # fewer calibration tokens than this cannot rank d_ffn neurons meaningfully

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider

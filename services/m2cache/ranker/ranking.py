@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 from m2cache.errors import FailedPrecondition
 from m2cache.ranker import storage
 from m2cache.ranker.bands import BandRatios, PrecisionBands, assign_bands

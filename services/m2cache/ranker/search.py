@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from m2cache.core.format import Precision, RecordLayout
+from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import InvalidArgument
 from m2cache.ranker.bands import BandRatios
 from m2cache.ranker.evaluate import StepScore

@@ -12,7 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter
 
 from m2cache import grpc_util
-from m2cache.core.format import DTYPES
+from m2cache.codec.format import DTYPES
 from m2cache.errors import InvalidArgument, M2CacheError, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
 from m2cache.ranker.bands import BandRatios

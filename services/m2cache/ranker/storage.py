@@ -26,8 +26,8 @@ from pathlib import Path
 import lmdb
 import torch
 
-from m2cache.core.format import MANIFEST_KEY, POLICY_KEY, crc32
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.format import MANIFEST_KEY, POLICY_KEY, crc32
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import ChecksumError, FailedPrecondition, StoreNotFound
 from m2cache.ranker.predictor import Predictor
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from m2cache.core.bitmap import length_ok
-from m2cache.core.format import Precision, crc32, neuron_key
-from m2cache.core.neuron_store import NeuronStore
+from m2cache.codec.bitmap import length_ok
+from m2cache.codec.format import Precision, crc32, neuron_key
+from m2cache.store.reader import NeuronStore
 from m2cache.errors import ChecksumError, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """NeuronStore gRPC service: thin proto <-> domain layer over
-:class:`StoreCatalog` (LMDB reads live in core/neuron_store.py and catalog.py)."""
+:class:`StoreCatalog` (LMDB reads live in reader.py and catalog.py)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from m2cache import grpc_util
-from m2cache.core.format import DTYPES, POLICY_KEY, Precision
+from m2cache.codec.format import DTYPES, POLICY_KEY, Precision
 from m2cache.errors import InvalidArgument, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
 from m2cache.store.catalog import StoreCatalog, check_batch, read_records

@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from m2cache import grpc_util
-from m2cache.core.format import DTYPES, Manifest, Precision
+from m2cache.codec.format import DTYPES, Manifest, Precision
 from m2cache.errors import FailedPrecondition
 from m2cache.ranker.bands import BandRatios
 from m2cache.ranker.predictor import Predictor

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from m2cache.core.format import Manifest
+from m2cache.codec.format import Manifest
 from m2cache.errors import FailedPrecondition
 from m2cache.model.model import CausalLM
 

@@ -1,7 +1,7 @@
 """The worker's view of the tiers below it: one DramTier client with deadlines,
 retries with backoff, and checksum verification of every record received.
 
-Bitmap stores (core/bitmap.py) send variable-size records; they are verified as
+Bitmap stores (codec/bitmap.py) send variable-size records; they are verified as
 received and decompressed here, so everything above (HBM cache, provider)
 sees the fixed-size dense records of the dense codec."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import torch
 
-from m2cache.core import bitmap
-from m2cache.core.format import DTYPES, Manifest, Precision, RecordLayout, crc32
+from m2cache.codec import bitmap
+from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
 from m2cache.errors import ChecksumError, Unavailable
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
 

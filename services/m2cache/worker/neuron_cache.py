@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from m2cache.core.format import Precision
+from m2cache.codec.format import Precision
 
 
 class PrecisionSlots:

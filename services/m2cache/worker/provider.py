@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from m2cache.core.format import Precision, RecordLayout
+from m2cache.codec.format import Precision, RecordLayout
 from m2cache.model.ffn import NeuronWeights
 from m2cache.worker.neuron_cache import NeuronCache
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from m2cache import grpc_util
-from m2cache.core.format import Manifest, Precision
+from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM, attention_names
@@ -76,11 +76,7 @@ class WorkerRuntime:
         ending with "assistant:" (tiny story models have no template)."""
         if self.tokenizer is None:
             raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) else out)
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode(text)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def submit(self, request: Request) -> Sequence:
         choose = self.choosers.full if request.full_precision else self.choosers.default
@@ -119,6 +115,20 @@ class WorkerRuntime:
             bytes=worker_pb2.TierBytes(hbm=s.bytes_hbm, dram=s.bytes_fetched),
             cache_bytes=self.cache.num_bytes, cache_budget_bytes=self.cache.budget_bytes,
         )
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids of a chat: the tokenizer's chat template when it has one, else
+    "role: content" lines ending with "assistant:" (tiny story models have no template).
+
+    transformers 5 returns a BatchEncoding (a Mapping, not a dict) from
+    ``apply_chat_template(tokenize=True)``; asking for the plain text and encoding it
+    ourselves gives the same ids on every version."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer.encode(text))
 
 
 def _build_model(config: WorkerConfig, manifest: Manifest,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from m2cache.core.checkpoint import Checkpoint
+from m2cache.convert.checkpoint import Checkpoint
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
 from m2cache.model.eval import negative_log_likelihood

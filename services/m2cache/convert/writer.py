@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint -> m2cache LMDB store (see core/format.py).
+"""Hugging Face checkpoint -> m2cache LMDB store (see codec/format.py).
 
 Streaming: one layer's FFN tensors (or one dense tensor) are in memory at a
 time, and neurons are encoded in chunks. Atomic: the store is written into a
@@ -6,10 +6,10 @@ sibling temp directory, the manifest last, then fsynced and renamed into place;
 any failure (or Ctrl-C) removes the temp directory, so a store directory that
 opens is always a finished one.
 
-With ``prune`` (core/prune.py) every neuron vector is pruned before encoding;
-Wanda's input norms are measured first (core/calibrate.py), then the layers are
+With ``prune`` (convert/prune.py) every neuron vector is pruned before encoding;
+Wanda's input norms are measured first (convert/calibrate.py), then the layers are
 converted. With ``codec="bitmap"`` (the default when pruning) each record is
-stored in its bitmap sparse form where that is smaller (core/bitmap.py).
+stored in its bitmap sparse form where that is smaller (codec/bitmap.py).
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m2cache.core import bitmap
-from m2cache.core.checkpoint import Checkpoint
-from m2cache.core.format import (
+from m2cache.codec import bitmap
+from m2cache.convert.checkpoint import Checkpoint
+from m2cache.codec.format import (
     CODECS, DTYPES, MANIFEST_KEY, Manifest, Precision, RecordLayout, crc32, crc_key, dense_key, file_key,
     int4_group_size, neuron_key,
 )
-from m2cache.core.prune import PruneSpec, prune_vectors
+from m2cache.convert.prune import PruneSpec, prune_vectors
 from m2cache.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class _Plan:
 def _input_norms(ckpt: Checkpoint, prune: PruneSpec | None) -> list[torch.Tensor] | None:
     if prune is None or prune.method != "wanda":
         return None
-    from m2cache.core.calibrate import input_norms  # runs the reference model
+    from m2cache.convert.calibrate import input_norms  # runs the reference model
 
     return input_norms(ckpt, prune.text, layer_neurons, prune.max_tokens, prune.context)
 

@@ -1,7 +1,7 @@
 """Bitmap sparse record codec (Endor): a pruned neuron record stored as a
 bitmap of its non-zero elements plus the packed non-zero elements.
 
-A dense record (core/format.py) is ``prefix | elements``: the prefix (fc1 bias,
+A dense record (codec/format.py) is ``prefix | elements``: the prefix (fc1 bias,
 INT8/INT4 scales) is copied verbatim; the elements are the FULL values (16 or
 32 bits), INT8 codes or INT4 nibbles. The bitmap form of a record is
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from m2cache.core import quant
-from m2cache.core.format import CODECS, DTYPES, Precision, RecordLayout
+from m2cache.codec import quant
+from m2cache.codec.format import CODECS, DTYPES, Precision, RecordLayout
 from m2cache.errors import ChecksumError
 
 TILE = 64

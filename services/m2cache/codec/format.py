@@ -26,7 +26,7 @@ Record layout by precision (``bias`` present for ReLU models only):
 
 Stores converted with pruning may use the "bitmap" codec (manifest ``codec``):
 each ``b"n"`` value is then either the dense record above or, where smaller,
-its bitmap sparse form (core/bitmap.py); readers hand out dense records.
+its bitmap sparse form (codec/bitmap.py); readers hand out dense records.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from m2cache.core import quant
+from m2cache.codec import quant
 from m2cache.errors import FormatVersionError, InvalidArgument
 
 FORMAT_VERSION = 1
-CODECS = ("dense", "bitmap")  # how neuron records are stored (core/bitmap.py)
+CODECS = ("dense", "bitmap")  # how neuron records are stored (codec/bitmap.py)
 MANIFEST_KEY = b"manifest"
 POLICY_KEY = b"policy"
 

@@ -1,7 +1,7 @@
 """Unstructured pruning of FFN neurons at conversion (Endor's bitmap format pays
 off only on sparse weights).
 
-Each neuron vector (core/format.py: the gate and up rows and the down column of
+Each neuron vector (codec/format.py: the gate and up rows and the down column of
 SwiGLU; the fc1 row and fc2 column of ReLU) is pruned on its own: the
 ``floor(sparsity * d_model)`` lowest-scoring elements become exactly zero, so
 every neuron record has the same sparsity and the same bitmap size.

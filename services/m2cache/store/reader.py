@@ -15,8 +15,8 @@ import lmdb
 import numpy as np
 import torch
 
-from m2cache.core import bitmap
-from m2cache.core.format import (
+from m2cache.codec import bitmap
+from m2cache.codec.format import (
     MANIFEST_KEY,
     Manifest,
     Precision,
