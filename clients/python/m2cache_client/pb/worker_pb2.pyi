@@ -60,7 +60,7 @@ class TierBytes(_message.Message):
     def __init__(self, hbm: _Optional[int] = ..., dram: _Optional[int] = ..., ssd: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "ttft_s", "tokens_per_s", "bytes", "hbm_hit_rate", "dram_hit_rate", "finish_reason")
+    __slots__ = ("prompt_tokens", "generated_tokens", "ttft_s", "tokens_per_s", "bytes", "hbm_hit_rate", "dram_hit_rate", "finish_reason", "energy_j", "energy_source", "gco2", "cost_usd")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,10 @@ class GenerationStats(_message.Message):
     HBM_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     DRAM_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    GCO2_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     ttft_s: float
@@ -77,7 +81,11 @@ class GenerationStats(_message.Message):
     hbm_hit_rate: float
     dram_hit_rate: float
     finish_reason: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes: _Optional[_Union[TierBytes, _Mapping]] = ..., hbm_hit_rate: _Optional[float] = ..., dram_hit_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    energy_j: float
+    energy_source: str
+    gco2: float
+    cost_usd: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes: _Optional[_Union[TierBytes, _Mapping]] = ..., hbm_hit_rate: _Optional[float] = ..., dram_hit_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., gco2: _Optional[float] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_id", "text", "stats", "prompt_token_ids")
