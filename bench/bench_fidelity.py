@@ -15,7 +15,7 @@ from m2cache.convert.writer import convert
 from m2cache.codec.format import Precision
 from m2cache.store.reader import NeuronStore
 from m2cache.model.eval import negative_log_likelihood
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -17,7 +17,7 @@ from m2cache.convert.writer import convert
 from m2cache.store.reader import NeuronStore
 from m2cache.convert.prune import PruneSpec
 from m2cache.model.eval import negative_log_likelihood
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import FullProvider
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -19,7 +19,7 @@ import torch
 from m2cache.convert.writer import convert
 from m2cache.codec.format import Precision
 from m2cache.store.reader import NeuronStore
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose
 from m2cache.ranker import storage
 from m2cache.ranker.bands import BandRatios, full_only

@@ -12,7 +12,7 @@ import transformers
 from checkpoints import REAL_MODELS, corpus, make_tiny_checkpoint, real_model_dir
 from m2cache.convert.writer import convert
 from m2cache.store.reader import NeuronStore
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank
 

@@ -12,6 +12,7 @@ from checkpoints import REAL_MODELS
 from model_cases import build_case, eval_text
 from m2cache.codec.format import Precision
 from m2cache.model.eval import negative_log_likelihood, perplexity
+from m2cache.model import kernels
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose
 
 NUM_TOKENS = 16384
@@ -80,9 +81,20 @@ def test_sparse_mixed_choice_equals_transformers_with_those_weights(case):
             block.mlp.up_proj.weight.copy_(mixed[:, 1])
             block.mlp.down_proj.weight.copy_(mixed[:, 2].T)
         expected = hf(case.ids[None]).logits[0]
-    cache = case.model.new_cache(1, case.ids.numel())
-    got = case.model.forward(case.ids[None], cache, [cache.allocate()], ChoiceProvider(bank, choose))[0]
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    cache = case.model.new_cache(1, case.ids.numel())
-    full = case.model.forward(case.ids[None], cache, [cache.allocate()], FullProvider(bank))[0]
+    def forward(provider):
+        cache = case.model.new_cache(1, case.ids.numel())
+        return case.model.forward(case.ids[None], cache, [cache.allocate()], provider)[0]
+
+    with kernels.torch_only():  # exact decoded-weight arithmetic: the right neurons at the right precisions
+        torch.testing.assert_close(forward(ChoiceProvider(bank, choose)), expected, atol=1e-4, rtol=0)
+    # The C kernel rounds the FFN input to int8 per 32 values for INT8/INT4 dot products
+    # (as llama.cpp does): its next-token distributions stay within a small KL of the exact ones.
+    got = forward(ChoiceProvider(bank, choose))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    assert float(kl.max()) < 2e-3, float(kl.max())
+    full = forward(FullProvider(bank))
     assert (got - full).abs().max() > 1e-2  # the choice matters: this is not the dense model
+    full_kl = torch.nn.functional.kl_div(full.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                         reduction="none").sum(-1)
+    assert float(full_kl.max()) > 10 * float(kl.max())  # far beyond the kernel's rounding

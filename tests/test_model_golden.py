@@ -8,7 +8,7 @@ import torch
 
 from model_cases import CASES, build_case
 from m2cache.model.generate import Sampling, generate
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import FullProvider
 
 ATOL = 1e-4
@@ -102,10 +102,10 @@ def _fp32_noise(case, prompts, alone) -> float:
     fp32 rounding of the exact value. The same lone runs in float64 (the same
     tokens) measure that rounding on this machine: two orders differ by at most
     twice it, plus the slack of a rounding bound (x2)."""
-    model64, _tok, _bank = load_model(case.store, dtype=torch.float64)
+    model64, _tok, bank64 = load_model(case.store, dtype=torch.float64)
     worst = 0.0
     for prompt, ref in zip(prompts, alone):
-        exact = _greedy_logits_alone(case, prompt, FullProvider(case.bank), ref.shape[0], model64, ref.argmax(-1))
+        exact = _greedy_logits_alone(case, prompt, FullProvider(bank64), ref.shape[0], model64, ref.argmax(-1))
         worst = max(worst, float((ref.double() - exact).abs().max()))
     return 4 * max(worst, 1e-7)
 

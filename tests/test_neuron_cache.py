@@ -1,4 +1,5 @@
-"""HBM neuron cache: slot bookkeeping, windowing, budget, swap-with-last eviction."""
+"""HBM neuron cache: slot bookkeeping, windowing, budget, rows reused in place,
+and the per-layer call handing the compute bands that read hits in place."""
 import torch
 
 from m2cache.codec.format import Precision
@@ -11,53 +12,48 @@ def records_for(ids: torch.Tensor, rb: int = 8) -> torch.Tensor:
 
 
 def check_consistent(s: PrecisionSlots) -> None:
-    live = s.slot_ids[: s.num_used]
-    assert bool((live >= 0).all()) and bool((s.slot_ids[s.num_used:] == -1).all())
-    assert torch.equal(s.where[live], torch.arange(s.num_used))
-    assert int((s.where >= 0).sum()) == s.num_used
-    assert torch.equal(s.slots[: s.num_used], records_for(live))
+    used = (s.neuron_at >= 0).nonzero().flatten()
+    live = s.neuron_at[used]
+    assert used.numel() == s.num_used <= s.capacity
+    assert torch.equal(s.row_of[live], used)
+    assert int((s.row_of >= 0).sum()) == s.num_used
+    assert torch.equal(s.records[used], records_for(live, s.record_bytes))
 
 
-def test_admit_gather_and_swap_with_last_eviction():
+def admit(s: PrecisionSlots, ids: torch.Tensor, step: int) -> int:
+    """What NeuronCache does for one precision: touch, reserve rows for misses, write them."""
+    s.touch(ids, step)
+    miss = ids[~s.contains(ids)]
+    rows = s.reserve(miss, step)
+    kept = rows >= 0
+    s.records[rows[kept]] = records_for(miss[kept], s.record_bytes)
+    return int(kept.sum())
+
+
+def test_admit_evict_and_rows_reused_in_place():
     s = PrecisionSlots(num_neurons=50, record_bytes=8, capacity=6, window=2, device=torch.device("cpu"))
-    a = torch.tensor([3, 9, 1, 40])
-    s.touch(a, step=0)
-    assert s.admit(a, records_for(a), step=0) == 4
-    assert torch.equal(s.gather(torch.tensor([40, 3])), records_for(torch.tensor([40, 3])))
+    assert admit(s, torch.tensor([3, 9, 1, 40]), step=0) == 4
+    check_consistent(s)
+    rows_before = s.row_of[torch.tensor([9])].clone()
     # step 1 uses 9 and 2 new ones; 3, 1, 40 were used at step 0 (still in a window of 2)
-    b = torch.tensor([9, 7, 8])
-    s.touch(b, step=1)
-    new = b[~s.contains(b)]
-    assert s.admit(new, records_for(new), step=1) == 2
+    assert admit(s, torch.tensor([9, 7, 8]), step=1) == 2
     check_consistent(s)
     # step 2: a window of 2 keeps steps 1..2, so only 3, 1, 40 (step 0) may leave:
     # 3 of the 4 new neurons get rows, the 4th is computed uncached.
-    c = torch.tensor([11, 12, 13, 14])
-    s.touch(c, step=2)
-    assert s.admit(c, records_for(c), step=2) == 3
+    assert admit(s, torch.tensor([11, 12, 13, 14]), step=2) == 3
     check_consistent(s)
-    assert set(s.slot_ids[: s.num_used].tolist()) == {9, 7, 8, 11, 12, 13}
-    for nid in (9, 7, 8):  # in the window: never evicted
-        assert bool(s.contains(torch.tensor([nid])))
+    assert set(s.neuron_at[s.neuron_at >= 0].tolist()) == {9, 7, 8, 11, 12, 13}
+    assert torch.equal(s.row_of[torch.tensor([9])], rows_before), "a cached neuron never moves"
 
 
 def test_window_wins_over_admission():
     s = PrecisionSlots(num_neurons=20, record_bytes=4, capacity=3, window=3, device=torch.device("cpu"))
     for step, ids in enumerate(([0, 1, 2], [3, 4], [5])):
-        ids = torch.tensor(ids)
-        s.touch(ids, step)
-        miss = ids[~s.contains(ids)]
-        admitted = s.admit(miss, records_for(miss, 4), step)
-        check_consistent_rb(s)
+        admitted = admit(s, torch.tensor(ids), step)
+        check_consistent(s)
         if step > 0:
             assert admitted == 0  # all three rows hold neurons used within the window
-    assert sorted(s.slot_ids.tolist()) == [0, 1, 2]
-
-
-def check_consistent_rb(s):
-    live = s.slot_ids[: s.num_used]
-    assert torch.equal(s.where[live], torch.arange(s.num_used))
-    assert torch.equal(s.slots[: s.num_used], records_for(live, s.record_bytes))
+    assert sorted(s.neuron_at.tolist()) == [0, 1, 2]
 
 
 def test_random_workload_keeps_invariants():
@@ -65,11 +61,32 @@ def test_random_workload_keeps_invariants():
     s = PrecisionSlots(num_neurons=200, record_bytes=8, capacity=40, window=2, device=torch.device("cpu"))
     for step in range(200):
         ids = torch.randperm(200, generator=g)[: int(torch.randint(1, 30, (1,), generator=g))]
-        s.touch(ids, step)
-        miss = ids[~s.contains(ids)]
-        s.admit(miss, records_for(miss), step)
+        admit(s, ids, step)
         check_consistent(s)
-        assert s.num_used <= s.capacity
+
+
+def test_bands_read_hits_in_place_and_surplus_from_the_fetch():
+    rb = {p: 8 for p in Precision}
+    cache = NeuronCache(1, 100, rb, {Precision.FULL: 4}, window=2)
+    fetched = []
+
+    def take(prec, ids):
+        fetched.append(ids.tolist())
+        return records_for(ids)
+
+    (band,) = cache.bands(0, {Precision.FULL: torch.tensor([2, 5, 7])}, 1, take)
+    assert fetched == [[2, 5, 7]] and band.which is None
+    slots = cache.slots(0, Precision.FULL)
+    assert band.tables[0].data_ptr() == slots.records.data_ptr()  # the slot matrix itself
+    assert torch.equal(band.gather(), records_for(torch.tensor([2, 5, 7])))
+    # next step: 5 is a hit, 9 fits, 11 and 13 find no room (everything else is in the window)
+    (band,) = cache.bands(0, {Precision.FULL: torch.tensor([5, 9, 11, 13])}, 2, take)
+    assert fetched[-1] == [9, 11, 13]
+    assert torch.equal(band.ids, torch.tensor([5, 9, 11, 13]))
+    assert band.which is not None and band.which.tolist() == [0, 0, 1, 1]
+    assert torch.equal(band.gather(), records_for(band.ids))  # in neuron-id order, whoever holds them
+    assert cache.stats.hits == 1 and cache.stats.misses == 6
+    assert len(cache.bands(0, {Precision.FULL: torch.tensor([5, 9])}, 3, take)) == 1 and fetched[-1] == [9, 11, 13]
 
 
 def test_budget_split_respected():

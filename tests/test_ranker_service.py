@@ -11,7 +11,7 @@ from m2cache.convert.writer import convert
 from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition, InvalidArgument
 from m2cache.model.eval import perplexity
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider
 from m2cache.ranker import storage
 from m2cache.ranker.bands import BandRatios

@@ -11,7 +11,7 @@ from m2cache import grpc_util
 from m2cache.codec.format import Precision
 from m2cache.store.reader import NeuronStore
 from m2cache.model.generate import Sampling, generate
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider
 from m2cache.ranker.bands import BandRatios
 from m2cache.ranker.predictor import LayerPredictor, Predictor

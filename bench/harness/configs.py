@@ -84,7 +84,7 @@ def _inprocess(spec, store_path, group) -> list[dict]:
 def _stack(spec, store_path, group) -> list[dict]:
     """Dense model loaded once (locally, before any timing); fresh services and worker per budget."""
     from m2cache.store.reader import NeuronStore
-    from m2cache.model.loader import load_model
+    from m2cache.local.loader import load_model
     from bench.harness.systems_stack import ServiceStack, StackWorker
 
     mixed = _mixed(spec, store_path)

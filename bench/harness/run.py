@@ -47,7 +47,7 @@ class BenchConfig:
 def prompt_ids(store_path: Path, length: int, vocab: int) -> list[int]:
     """A fixed prompt: tokenised story text when the store has a tokenizer, else fixed ids."""
     from m2cache.store.reader import NeuronStore
-    from m2cache.model.loader import load_tokenizer
+    from m2cache.local.loader import load_tokenizer
 
     store = NeuronStore(store_path)
     try:

@@ -1,30 +1,31 @@
-"""In-process systems over the reference model (m2cache.model), one FFN
-provider each, same greedy loop:
+"""In-process systems over the model (m2cache.model), one FFN provider each,
+same greedy loop:
 
-- ``DenseReference``: every neuron decoded once and kept resident (FullProvider);
+- ``DenseReference``: every neuron resident as fused matrices in the compute
+  dtype (FullProvider), the dense path;
 - ``NaiveStreaming``: every layer's FFN read from the store (NeuronStore.get_layer)
   and decoded at every token: nothing cached;
 - ``M2CacheLocal``: the worker's CachedProvider over a NeuronCache whose misses
-  are read straight from a local NeuronStore (no RPC), with its prefetch thread.
+  are read straight from a local NeuronStore (no RPC), with its prefetch thread;
+  at a budget >= 100% with every neuron FULL, the worker's dense path.
 
 Counters are cumulative bytes per tier (records as stored: fp16 FULL, packed
 INT8/INT4) and HBM hits/misses; the harness differences them.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from m2cache.codec.format import Precision
 from m2cache.store.reader import NeuronStore
-from m2cache.model.ffn import NeuronWeights
+from m2cache.model.ffn import DenseFFN
 from m2cache.model.generate import Sampling, decode_one_token, prefill
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model, store_fetch
 from m2cache.model.providers import FullProvider
 from m2cache.worker.choosers import full_choose
 from m2cache.worker.neuron_cache import NeuronCache
-from m2cache.worker.provider import CachedProvider
-from m2cache.worker.runtime import cache_shares
+from m2cache.worker.provider import CachedProvider, DenseProvider
+from m2cache.worker.runtime import build_cache as worker_cache
 
 GREEDY = Sampling()
 
@@ -52,7 +53,7 @@ def _tensor_bytes(tensors) -> int:
 
 
 class DenseReference:
-    """The reference model with every FFN neuron resident (float32, decoded once)."""
+    """The model with every FFN neuron resident as fused matrices (the dense path)."""
 
     name = "dense-reference"
 
@@ -60,10 +61,11 @@ class DenseReference:
         self.store = NeuronStore(store_path)
         self.model, _tok, self.bank = load_model(self.store)
         m = self.store.manifest
-        ffn = [self.bank.vectors(layer, Precision.FULL) for layer in range(m.num_layers)]
+        ffn = [self.bank.dense(layer) for layer in range(m.num_layers)]
         self.tokens_done = 0
         self.provider = FullProvider(self.bank)
-        self.info = {"compute_dtype": "float32", "ffn_resident_bytes": _tensor_bytes(ffn)}
+        self.info = {"compute_dtype": str(self.model.dtype).removeprefix("torch."),
+                     "ffn_resident_bytes": sum(f.num_bytes for f in ffn)}
 
     def generate(self, prompt_ids, n_new, on_token):
         def count(i, tok):
@@ -90,10 +92,11 @@ class NaiveStreaming:
         self.ssd_bytes = 0
         self.info = {"reads": "NeuronStore.get_layer (LMDB, one layer, every token)"}
 
-    def __call__(self, layer: int, x: torch.Tensor) -> NeuronWeights:
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         payload = self.store.get_layer(layer, Precision.FULL)
         self.ssd_bytes += len(payload)
-        return NeuronWeights(*self.store.layout.decode_bytes(payload, Precision.FULL))
+        vectors, bias = self.store.layout.decode_bytes(payload, Precision.FULL)
+        return DenseFFN.from_vectors(vectors, bias, self.model.dtype)(h)
 
     def generate(self, prompt_ids, n_new, on_token):
         return greedy_loop(self.model, prompt_ids, n_new, self, on_token)
@@ -105,30 +108,12 @@ class NaiveStreaming:
         self.store.close()
 
 
-def store_fetch(store: NeuronStore):
-    """The CachedProvider fetch: records straight from the local LMDB store."""
-    def fetch(layer: int, prec: Precision, ids: torch.Tensor, current_layer: int) -> torch.Tensor:
-        rb = store.layout.num_bytes(prec)
-        raw = store.get_neurons(layer, ids.numpy(), prec)
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(len(ids), rb).copy())
-    return fetch
-
-
-def build_cache(manifest, fraction: float, ratios: dict | None, window: int) -> NeuronCache:
-    """The worker's cache sizing (runtime.WorkerRuntime), slots touched so they are resident."""
+def all_resident_fraction(manifest, ratios: dict | None) -> float:
+    """The budget (fraction of the FFN's FULL bytes) that holds every neuron at every
+    precision the policy uses: the mixed policy's "everything cached" configuration."""
     layout = manifest.layout
-    ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
-    cache = NeuronCache.with_budget(manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
-                                    int(ffn_bytes * fraction), cache_shares(ratios, manifest), window)
-    return touch_cache(cache)
-
-
-def touch_cache(cache: NeuronCache) -> NeuronCache:
-    """Write every slot once: the preallocated fast memory is resident before timing starts."""
-    for layer in cache.layers:
-        for slots in layer.values():
-            slots.slots.zero_()
-    return cache
+    used = [p for p in Precision if (ratios or {"full": 1.0}).get(p.name.lower(), 0.0) > 0]
+    return sum(layout.num_bytes(p) for p in used) / layout.num_bytes(Precision.FULL)
 
 
 class M2CacheLocal:
@@ -144,19 +129,43 @@ class M2CacheLocal:
             self.choose, ratios = full_choose(m.d_ffn), None
         else:
             self.choose, ratios = mixed.choose(), mixed.ratios.to_dict()
-        self.cache = build_cache(m, fraction, ratios, window)
-        self.provider = CachedProvider(self.cache, self.store.layout, store_fetch(self.store), m.num_layers)
-        self.info = {"cache_budget_bytes": self.cache.budget_bytes, "window": window, "ratios": ratios}
+        fetch = store_fetch(self.store)
+        if fraction >= 1 and mixed is not None:  # "100%" of a mixed policy: every precision it uses resident
+            fraction = all_resident_fraction(m, ratios)
+        self.cache = worker_cache(m, 0.0 if fraction >= 1 and mixed is None else fraction, ratios, window)
+        if self.cache.holds_everything:
+            self.cache.fill(lambda layer, prec, ids: fetch(layer, prec, ids, layer))
+        if fraction >= 1 and mixed is None:  # the worker's dense path
+            from m2cache.worker.runtime import dense_layers
+            self.provider = DenseProvider(dense_layers(m, fetch, self.model.dtype))
+            self.path = "dense"
+        else:
+            self.provider = CachedProvider(self.cache, self.store.layout, fetch, m.num_layers)
+            self.path = "cached"
+        budget = self.provider.num_bytes if self.path == "dense" else self.cache.budget_bytes
+        self.info = {"cache_budget_bytes": budget, "window": window, "ratios": ratios, "path": self.path,
+                     "budget_fraction": fraction,
+                     "compute_dtype": str(self.model.dtype).removeprefix("torch.")}
 
     def generate(self, prompt_ids, n_new, on_token):
         return greedy_loop(self.model, prompt_ids, n_new, self.provider, on_token,
                            before_step=lambda: self.provider.begin_step([self.choose]))
 
     def counters(self) -> dict:
-        s = self.provider.stats
-        return {"hbm_bytes": s.bytes_hbm, "ssd_bytes": s.bytes_fetched, "hbm_hits": s.hbm_hits,
-                "hbm_misses": s.hbm_misses}
+        if self.path == "dense":  # every neuron read from fast memory every step
+            return {"hbm_bytes": self.provider.num_bytes * self.provider.steps, "ssd_bytes": 0}
+        c = self.cache.stats
+        return {"hbm_bytes": c.bytes_hit, "ssd_bytes": self.provider.stats.bytes_fetched, "hbm_hits": c.hits,
+                "hbm_misses": c.misses}
 
     def close(self):
         self.provider.close()
         self.store.close()
+
+
+def touch_cache(cache: NeuronCache) -> NeuronCache:
+    """Write every slot once: the preallocated fast memory is resident before timing starts."""
+    for layer in cache.layers:
+        for slots in layer.values():
+            slots.records.zero_()
+    return cache

@@ -137,10 +137,10 @@ class StackWorker:
             engine._emit = emit
 
     def counters(self) -> dict:
-        s = self.runtime.provider.stats
+        hits, misses, b_hbm, b_fetched = self.runtime.snapshot()
         d = self.stack.dram_stats()
-        return {"hbm_bytes": s.bytes_hbm, "hbm_hits": s.hbm_hits, "hbm_misses": s.hbm_misses,
-                "fetched_bytes": s.bytes_fetched, "dram_bytes": d.bytes_from_redis,
+        return {"hbm_bytes": b_hbm, "hbm_hits": hits, "hbm_misses": misses,
+                "fetched_bytes": b_fetched, "dram_bytes": d.bytes_from_redis,
                 "ssd_bytes": d.bytes_from_store + d.bytes_preloaded, "ssd_read_through_bytes": d.bytes_from_store}
 
     def service_peak_rss(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ from m2cache.convert.checkpoint import Checkpoint
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
 from m2cache.model.eval import negative_log_likelihood
-from m2cache.model.ffn import NeuronWeights
+from m2cache.model.ffn import vectors_ffn
 from m2cache.model.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,13 @@ class NormCollector:
         self.sum_sq = torch.zeros(ckpt.arch.num_layers, ckpt.arch.d_model, dtype=torch.float64)  # [L, d]
         self.num_tokens = torch.zeros(ckpt.arch.num_layers, dtype=torch.long)
 
-    def __call__(self, layer: int, x: torch.Tensor) -> NeuronWeights:
-        # x: [B, T, d] post-norm FFN input
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, d] post-norm FFN input -> the layer's FFN output
         self.sum_sq[layer] += x.double().pow(2).sum(dim=(0, 1)).cpu()
         self.num_tokens[layer] += x.shape[0] * x.shape[1]
         vectors, bias = self.layer_neurons(self.ckpt, layer)
-        return NeuronWeights(vectors.float().to(x.device), None if bias is None else bias.float().to(x.device))
+        return vectors_ffn(x, vectors.float().to(x.device), None if bias is None else bias.to(x.device),
+                           "relu" if vectors.shape[1] == 2 else "swiglu")
 
     def norms(self) -> list[torch.Tensor]:
         """Per layer ||X_j||_2 over every calibration token -> [d] float32 each."""

@@ -3,6 +3,7 @@ decode_one_token, generate. Greedy when temperature is 0."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -74,8 +75,12 @@ def decode_one_token(model: CausalLM, tokens: torch.Tensor, cache: KVCache, slot
 
 
 def generate(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, ffn: FFNProvider,
-             sampling: Sampling = Sampling(), eos_token_ids: tuple[int, ...] | None = None) -> list[int]:
-    """New token ids after ``prompt_ids``: stops after ``max_new_tokens`` or at (and including) an EOS."""
+             sampling: Sampling = Sampling(), eos_token_ids: tuple[int, ...] | None = None,
+             before_step: Callable[[], None] | None = None,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """New token ids after ``prompt_ids``: stops after ``max_new_tokens`` or at (and including) an EOS.
+    ``before_step()`` runs before every forward (a cached provider's step marker);
+    ``on_token(id)`` after every new token (timing)."""
     if not prompt_ids:
         raise InvalidArgument("the prompt must contain at least one token")
     if len(prompt_ids) + max_new_tokens > model.config.max_position_embeddings:
@@ -86,10 +91,15 @@ def generate(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, ffn: F
     cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
     slots = torch.tensor([cache.allocate()], device=model.device)
     generator = sampling.generator(model.device)
+    step = before_step or (lambda: None)
     out: list[int] = []
+    step()
     token = prefill(model, torch.tensor([prompt_ids]), cache, slots, ffn, sampling, generator)
     while True:
         out.append(int(token))
+        if on_token:
+            on_token(out[-1])
         if len(out) >= max_new_tokens or out[-1] in eos:
             return out
+        step()
         token = decode_one_token(model, token, cache, slots, ffn, sampling, generator)

@@ -1,24 +1,58 @@
 """A KV cache of per-sequence slots. Each slot is one row of a preallocated
-[num_slots, max_len] buffer per layer with its own length, so sequences of
-different lengths decode together in one batched forward (the attention
-mask hides each row's unused tail). Slots are allocated, freed and reused."""
+[num_slots, num_kv_heads, max_len, head_dim] buffer per layer with its own
+length, so sequences of different lengths decode together in one batched
+forward (the attention mask hides each row's unused tail). Slots are
+allocated, freed and reused; nothing is reallocated per token.
+
+``step(slots, T, window)`` plans one forward step once for every layer: the
+positions, the mask (None where causality needs none: a lone sequence's decode
+token sees its whole history; a prefill from position 0 is plain causal), and
+for a lone sequence the slot whose history is read as a view, not gathered."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from m2cache.errors import InvalidArgument, ResourceExhausted
 
 
+@dataclass(slots=True)
+class Step:
+    """What every layer of one forward step shares."""
+
+    slots: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B, T] absolute positions of the new tokens
+    key_len: int  # keys visible to the longest row (its length after the step)
+    mask: torch.Tensor | None  # bool [B, 1, T, key_len], or None (see is_causal)
+    is_causal: bool  # SDPA's own causal mask suffices (prefill from 0, one row)
+    slot: int | None  # B == 1: that row's slot (history read as a view)
+    start: int  # B == 1: position of the first new token
+
+
+def causal_mask(positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
+    """positions: [B, T] absolute query positions -> bool [B, 1, T, key_len].
+
+    Key j is visible to a query at position p iff j <= p (and j > p - window).
+    This also hides cache rows past a short sequence's length in a mixed batch."""
+    keys = torch.arange(key_len, device=positions.device)
+    visible = keys[None, None, :] <= positions[:, :, None]
+    if window is not None:
+        visible &= keys[None, None, :] > positions[:, :, None] - window
+    return visible.unsqueeze(1)
+
+
 class KVCache:
-    """k, v: [num_layers, num_slots, max_len, num_kv_heads, head_dim]; lengths: [num_slots]."""
+    """k, v: [num_layers, num_slots, num_kv_heads, max_len, head_dim]; lengths: [num_slots]."""
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.lengths = [0] * num_slots  # host-side: read every step, never a device sync
         self.max_len = max_len
+        self.device = torch.device(device)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
 
     @classmethod
@@ -35,6 +69,10 @@ class KVCache:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
     # ---- slot bookkeeping ---------------------------------------------------------
     def allocate(self) -> int:
@@ -53,34 +91,52 @@ class KVCache:
         self._free.append(slot)
 
     def length(self, slot: int) -> int:
-        return int(self.lengths[slot])
-
-    # ---- used by the model's forward ----------------------------------------------
-    def positions(self, slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """slots: [B] -> absolute positions [B, T] of the next ``num_tokens`` tokens of each row."""
-        start = self.lengths[slots]  # [B]
-        if int(start.max()) + num_tokens > self.max_len:
-            raise ResourceExhausted(f"sequence would exceed the KV cache length {self.max_len}")
-        return start[:, None] + torch.arange(num_tokens, device=start.device)
-
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [B, Hkv, T, D] written at rows ``slots`` [B], positions [B, T]."""
-        rows = slots[:, None]  # [B, 1] broadcasts against positions [B, T]
-        self.k[layer][rows, positions] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, Hkv, D]
-        self.v[layer][rows, positions] = v.transpose(1, 2).to(self.v.dtype)
-
-    def read(self, layer: int, slots: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``key_len`` positions of rows ``slots`` -> k, v: [B, Hkv, key_len, D]."""
-        k = self.k[layer, slots, :key_len].transpose(1, 2)
-        v = self.v[layer, slots, :key_len].transpose(1, 2)
-        return k, v
-
-    def advance(self, slots: torch.Tensor, num_tokens: int) -> None:
-        """After a forward step: every row in ``slots`` grew by ``num_tokens``."""
-        self.lengths[slots] += num_tokens
+        return self.lengths[slot]
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget positions >= length of a slot (e.g. to re-run a suffix)."""
         if not 0 <= length <= self.length(slot):
             raise InvalidArgument(f"cannot truncate slot {slot} of length {self.length(slot)} to {length}")
         self.lengths[slot] = length
+
+    # ---- used by the model's forward ----------------------------------------------
+    def step(self, slots: list[int], num_tokens: int, window: int | None) -> Step:
+        """Plan a step appending ``num_tokens`` tokens to each row in ``slots``."""
+        starts = [self.lengths[s] for s in slots]
+        key_len = max(starts) + num_tokens
+        if key_len > self.max_len:
+            raise ResourceExhausted(f"sequence would exceed the KV cache length {self.max_len}")
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        positions = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None] + \
+            torch.arange(num_tokens, device=self.device)
+        lone = len(slots) == 1
+        windowed = window is not None and key_len > window
+        if lone and not windowed and num_tokens == 1:  # a decode token sees its whole history
+            return Step(slot_t, positions, key_len, None, False, slots[0], starts[0])
+        if lone and not windowed and starts[0] == 0:  # prefill from scratch: plain causal
+            return Step(slot_t, positions, key_len, None, True, slots[0], 0)
+        mask = causal_mask(positions, key_len, window)
+        return Step(slot_t, positions, key_len, mask, False, slots[0] if lone else None, starts[0])
+
+    def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, Hkv, T, D] written at the step's rows and positions."""
+        if step.slot is not None:
+            end = step.start + k.shape[2]
+            self.k[layer, step.slot, :, step.start : end] = k[0]
+            self.v[layer, step.slot, :, step.start : end] = v[0]
+            return
+        rows = step.slots[:, None]  # [B, 1] broadcasts against positions [B, T]
+        self.k[layer].transpose(1, 2)[rows, step.positions] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, Hkv, D]
+        self.v[layer].transpose(1, 2)[rows, step.positions] = v.transpose(1, 2).to(self.v.dtype)
+
+    def read(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the step's rows -> [B, Hkv, key_len, D] (a view for one row)."""
+        if step.slot is not None:
+            s = step.slot
+            return self.k[layer, s : s + 1, :, : step.key_len], self.v[layer, s : s + 1, :, : step.key_len]
+        return self.k[layer, step.slots, :, : step.key_len], self.v[layer, step.slots, :, : step.key_len]
+
+    def advance(self, slots: list[int], num_tokens: int) -> None:
+        """After a forward step: every row in ``slots`` grew by ``num_tokens``."""
+        for s in slots:
+            self.lengths[s] += num_tokens

@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.model.config import RopeConfig
-from m2cache.model.kv_cache import KVCache
+from m2cache.model.kv_cache import KVCache, Step
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., d], weight: [d]. Normalised in float32, as transformers does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -46,70 +44,68 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [B, T] -> cos, sin: [B, 1, T, head_dim] (broadcast over heads)."""
-    freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+class RopeTable:
+    """cos/sin of every position up to the longest seen (grown on demand, float32,
+    computed exactly as transformers does: positions * inv_freq, then cos/sin)."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq  # [D/2]
+        self.cos = self.sin = torch.empty(0, 2 * inv_freq.numel(), device=inv_freq.device)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, D] in ``dtype`` (broadcast over heads)."""
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            size = max(need, 2 * self.cos.shape[0], 256)
+            freqs = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq  # [P, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[positions].unsqueeze(2).to(dtype), self.sin[positions].unsqueeze(2).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; rotate-half convention (Hugging Face layout)."""
+    """x: [B, T, H, D]; rotate-half convention (Hugging Face layout)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # ---- attention ------------------------------------------------------------------
 @dataclass(slots=True)
 class AttentionWeights:
-    """One layer's projections, Hugging Face [out, in] layout; biases may be None."""
+    """One layer's projections, Hugging Face [out, in] layout, q/k/v fused."""
 
-    wq: torch.Tensor  # [H*D, d]
-    wk: torch.Tensor  # [Hkv*D, d]
-    wv: torch.Tensor  # [Hkv*D, d]
+    wqkv: torch.Tensor  # [(H + 2 Hkv) * D, d]
     wo: torch.Tensor  # [d, H*D]
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
+    bqkv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
 
-
-def causal_mask(positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
-    """positions: [B, T] absolute query positions -> bool [B, 1, T, key_len].
-
-    Key j is visible to a query at position p iff j <= p (and j > p - window).
-    This also hides cache rows past a short sequence's length in a mixed batch."""
-    keys = torch.arange(key_len, device=positions.device)
-    visible = keys[None, None, :] <= positions[:, :, None]
-    if window is not None:
-        visible &= keys[None, None, :] > positions[:, :, None] - window
-    return visible.unsqueeze(1)
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.wqkv, self.wo, self.bqkv, self.bo) if t is not None)
 
 
-def attention(
-    x: torch.Tensor, w: AttentionWeights, layer: int, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-    num_heads: int, num_kv_heads: int, head_dim: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """x: [B, T, d] (normed), slots: [B], positions: [B, T] -> [B, T, d].
+@dataclass(frozen=True, slots=True)
+class Heads:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
-    Writes this step's keys/values into the cache rows ``slots`` at ``positions``
-    and attends over each row's whole history."""
-    assert w is not None, f"attention weights of layer {layer} are not loaded (streamed layer)"
+
+def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, step: Step, heads: Heads,
+              rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """x: [B, T, d] (normed) -> [B, T, d]. Writes this step's keys/values into the
+    cache and attends over each row's history (GQA without repeating k/v)."""
     B, T, _ = x.shape
-    q = F.linear(x, w.wq, w.bq).view(B, T, num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
-    k = F.linear(x, w.wk, w.bk).view(B, T, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-    v = F.linear(x, w.wv, w.bv).view(B, T, num_kv_heads, head_dim).transpose(1, 2)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    cache.write(layer, slots, positions, k, v)
-    key_len = int(positions.max()) + 1
-    keys, values = cache.read(layer, slots, key_len)  # [B, Hkv, L, D]
-    rep = num_heads // num_kv_heads
-    if rep > 1:  # GQA: query head h reads kv head h // rep
-        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-    mask = causal_mask(positions, key_len, window)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, T, D]
-    out = out.transpose(1, 2).reshape(B, T, num_heads * head_dim)
-    return F.linear(out, w.wo, w.bo)
+    H, Hkv, D = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    qkv = F.linear(x, w.wqkv, w.bqkv)  # [B, T, (H + 2 Hkv) D]
+    qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+    if rope is not None:  # q and k rotated together
+        qk = apply_rope(qk, *rope)
+    q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+    k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
+    v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+    kv.write(layer, step, k, v)
+    keys, values = kv.read(layer, step)  # [B, Hkv, L, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, is_causal=step.is_causal,
+                                         enable_gqa=H != Hkv)  # [B, H, T, D]
+    return F.linear(out.transpose(1, 2).reshape(B, T, H * D), w.wo, w.bo)

@@ -1,54 +1,52 @@
 """Llama family (llama, mistral, qwen2): pre-RMSNorm blocks, RoPE, GQA
-attention, SwiGLU FFN computed over the neurons a provider hands in."""
+attention, SwiGLU FFN computed by the FFN provider the model is handed."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from m2cache.model.config import ModelConfig
-from m2cache.model.ffn import FFNProvider, swiglu_ffn
-from m2cache.model.kv_cache import KVCache
-from m2cache.model.layers import AttentionWeights, attention, rms_norm, rope_cos_sin, rope_inv_freq
+from m2cache.model.kv_cache import KVCache, Step
+from m2cache.model.layers import AttentionWeights, Heads, RopeTable, attention, rms_norm, rope_inv_freq
 from m2cache.model.weights import DenseWeights
-
-
-def _attention_weights(w: DenseWeights, prefix: str) -> AttentionWeights:
-    return w.attention(prefix, "o_proj")
 
 
 class LlamaModel:
     """Dense weights by HF name (model.layers.{i}.self_attn.q_proj.weight, ...)."""
 
+    attn_out = "o_proj"
+
     def __init__(self, config: ModelConfig, w: DenseWeights, device, streamed: frozenset[int] = frozenset()):
         self.config = config
+        self.heads = Heads(config.num_heads, config.num_kv_heads, config.head_dim)
         self.embed, self.lm_head = w.embedding_and_head("model.embed_tokens.weight", config.tie_word_embeddings)
-        # streamed layers' attention arrives per step via set_attention (None until then)
-        self.attn = [None if i in streamed else _attention_weights(w, self.layer_prefix(i))
-                     for i in range(config.num_layers)]
+        # streamed layers' attention is pulled per step from the caller's source (None here)
+        self.attn: list[AttentionWeights | None] = [
+            None if i in streamed else w.attention(self.layer_prefix(i), self.attn_out) for i in range(config.num_layers)]
         self.attn_norm = [w.get(f"model.layers.{i}.input_layernorm.weight") for i in range(config.num_layers)]
         self.ffn_norm = [w.get(f"model.layers.{i}.post_attention_layernorm.weight") for i in range(config.num_layers)]
         self.norm = w.get("model.norm.weight")
-        self.inv_freq = rope_inv_freq(config.rope, config.head_dim, device)  # [D/2]
+        self.rope = RopeTable(rope_inv_freq(config.rope, config.head_dim, device))
 
     @staticmethod
     def layer_prefix(i: int) -> str:
         return f"model.layers.{i}."
 
-    def set_attention(self, i: int, w: DenseWeights | None) -> None:
-        """Install (or, with None, drop) layer i's attention projections."""
-        self.attn[i] = None if w is None else _attention_weights(w, self.layer_prefix(i))
+    def embed_tokens(self, input_ids: torch.Tensor, step: Step) -> tuple[torch.Tensor, tuple]:
+        """input_ids [B, T] -> (x [B, T, d], rope cos/sin for the step)."""
+        x = F.embedding(input_ids, self.embed)
+        return x, self.rope.lookup(step.positions, x.dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-                ffn: FFNProvider) -> torch.Tensor:
-        """input_ids, positions: [B, T]; slots: [B] -> logits [B, T, V]."""
-        c = self.config
-        x = F.embedding(input_ids, self.embed)  # [B, T, d]
-        rope = rope_cos_sin(self.inv_freq, positions)
-        for i in range(c.num_layers):
-            h = rms_norm(x, self.attn_norm[i], c.norm_eps)
-            x = x + attention(h, self.attn[i], i, cache, slots, positions, c.num_heads, c.num_kv_heads,
-                              c.head_dim, rope, c.sliding_window)
-            h = rms_norm(x, self.ffn_norm[i], c.norm_eps)  # FFN input handed to the provider
-            x = x + swiglu_ffn(h, ffn(i, h))
-        x = rms_norm(x, self.norm, c.norm_eps)
-        return F.linear(x, self.lm_head)
+    def attention_block(self, i: int, x: torch.Tensor, w: AttentionWeights, kv: KVCache, step: Step,
+                        rope) -> torch.Tensor:
+        h = rms_norm(x, self.attn_norm[i], self.config.norm_eps)
+        return x + attention(h, w, i, kv, step, self.heads, rope)
+
+    def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.ffn_norm[i], self.config.norm_eps)
+
+    def ffn_output(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm, self.config.norm_eps), self.lm_head)

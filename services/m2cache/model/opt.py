@@ -1,22 +1,17 @@
 """OPT: learned positions (offset 2), LayerNorm before (125m, 1.3b, ...) or
-after (350m) each sub-block, optional project_in/out, ReLU FFN whose fc1 rows
-and fc2 columns come from a provider; fc2's bias stays dense."""
+after (350m) each sub-block, optional project_in/out, ReLU FFN computed by the
+FFN provider; fc2's bias stays dense and is added here."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from m2cache.model.config import ModelConfig
-from m2cache.model.ffn import FFNProvider, relu_ffn
-from m2cache.model.kv_cache import KVCache
-from m2cache.model.layers import AttentionWeights, attention, layer_norm
+from m2cache.model.kv_cache import KVCache, Step
+from m2cache.model.layers import AttentionWeights, Heads, attention, layer_norm
 from m2cache.model.weights import DenseWeights
 
 POSITION_OFFSET = 2  # OPT's learned positions are stored shifted by 2
-
-
-def _attention_weights(w: DenseWeights, prefix: str) -> AttentionWeights:
-    return w.attention(prefix, "out_proj")
 
 
 def _norm(w: DenseWeights, prefix: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -27,16 +22,20 @@ def _norm(w: DenseWeights, prefix: str) -> tuple[torch.Tensor | None, torch.Tens
 class OPTModel:
     """Dense weights by HF name (model.decoder.layers.{i}.self_attn.q_proj.weight, ...)."""
 
+    attn_out = "out_proj"
+
     def __init__(self, config: ModelConfig, w: DenseWeights, device, streamed: frozenset[int] = frozenset()):
         self.config = config
+        self.heads = Heads(config.num_heads, config.num_kv_heads, config.head_dim)
         d = "model.decoder."
         self.embed, self.lm_head = w.embedding_and_head(d + "embed_tokens.weight", config.tie_word_embeddings)
         self.positions = w.get(d + "embed_positions.weight")  # [max_pos + 2, d]
         self.project_in = w.maybe(d + "project_in.weight")  # [d, d_proj] or None
         self.project_out = w.maybe(d + "project_out.weight")  # [d_proj, d] or None
         layers = [self.layer_prefix(i) for i in range(config.num_layers)]
-        # streamed layers' attention arrives per step via set_attention (None until then)
-        self.attn = [None if i in streamed else _attention_weights(w, p) for i, p in enumerate(layers)]
+        # streamed layers' attention is pulled per step from the caller's source (None here)
+        self.attn: list[AttentionWeights | None] = [
+            None if i in streamed else w.attention(p, self.attn_out) for i, p in enumerate(layers)]
         self.attn_norm = [_norm(w, p + "self_attn_layer_norm") for p in layers]
         self.ffn_norm = [_norm(w, p + "final_layer_norm") for p in layers]
         self.fc2_bias = [w.maybe(p + "fc2.bias") for p in layers]  # [d] or None
@@ -46,35 +45,27 @@ class OPTModel:
     def layer_prefix(i: int) -> str:
         return f"model.decoder.layers.{i}."
 
-    def set_attention(self, i: int, w: DenseWeights | None) -> None:
-        """Install (or, with None, drop) layer i's attention projections."""
-        self.attn[i] = None if w is None else _attention_weights(w, self.layer_prefix(i))
-
-    def _ffn(self, i: int, x: torch.Tensor, ffn: FFNProvider) -> torch.Tensor:
-        """x: [B, T, d] FFN input -> [B, T, d]."""
-        y = relu_ffn(x, ffn(i, x))
-        return y if self.fc2_bias[i] is None else y + self.fc2_bias[i]
-
-    def _layer(self, i: int, x: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-               ffn: FFNProvider) -> torch.Tensor:
-        c, pre, eps = self.config, self.config.do_layer_norm_before, self.config.norm_eps
-        h = layer_norm(x, *self.attn_norm[i], eps) if pre else x
-        x = x + attention(h, self.attn[i], i, cache, slots, positions, c.num_heads, c.num_kv_heads, c.head_dim, None)
-        if not pre:  # 350m: norm after the residual add; the FFN input is that normed state
-            x = layer_norm(x, *self.attn_norm[i], eps)
-        h = layer_norm(x, *self.ffn_norm[i], eps) if pre else x
-        x = x + self._ffn(i, h, ffn)
-        return x if pre else layer_norm(x, *self.ffn_norm[i], eps)
-
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-                ffn: FFNProvider) -> torch.Tensor:
-        """input_ids, positions: [B, T]; slots: [B] -> logits [B, T, V]."""
+    def embed_tokens(self, input_ids: torch.Tensor, step: Step) -> tuple[torch.Tensor, None]:
         x = F.embedding(input_ids, self.embed)  # [B, T, d_proj]
         if self.project_in is not None:
             x = F.linear(x, self.project_in)  # [B, T, d]
-        x = x + F.embedding(positions + POSITION_OFFSET, self.positions)
-        for i in range(self.config.num_layers):
-            x = self._layer(i, x, cache, slots, positions, ffn)
+        return x + F.embedding(step.positions + POSITION_OFFSET, self.positions), None
+
+    def attention_block(self, i: int, x: torch.Tensor, w: AttentionWeights, kv: KVCache, step: Step,
+                        rope) -> torch.Tensor:
+        pre, eps = self.config.do_layer_norm_before, self.config.norm_eps
+        h = layer_norm(x, *self.attn_norm[i], eps) if pre else x
+        x = x + attention(h, w, i, kv, step, self.heads, None)
+        return x if pre else layer_norm(x, *self.attn_norm[i], eps)  # 350m: norm after the residual add
+
+    def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, *self.ffn_norm[i], self.config.norm_eps) if self.config.do_layer_norm_before else x
+
+    def ffn_output(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x + (y if self.fc2_bias[i] is None else y + self.fc2_bias[i])
+        return x if self.config.do_layer_norm_before else layer_norm(x, *self.ffn_norm[i], self.config.norm_eps)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = layer_norm(x, *self.final_norm, self.config.norm_eps)
         if self.project_out is not None:

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from m2cache.codec.format import DTYPES
 from m2cache.errors import CheckpointError
 from m2cache.model.layers import AttentionWeights
+
+
+def compute_dtype(checkpoint_dtype: str) -> torch.dtype:
+    """The dtype the model computes in: the checkpoint's own (on the CPUs measured, fp16
+    linear layers are the fastest batch-1 decode, ahead of bf16 and fp32; docs/BENCHMARKS.md)."""
+    return DTYPES[checkpoint_dtype]
 
 
 class DenseWeights:
@@ -37,11 +44,24 @@ class DenseWeights:
         return self._tensors.get(name)
 
     def attention(self, layer_prefix: str, out_proj: str) -> AttentionWeights:
-        """A layer's q/k/v/output projections (``out_proj``: "o_proj" for the
-        Llama family, "out_proj" for OPT); biases None where the checkpoint has none."""
-        p = layer_prefix + "self_attn."
-        return AttentionWeights(
-            wq=self.get(p + "q_proj.weight"), wk=self.get(p + "k_proj.weight"), wv=self.get(p + "v_proj.weight"),
-            wo=self.get(p + out_proj + ".weight"), bq=self.maybe(p + "q_proj.bias"),
-            bk=self.maybe(p + "k_proj.bias"), bv=self.maybe(p + "v_proj.bias"), bo=self.maybe(p + out_proj + ".bias"),
-        )
+        """A layer's projections with q/k/v fused into one matrix (``out_proj``: "o_proj"
+        for the Llama family, "out_proj" for OPT); biases None where the checkpoint has none."""
+        return attention_weights(self._tensors, layer_prefix, out_proj)
+
+
+def attention_weights(tensors: dict[str, torch.Tensor], layer_prefix: str, out_proj: str) -> AttentionWeights:
+    """Fuse q/k/v (HF names under ``layer_prefix + "self_attn."``) of already-converted tensors."""
+    p = layer_prefix + "self_attn."
+
+    def get(name: str) -> torch.Tensor:
+        if p + name not in tensors:
+            raise CheckpointError(f"dense tensor {p + name!r} is missing")
+        return tensors[p + name]
+
+    weights = [get(f"{x}_proj.weight") for x in "qkv"]
+    biases = [tensors.get(p + f"{x}_proj.bias") for x in "qkv"]
+    bqkv = None
+    if any(b is not None for b in biases):  # a projection without a bias gets zeros
+        bqkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+    wqkv = torch.cat(weights)
+    return AttentionWeights(wqkv=wqkv, wo=get(out_proj + ".weight"), bqkv=bqkv, bo=tensors.get(p + out_proj + ".bias"))

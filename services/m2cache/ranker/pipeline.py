@@ -11,7 +11,7 @@ import torch
 
 from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition
-from m2cache.model.loader import load_model
+from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider
 from m2cache.ranker import storage
 from m2cache.ranker.collect import DEFAULT_SEQ_LEN, collect_ffn_inputs, full_weights, tokenize

@@ -62,6 +62,10 @@ class Choosers:
     @classmethod
     def build(cls, config: WorkerConfig, manifest: Manifest, policy: dict | None) -> "Choosers":
         full = full_choose(manifest.d_ffn)
+        if config.cache_fraction >= 1:
+            log.info("cache budget %.0f%% holds model %s at full precision: dense path, no ranking%s",
+                     100 * config.cache_fraction, config.model, " (its policy is not needed)" if policy else "")
+            return cls(full, full, None)
         if not policy:
             log.info("model %s has no precision policy: every neuron at full precision", config.model)
             return cls(full, full, None)

@@ -19,6 +19,7 @@ class WorkerConfig:
     rank_mode: str = "local"  # "local": predictor weights pulled once; "remote": a Rank RPC per layer
     device: str = "cpu"
     cache_fraction: float = 0.25  # HBM neuron-cache budget as a fraction of the model's FULL FFN bytes
+    #                               (>= 1 with no policy: the dense path; > 1 may hold several precisions)
     window: int = 4  # tokens a used neuron stays cached (LLM in a flash: 4-5 OPT, 2 Llama-2)
     prefetch: bool = True
     dense_budget_bytes: int = 0  # device bytes for the resident parts; 0 = all resident, else over-budget
@@ -41,8 +42,8 @@ class WorkerConfig:
             raise InvalidArgument(f"rank_mode must be local or remote, got {self.rank_mode!r}")
         if self.rank_mode == "remote" and not self.ranker_target:
             raise InvalidArgument("rank_mode=remote needs --ranker-target")
-        if not 0 < self.cache_fraction <= 1:
-            raise InvalidArgument(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if not self.cache_fraction > 0:
+            raise InvalidArgument(f"cache_fraction must be > 0, got {self.cache_fraction}")
         if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:
             raise InvalidArgument("window and max_batch must be >= 1, max_queue >= 0")
 

@@ -2,9 +2,11 @@
 layers that do not fit are streamed through the tiers every step, overlapped
 with compute (M2Cache loads >= 2 layers ahead of the layer being computed).
 
-Hooked into the FFN provider: when layer i's FFN is ranked, layer i+1's
-attention must be on the device (its fetch started a layer earlier), layer
-i+2's fetch starts, and a streamed layer i is dropped (it has been used)."""
+``AttentionStreamer`` is the model's attention source (``CausalLM.forward(...,
+attention=streamer)``): the layer loop pulls a streamed layer's weights when it
+reaches it; each pull starts the fetch ``LOOKAHEAD`` streamed layers further on,
+and a step's first pulls were started when the previous step's last layers ran.
+The weights are never installed into the model."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,6 +16,7 @@ import torch
 
 from m2cache.codec.format import Manifest
 from m2cache.errors import FailedPrecondition
+from m2cache.model.layers import AttentionWeights
 from m2cache.model.model import CausalLM
 
 LOOKAHEAD = 2
@@ -52,31 +55,30 @@ class AttentionStreamer:
                  streamed: dict[int, list[str]]):
         self.model = model
         self.fetch_dense = fetch_dense
+        self.order = sorted(streamed)  # streamed layers in the order the loop reaches them
         self.streamed = streamed
         self.bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dense-stream")
         self._pending: dict[int, Future] = {}
-
-    def _start(self, layer: int) -> None:
-        if layer in self.streamed and layer not in self._pending:
-            self._pending[layer] = self._pool.submit(self.fetch_dense, self.streamed[layer])
-
-    def begin_step(self) -> None:
-        for layer in range(1, 1 + LOOKAHEAD):
+        for layer in self.order[:LOOKAHEAD]:
             self._start(layer)
 
-    def before_ffn(self, layer: int) -> None:
-        """Layer ``layer``'s attention has run: drop it if streamed, make sure the next is here."""
-        if layer in self.streamed:
-            self.model.set_attention(layer, None)
-        nxt = layer + 1
-        if nxt in self.streamed:
-            self._start(nxt)
-            tensors = self._pending.pop(nxt).result()
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            self.model.set_attention(nxt, tensors)
-        self._start(layer + LOOKAHEAD)
+    def _start(self, layer: int) -> None:
+        if layer not in self._pending:
+            self._pending[layer] = self._pool.submit(self._load, layer)
+
+    def _load(self, layer: int) -> AttentionWeights:
+        tensors = self.fetch_dense(self.streamed[layer])
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        return self.model.attention_weights(layer, tensors)
+
+    def __call__(self, layer: int) -> AttentionWeights:
+        """Layer ``layer``'s weights (waits for its fetch); starts the one LOOKAHEAD further
+        on (wrapping to the next step's first layers)."""
+        k = self.order.index(layer)
+        self._start(layer)
+        self._start(self.order[(k + LOOKAHEAD) % len(self.order)])
+        return self._pending.pop(layer).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-

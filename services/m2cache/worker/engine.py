@@ -15,7 +15,7 @@ from m2cache.errors import InvalidArgument, M2CacheError, ResourceExhausted
 from m2cache.model.generate import Sampling, sample
 from m2cache.model.model import CausalLM
 from m2cache.worker.detokenize import Detokenizer
-from m2cache.worker.provider import CachedProvider, Choose
+from m2cache.worker.provider import CachedProvider, Choose, DenseProvider
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,12 @@ class Sequence:
 class Engine:
     """Owns the model, KV cache and provider; ``submit`` is thread-safe."""
 
-    def __init__(self, model: CausalLM, provider: CachedProvider, tokenizer, max_batch: int,
-                 max_queue: int, queue_timeout_s: float, max_context: int):
+    def __init__(self, model: CausalLM, provider: CachedProvider | DenseProvider, tokenizer, max_batch: int,
+                 max_queue: int, queue_timeout_s: float, max_context: int, attention=None):
+        """``attention``: the source of streamed layers' attention weights (dense_stream), if any."""
         self.model = model
         self.provider = provider
+        self.attention = attention
         self.tokenizer = tokenizer
         self.max_context = max_context or model.config.max_position_embeddings
         self.kv = model.new_cache(max_batch, max_len=self.max_context)
@@ -165,14 +167,14 @@ class Engine:
         self._active.append(seq)
         ids = torch.tensor([seq.request.prompt_ids])
         self.provider.begin_step([seq.choose])
-        logits = self.model.forward(ids, self.kv, [seq.slot], self.provider)  # [1, T, V]
+        logits = self.model.forward(ids, self.kv, [seq.slot], self.provider, self.attention)  # [1, T, V]
         self._emit(seq, int(sample(logits[:, -1], seq.request.sampling, seq.generator)))
 
     def _decode_step(self) -> None:
         seqs = [s for s in self._active if not s.finish_reason]
         tokens = torch.tensor([[s.generated[-1]] for s in seqs])  # [B, 1]
         self.provider.begin_step([s.choose for s in seqs])
-        logits = self.model.forward(tokens, self.kv, [s.slot for s in seqs], self.provider)  # [B, 1, V]
+        logits = self.model.forward(tokens, self.kv, [s.slot for s in seqs], self.provider, self.attention)  # [B, 1, V]
         for b, seq in enumerate(seqs):
             self._emit(seq, int(sample(logits[b : b + 1, -1], seq.request.sampling, seq.generator)))
 

@@ -12,17 +12,18 @@ class WorkerCollector:
 
     def collect(self):
         rt = self.runtime
-        p, f, e = rt.provider.stats, rt.fetcher.stats, rt.engine
+        f, e = rt.fetcher.stats, rt.engine
+        n_hit, n_miss, b_hbm, b_fetched = rt.snapshot()
         yield CounterMetricFamily("m2cache_worker_requests", "Generate requests accepted", value=e.requests)
         yield CounterMetricFamily("m2cache_worker_tokens", "tokens generated", value=e.tokens)
         yield GaugeMetricFamily("m2cache_worker_active_requests", "requests decoding or queued", value=e.num_active)
         hits = CounterMetricFamily("m2cache_worker_hbm_lookups", "HBM neuron-cache lookups", labels=["result"])
-        hits.add_metric(["hit"], p.hbm_hits)
-        hits.add_metric(["miss"], p.hbm_misses)
+        hits.add_metric(["hit"], n_hit)
+        hits.add_metric(["miss"], n_miss)
         yield hits
         tier = CounterMetricFamily("m2cache_worker_neuron_bytes", "neuron record bytes by source", labels=["tier"])
-        tier.add_metric(["hbm"], p.bytes_hbm)
-        tier.add_metric(["dram_tier"], p.bytes_fetched)
+        tier.add_metric(["hbm"], b_hbm)
+        tier.add_metric(["dram_tier"], b_fetched)
         yield tier
         yield CounterMetricFamily("m2cache_worker_fetch_retries", "DramTier call retries", value=f.retries)
         yield CounterMetricFamily("m2cache_worker_fetch_seconds", "time in DramTier neuron fetches", value=f.seconds)

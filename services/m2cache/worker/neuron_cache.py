@@ -1,24 +1,34 @@
-"""HBM neuron cache: per layer and precision, a preallocated slot matrix of raw
-neuron records plus a pointer array of neuron ids (LLM in a flash's layout).
+"""HBM neuron cache: per layer and precision, a preallocated slot matrix of neuron
+records plus a pointer array of neuron ids (LLM in a flash's layout), in the form
+the kernels compute from (model/kernels: FULL rows in the checkpoint dtype,
+INT8/INT4 rows packed with their scales), so a hit costs no copy and no decode.
 
-- Rows ``[0, num_used)`` of ``slots`` are live; ``slot_ids[row]`` is the neuron in
-  that row and ``where[neuron]`` its row (-1 when absent).
-- Leaving rows are overwritten by the last live rows (no reallocation, no
-  compaction of the whole matrix); new rows are appended.
+- ``records[row]`` holds neuron ``neuron_at[row]``; ``row_of[neuron]`` is its row
+  (-1 when absent). Rows are reused in place: a miss is written into a free or
+  evicted row; nothing is compacted or reallocated.
 - Windowing: a neuron used in the last ``window`` steps is never evicted. When
   the budget cannot hold the window plus the step's new neurons, the surplus is
   computed from the fetched bytes and not cached (results never depend on it).
 
-Records stay in their stored form (INT8/INT4 stay packed); they are decoded
-when a layer computes. No I/O here: the caller fetches misses.
+``NeuronCache.bands(layer, want, step, take)`` is the one per-layer call: look
+up, admit the misses (``take`` fetches them), hand back the compute's bands.
+No I/O here: the caller's ``take`` does it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from m2cache.codec.format import Precision
+from m2cache.model.ffn import Band
+
+# (precision, sorted miss ids [m]) -> their records uint8 [m, record_bytes] in ids order
+Take = Callable[[Precision, torch.Tensor], torch.Tensor]
+# (layer, precision, ids [m]) -> records uint8 [m, record_bytes] in ids order
+Fill = Callable[[int, Precision, torch.Tensor], torch.Tensor]
+_NEVER = -(2**62)
 
 
 class PrecisionSlots:
@@ -28,10 +38,11 @@ class PrecisionSlots:
         self.record_bytes = record_bytes
         self.capacity = capacity
         self.window = window
-        self.slots = torch.empty((capacity, record_bytes), dtype=torch.uint8, device=device)  # [cap, rb]
-        self.slot_ids = torch.full((capacity,), -1, dtype=torch.long)  # [cap] neuron per row
-        self.where = torch.full((num_neurons,), -1, dtype=torch.long)  # [N] row per neuron
-        self.last_used = torch.full((num_neurons,), -(2**62), dtype=torch.long)  # [N] step
+        # zero-filled: touched now, so the fast memory is resident before the first token
+        self.records = torch.zeros((capacity, record_bytes), dtype=torch.uint8, device=device)  # [cap, rb]
+        self.neuron_at = torch.full((capacity,), -1, dtype=torch.long)  # [cap] neuron in each row
+        self.row_of = torch.full((num_neurons,), -1, dtype=torch.long)  # [N] row of each neuron
+        self.last_used = torch.full((num_neurons,), _NEVER, dtype=torch.long)  # [N] step
         self.num_used = 0
 
     @property
@@ -40,62 +51,49 @@ class PrecisionSlots:
 
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [n] long -> bool [n]."""
-        return self.where[ids] >= 0
+        return self.row_of[ids] >= 0
 
     def touch(self, ids: torch.Tensor, step: int) -> None:
         self.last_used[ids] = step
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Records of cached ``ids`` [n] -> uint8 [n, rb] (on the cache device)."""
-        rows = self.where[ids]
-        assert bool((rows >= 0).all()), "gather of a neuron that is not cached"
-        return self.slots[rows.to(self.slots.device)]
-
-    def admit(self, ids: torch.Tensor, records: torch.Tensor, step: int) -> int:
-        """Cache as many of ``ids`` [m] (records [m, rb]) as the window allows.
-        Returns how many were admitted (a prefix of ``ids``)."""
-        free = self.capacity - self.num_used
+    def reserve(self, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """Rows for as many of the uncached ``ids`` [m] as the window allows -> rows [m]
+        (-1 for those left uncached, a suffix). The caller writes their records."""
         need = int(ids.numel())
-        if need > free:
-            free += self._evict(need - free, step)
-        take = min(need, free)
-        if take:
-            rows = torch.arange(self.num_used, self.num_used + take)
-            self.slots[rows.to(self.slots.device)] = records[:take].to(self.slots.device, non_blocking=True)
-            self.slot_ids[rows] = ids[:take]
-            self.where[ids[:take]] = rows
-            self.num_used += take
-        return take
+        out = torch.full((need,), -1, dtype=torch.long)
+        if need == 0 or self.capacity == 0:
+            return out
+        free = (self.neuron_at < 0).nonzero().flatten()
+        if free.numel() < need:
+            free = torch.cat([free, self._evict(need - free.numel(), step)])
+        take = min(need, int(free.numel()))
+        rows = free[:take]
+        self.neuron_at[rows] = ids[:take]
+        self.row_of[ids[:take]] = rows
+        self.num_used += take
+        out[:take] = rows
+        return out
 
-    def _evict(self, want: int, step: int) -> int:
-        """Evict up to ``want`` least recently used neurons outside the window."""
-        live = self.slot_ids[: self.num_used]
-        age = self.last_used[live]
-        outside = (age <= step - self.window).nonzero().flatten()  # rows evictable
+    def _evict(self, want: int, step: int) -> torch.Tensor:
+        """Free up to ``want`` rows of the least recently used neurons outside the window."""
+        used = (self.neuron_at >= 0).nonzero().flatten()
+        age = self.last_used[self.neuron_at[used]]
+        outside = used[age <= step - self.window]
         if outside.numel() == 0:
-            return 0
-        order = torch.argsort(age[outside])[:want]
-        victims = outside[order]  # rows to drop
-        self._drop_rows(victims)
-        return int(victims.numel())
+            return outside
+        victims = outside[torch.argsort(self.last_used[self.neuron_at[outside]], stable=True)[:want]]
+        self.row_of[self.neuron_at[victims]] = -1
+        self.neuron_at[victims] = -1
+        self.num_used -= int(victims.numel())
+        return victims
 
-    def _drop_rows(self, rows: torch.Tensor) -> None:
-        """Overwrite dropped rows with the last live rows; shrink num_used."""
-        n_new = self.num_used - int(rows.numel())
-        self.where[self.slot_ids[rows]] = -1
-        dropped = torch.zeros(self.num_used, dtype=torch.bool)
-        dropped[rows] = True
-        holes = rows[rows < n_new]  # dropped rows that stay inside the live range
-        tail = torch.arange(n_new, self.num_used)
-        movers = tail[~dropped[n_new:]]  # live rows beyond the new end
-        if holes.numel():
-            dev = self.slots.device
-            self.slots[holes.to(dev)] = self.slots[movers.to(dev)]
-            moved_ids = self.slot_ids[movers]
-            self.slot_ids[holes] = moved_ids
-            self.where[moved_ids] = holes
-        self.slot_ids[n_new : self.num_used] = -1
-        self.num_used = n_new
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_hit: int = 0
+    bytes_missed: int = 0
 
 
 @dataclass
@@ -108,13 +106,14 @@ class NeuronCache:
     capacity: dict[Precision, int]
     window: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError("window must be >= 1 token")
         self.layers = [
-            {p: PrecisionSlots(self.num_neurons, self.record_bytes[p], self.capacity[p], self.window, self.device)
-             for p in Precision}
+            {p: PrecisionSlots(self.num_neurons, self.record_bytes[p], self.capacity.get(p, 0), self.window,
+                               self.device) for p in Precision}
             for _ in range(self.num_layers)
         ]
 
@@ -123,13 +122,35 @@ class NeuronCache:
                     budget_bytes: int, shares: dict[Precision, float], window: int,
                     device: torch.device | str = "cpu") -> "NeuronCache":
         """Split ``budget_bytes`` evenly across layers and by ``shares`` (summing to
-        1) across precisions; capacity never exceeds the layer's neuron count."""
+        1) across precisions; capacity never exceeds the layer's neuron count. A budget
+        that holds every neuron at every precision with a share holds them all."""
         per_layer = budget_bytes // max(num_layers, 1)
-        total = sum(shares.values()) or 1.0
-        capacity = {
-            p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total) // record_bytes[p]) for p in Precision
-        }
+        used = [p for p in Precision if shares.get(p, 0.0) > 0]
+        if per_layer >= sum(num_neurons * record_bytes[p] for p in used):
+            capacity = {p: num_neurons for p in used}
+        else:
+            total = sum(shares.values()) or 1.0
+            capacity = {p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total) // record_bytes[p])
+                        for p in Precision}
         return cls(num_layers, num_neurons, record_bytes, capacity, window, torch.device(device))
+
+    @property
+    def holds_everything(self) -> bool:
+        """Every precision with room holds every neuron: after ``fill`` nothing ever misses."""
+        caps = [s.capacity for s in self.layers[0].values() if s.capacity] if self.layers else []
+        return bool(caps) and all(c == self.num_neurons for c in caps)
+
+    def fill(self, fetch: Fill) -> None:
+        """Load every neuron at every precision with room (a cache that holds everything:
+        no I/O after this). ``fetch(layer, prec, ids)`` -> records [N, rb]."""
+        ids = torch.arange(self.num_neurons)
+        for layer, slots in enumerate(self.layers):
+            for prec, s in slots.items():
+                if s.capacity == self.num_neurons:
+                    s.records.copy_(fetch(layer, prec, ids))
+                    s.neuron_at.copy_(ids)
+                    s.row_of.copy_(ids)
+                    s.num_used = self.num_neurons
 
     def slots(self, layer: int, prec: Precision) -> PrecisionSlots:
         return self.layers[layer][prec]
@@ -141,3 +162,42 @@ class NeuronCache:
     @property
     def budget_bytes(self) -> int:
         return sum(s.capacity * s.record_bytes for layer in self.layers for s in layer.values())
+
+    # ---- the per-layer call -------------------------------------------------------------
+    def bands(self, layer: int, want: dict[Precision, torch.Tensor], step: int, take: Take) -> list[Band]:
+        """want: precision -> sorted neuron ids of this step -> one Band per precision,
+        hits read in place, misses fetched once (``take``), admitted where the window allows."""
+        return [self._band(layer, Precision(p), ids, step, take) for p, ids in sorted(want.items()) if ids.numel()]
+
+    def _band(self, layer: int, prec: Precision, ids: torch.Tensor, step: int, take: Take) -> Band:
+        s = self.layers[layer][prec]
+        rows = s.row_of[ids]  # [n], -1 = miss
+        s.touch(ids, step)  # in the window now: admitting misses cannot evict them
+        miss = rows < 0
+        num_miss = int(miss.sum())
+        self._count(num_miss, int(ids.numel()) - num_miss, s.record_bytes)
+        if num_miss == 0:
+            return Band(prec, ids, (s.records,), rows)
+        miss_ids = ids[miss]
+        fetched = take(prec, miss_ids).to(s.records.device)  # [m, rb]
+        dest = s.reserve(miss_ids, step)  # [m] rows, -1 = no room
+        kept = dest >= 0
+        if bool(kept.any()):
+            s.records[dest[kept].to(s.records.device)] = fetched[kept.to(fetched.device)]
+        rows = rows.clone()
+        which = torch.zeros(ids.numel(), dtype=torch.long)
+        # admitted misses are read from their new rows; the rest from the fetched bytes
+        miss_pos = miss.nonzero().flatten()
+        rows[miss_pos[kept]] = dest[kept]
+        surplus = ~kept
+        if not bool(surplus.any()):
+            return Band(prec, ids, (s.records,), rows)
+        rows[miss_pos[surplus]] = surplus.nonzero().flatten()
+        which[miss_pos[surplus]] = 1
+        return Band(prec, ids, (s.records, fetched), rows, which)
+
+    def _count(self, misses: int, hits: int, record_bytes: int) -> None:
+        self.stats.hits += hits
+        self.stats.misses += misses
+        self.stats.bytes_hit += hits * record_bytes
+        self.stats.bytes_missed += misses * record_bytes

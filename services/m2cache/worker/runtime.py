@@ -6,19 +6,22 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
 
 from m2cache import grpc_util
 from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
+from m2cache.model.ffn import DenseFFN
 from m2cache.model.model import CausalLM, attention_names
+from m2cache.model.weights import compute_dtype
 from m2cache.worker.choosers import Choosers
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.dense_stream import AttentionStreamer, plan_resident
 from m2cache.worker.engine import Engine, Request, Sequence
 from m2cache.worker.fetcher import TierFetcher
 from m2cache.worker.neuron_cache import NeuronCache
-from m2cache.worker.provider import CachedProvider
+from m2cache.worker.provider import CachedProvider, DenseProvider
 from m2cache_client.pb import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -42,17 +45,23 @@ class WorkerRuntime:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.choosers = choosers
-        layout = manifest.layout
-        ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
-        self.cache = NeuronCache.with_budget(
-            manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
-            int(ffn_bytes * config.cache_fraction), cache_shares(choosers.ratios, manifest), config.window, config.device,
-        )
         self.streamer = streamer
-        self.provider = CachedProvider(self.cache, layout, fetcher.neurons, manifest.num_layers,
-                                       prefetch=config.prefetch, device=config.device, layer_hooks=streamer)
+        dense = config.cache_fraction >= 1 and choosers.ratios is None  # budget >= model, every neuron FULL
+        self.cache = build_cache(manifest, 0.0 if dense else config.cache_fraction, choosers.ratios,
+                                 config.window, config.device)
+        if dense:
+            self.provider = DenseProvider(dense_layers(manifest, fetcher.neurons, model.dtype, config.device))
+        else:
+            if self.cache.holds_everything:  # load it all now: no I/O once serving
+                self.cache.fill(lambda layer, prec, ids: fetcher.neurons(layer, prec, ids, layer))
+            self.provider = CachedProvider(self.cache, manifest.layout, fetcher.neurons, manifest.num_layers,
+                                           prefetch=config.prefetch)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
-                             config.queue_timeout_s, config.max_context)
+                             config.queue_timeout_s, config.max_context, attention=streamer)
+        log.info("worker %s: model %s (%d layers, %s), %s, cache budget %.0f%% of FFN (%d MiB), window %d, tiers %s",
+                 config.worker_id, config.model, manifest.num_layers, model.dtype,
+                 "dense path (budget holds the model)" if dense else f"policy {choosers.ratios or 'all FULL'}",
+                 100 * config.cache_fraction, self.cache.budget_bytes >> 20, config.window, config.dram_target)
 
     @classmethod
     def connect(cls, config: WorkerConfig, choosers: Choosers | None = None) -> "WorkerRuntime":
@@ -90,8 +99,9 @@ class WorkerRuntime:
 
     # ---- stats -----------------------------------------------------------------------
     def snapshot(self) -> tuple[int, int, int, int]:
-        s = self.provider.stats
-        return s.hbm_hits, s.hbm_misses, s.bytes_hbm, s.bytes_fetched
+        c = self.cache.stats
+        fetched = self.provider.stats.bytes_fetched if isinstance(self.provider, CachedProvider) else 0
+        return c.hits, c.misses, c.bytes_hit, fetched
 
     def stats_for(self, seq: Sequence, before: tuple[int, int, int, int]) -> worker_pb2.GenerationStats:
         """Stats over the sequence's lifetime (tier bytes are the worker's, shared by a batch)."""
@@ -107,13 +117,14 @@ class WorkerRuntime:
         )
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
-        s = self.provider.stats
-        total = s.hbm_hits + s.hbm_misses
+        hits, misses, b_hbm, b_fetch = self.snapshot()
+        total = hits + misses
+        resident = self.provider.num_bytes if isinstance(self.provider, DenseProvider) else self.cache.num_bytes
         return worker_pb2.WorkerStats(
             requests=self.engine.requests, active=self.engine.num_active, tokens=self.engine.tokens,
-            hbm_hit_rate=s.hbm_hits / total if total else 0.0,
-            bytes=worker_pb2.TierBytes(hbm=s.bytes_hbm, dram=s.bytes_fetched),
-            cache_bytes=self.cache.num_bytes, cache_budget_bytes=self.cache.budget_bytes,
+            hbm_hit_rate=hits / total if total else 0.0,
+            bytes=worker_pb2.TierBytes(hbm=b_hbm, dram=b_fetch),
+            cache_bytes=resident, cache_budget_bytes=max(resident, self.cache.budget_bytes),
         )
 
 
@@ -131,16 +142,37 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def build_cache(manifest: Manifest, fraction: float, ratios: dict[str, float] | None, window: int,
+                device: str = "cpu") -> NeuronCache:
+    """The HBM neuron cache for ``fraction`` of the model's FULL FFN bytes, split across
+    the precisions the policy uses (cache_shares)."""
+    layout = manifest.layout
+    ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
+    return NeuronCache.with_budget(manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
+                                   int(ffn_bytes * fraction), cache_shares(ratios, manifest), window, device)
+
+
+def dense_layers(manifest: Manifest, fetch, dtype: torch.dtype, device: str = "cpu") -> list[DenseFFN]:
+    """Every layer's neurons at FULL precision, fetched once and fused (the dense path)."""
+    layout, all_ids = manifest.layout, torch.arange(manifest.d_ffn)
+    out = []
+    for layer in range(manifest.num_layers):
+        vectors, bias = layout.decode(fetch(layer, Precision.FULL, all_ids, layer), Precision.FULL)
+        out.append(DenseFFN.from_vectors(vectors.to(device), None if bias is None else bias.to(device), dtype))
+    return out
+
+
 def _build_model(config: WorkerConfig, manifest: Manifest,
                  fetcher: TierFetcher) -> tuple[CausalLM, AttentionStreamer | None]:
     """The model with every dense part resident, or, over ``dense_budget_bytes``,
     the first layers resident and the rest's attention streamed."""
     model_config = ModelConfig.from_hf(manifest.hf_config)
+    dtype = compute_dtype(manifest.dtype)
     if not config.dense_budget_bytes:
-        return CausalLM(model_config, fetcher.dense(), config.device), None
+        return CausalLM(model_config, fetcher.dense(), config.device, dtype), None
     resident, streamed = plan_resident(manifest, lambda i: attention_names(model_config, i, manifest.dense),
-                                       config.dense_budget_bytes)
-    model = CausalLM(model_config, fetcher.dense(resident), config.device, streamed_layers=frozenset(streamed))
+                                       config.dense_budget_bytes, dtype)
+    model = CausalLM(model_config, fetcher.dense(resident), config.device, dtype, streamed_layers=frozenset(streamed))
     log.info("dense budget %d B: %d layers' attention streamed", config.dense_budget_bytes, len(streamed))
     return model, AttentionStreamer(model, fetcher.dense, streamed) if streamed else None
 

@@ -1,16 +1,19 @@
 """The one bridge from a NeuronStore to the pure-torch model: dense tensors,
-config, tokenizer files and the neuron bank."""
+config, tokenizer files, the neuron bank, and reads of missed neurons."""
 from __future__ import annotations
 
 import logging
 import tempfile
 
+import numpy as np
 import torch
 
-from m2cache.store.reader import NeuronStore
+from m2cache.codec.format import Precision
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank
+from m2cache.model.weights import compute_dtype
+from m2cache.store.reader import NeuronStore
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,21 @@ def load_tokenizer(store: NeuronStore):
 
 
 def load_model(store: NeuronStore, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[CausalLM, object, WeightBank]:
-    """(model with the store's dense tensors, tokenizer or None, lazily-decoded neuron bank)."""
+               dtype: torch.dtype | None = None) -> tuple[CausalLM, object, WeightBank]:
+    """(model with the store's dense tensors, tokenizer or None, lazily-read neuron bank);
+    ``dtype`` None: the checkpoint's own (compute_dtype)."""
+    dtype = dtype or compute_dtype(store.manifest.dtype)
     config = ModelConfig.from_hf(store.manifest.hf_config)
     dense = {name: store.get_dense(name) for name in store.dense_names()}
     model = CausalLM(config, dense, device, dtype)
-    return model, load_tokenizer(store), WeightBank.from_store(store, device)
+    return model, load_tokenizer(store), WeightBank.from_store(store, device, dtype)
+
+
+def store_fetch(store: NeuronStore):
+    """The HBM cache's fetch, straight from a local store: (layer, prec, ids, current_layer)
+    -> uint8 records [m, record_bytes] in ids order."""
+    def fetch(layer: int, prec: Precision, ids: torch.Tensor, current_layer: int) -> torch.Tensor:
+        rb = store.layout.num_bytes(prec)
+        raw = store.get_neurons(layer, ids.numpy(), prec)
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(len(ids), rb).copy())
+    return fetch

@@ -1,0 +1,217 @@
+"""Compute kernels for the sparse mixed-precision FFN over neuron records.
+
+``neuron_ffn(x, bands, layout)`` computes a layer's FFN output over the neurons of
+``bands`` (ffn.Band: per precision, where each chosen neuron's record lives, in
+neuron-id order) straight from the stored records: FULL rows in the checkpoint's
+dtype, INT8/INT4 rows still packed with their scales. Nothing is decoded or
+copied per token.
+
+Two implementations:
+- ``neuron_ffn.c`` (CPU): built once per machine with the system C compiler into
+  ``$M2CACHE_KERNEL_CACHE`` (default ``~/.cache/m2cache/kernels``), loaded with
+  ctypes, OpenMP threads, AVX2/FMA/F16C where the CPU has them (flags read from
+  /proc/cpuinfo, never -march=native: this VM's cpuid promises more than it runs);
+- a torch fallback (any device, or when no compiler is available, or with
+  ``M2CACHE_KERNELS=torch``): gathers the records, decodes them and multiplies.
+Both are deterministic for a given neuron order, so a cached run and an in-process
+run with the same choice compute the same floats.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from m2cache.codec.format import RecordLayout
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("neuron_ffn.c")
+ABI_VERSION = 2
+_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_local = threading.local()
+
+
+# ---- building and loading the C kernel ------------------------------------------------
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compile_flags() -> list[str]:
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("M2CACHE_KERNEL_CACHE", Path.home() / ".cache" / "m2cache" / "kernels"))
+
+
+def _build() -> Path:
+    """Compile (once per source + flags + compiler) into the kernel cache; atomic."""
+    cc = os.environ.get("CC", "cc")
+    flags = _compile_flags()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"neuron_ffn-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr[-2000:]}")
+        os.replace(out, target)
+    log.info("built the neuron FFN kernel: %s (%s)", target, " ".join(flags))
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("M2CACHE_KERNELS", "auto") == "torch":
+            log.info("M2CACHE_KERNELS=torch: the FFN runs on the torch fallback")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            log.warning("no C kernel (%s): the FFN runs on the slower torch fallback", err)
+            return None
+        if lib.m2c_abi_version() != ABI_VERSION:
+            log.warning("stale kernel ABI %d (want %d): torch fallback", lib.m2c_abi_version(), ABI_VERSION)
+            return None
+        fn = lib.m2c_neuron_ffn
+        P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        fn.argtypes = [P, I64, I64, I32, P, I32, I32, I32, I32, P, P, P, I32]
+        fn.restype = None
+        _lib = lib
+        return lib
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """"c-avx2", "c-scalar" or "torch": what ``neuron_ffn`` runs on ``device``."""
+    if torch.device(device).type != "cpu":
+        return "torch"
+    lib = _load()
+    if lib is None:
+        return "torch"
+    return "c-avx2" if lib.m2c_simd() == 2 else "c-scalar"
+
+
+# ---- the call ---------------------------------------------------------------------------
+class _Workspace:
+    """Per-thread buffers reused across calls (no allocation per layer)."""
+
+    def __init__(self):
+        self.scratch = torch.empty(0)
+        self.xq = torch.empty(0, dtype=torch.int8)
+        self.desc = (ctypes.c_int64 * 15)()
+
+    def sized(self, threads: int, R: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scratch.numel() < threads * R * d:
+            self.scratch = torch.empty(threads * R * d)
+        need = 2 * R * d + 8 * R * (d // 32) + 64
+        if self.xq.numel() < need:
+            self.xq = torch.empty(need, dtype=torch.int8)
+        return self.scratch, self.xq
+
+
+def _workspace() -> _Workspace:
+    ws = getattr(_local, "ws", None)
+    if ws is None:
+        ws = _local.ws = _Workspace()
+    return ws
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Run this thread's FFNs on the torch fallback (exact decoded-weight arithmetic):
+    tests compare the kernel's choice of neurons and precisions with transformers."""
+    _local.torch_only = True
+    try:
+        yield
+    finally:
+        _local.torch_only = False
+
+
+def neuron_ffn(x: torch.Tensor, bands, layout: RecordLayout, num_neurons: int) -> torch.Tensor:
+    """x: [R, d] FFN input rows -> y [R, d] float32 = the FFN over ``bands``.
+
+    bands: ffn.Band list (at most one per precision), records on x's device, of a
+    layer of ``num_neurons`` (threads split the neurons by id range: see the C source)."""
+    lib = _load() if x.device.type == "cpu" and not getattr(_local, "torch_only", False) else None
+    if lib is None:
+        return _torch_neuron_ffn(x, bands, layout)
+    x = x.float().contiguous()
+    R, d = x.shape
+    y = torch.zeros(R, d)
+    live = [b for b in bands if b.num_neurons]
+    if not live:
+        return y
+    assert len(live) <= 3, "one band per precision"
+    ws = _workspace()
+    threads = torch.get_num_threads()
+    scratch, xq = ws.sized(threads, R, d)
+    bounds = torch.arange(threads + 1) * num_neurons // threads  # neuron-id range of each part
+    keep = []  # tensors whose addresses the call uses
+    for i, band in enumerate(live):
+        addrs = band.addresses()
+        mask = None if band.mask is None else band.mask.float().contiguous()
+        starts = torch.searchsorted(band.ids, bounds)
+        keep += [addrs, mask, starts]
+        ws.desc[5 * i : 5 * i + 5] = [addrs.data_ptr(), band.num_neurons, 0 if mask is None else mask.data_ptr(),
+                                      int(band.prec), starts.data_ptr()]
+    lib.m2c_neuron_ffn(x.data_ptr(), R, d, len(live), ctypes.addressof(ws.desc), layout.nvec,
+                       _DTYPE_CODES[layout.dtype], layout.int4_group, int(layout.has_bias),
+                       y.data_ptr(), scratch.data_ptr(), xq.data_ptr(), threads)
+    return y
+
+
+def _torch_neuron_ffn(x: torch.Tensor, bands, layout: RecordLayout) -> torch.Tensor:
+    """Any device: gather each band's records, decode them, multiply (a copy per call).
+    Masked bands (rows of a batch that chose differently) run row by row over each
+    row's own neurons, so a row's result never depends on the others'."""
+    xf = x.float()
+    y = torch.zeros_like(xf)
+    for band in bands:
+        if not band.num_neurons:
+            continue
+        vectors, bias = layout.decode(band.gather(), band.prec)  # [n, nvec, d], [n] | None
+        vectors = vectors.to(xf.device)
+        bias = None if bias is None else bias.to(xf.device)
+        if band.mask is None:
+            y += _decoded_ffn(xf, vectors, bias)
+            continue
+        for r in range(xf.shape[0]):
+            keep = band.mask[r].to(xf.device) != 0
+            y[r : r + 1] += _decoded_ffn(xf[r : r + 1], vectors[keep], None if bias is None else bias[keep])
+    return y
+
+
+def _decoded_ffn(x: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [R, d], vectors [n, nvec, d] float32 -> [R, d]."""
+    pre = x @ vectors[:, 0].T  # [R, n]
+    act = torch.relu(pre + bias) if bias is not None else torch.nn.functional.silu(pre) * (x @ vectors[:, 1].T)
+    return act @ vectors[:, -1]
