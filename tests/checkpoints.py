@@ -2,13 +2,15 @@
 from transformers configs (no downloads), and paths to the real shared models."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the checkout; M2CACHE_SHARED points elsewhere (a GPU machine gets a copy)
+SHARED = Path(os.environ.get("M2CACHE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 REAL_MODELS = ("tinystories-656k", "stories260k")
 
 

@@ -22,8 +22,13 @@ def converted(request, tmp_path_factory):
 
 
 def _run(capsys, *argv: str) -> str:
+    return _run_err(capsys, *argv)[0]
+
+
+def _run_err(capsys, *argv: str) -> tuple[str, str]:
     assert cli.main(["run", *argv]) == 0
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    return captured.out, captured.err
 
 
 def _transformers_greedy(name: str, new_tokens: int) -> list[int]:
@@ -40,9 +45,21 @@ def test_run_token_ids_equal_transformers_greedy(converted, capsys):
     name, store = converted
     out = _run(capsys, str(store), "--prompt", PROMPT, "--max-new-tokens", "16", "--token-ids")
     assert json.loads(out) == _transformers_greedy(name, 16)
-    # the default (the store's policy; full precision while a store has none) and --full agree
+    # the default (the store's policy; full precision while a store has none) and --full agree,
+    # and both run the dense path: every neuron resident, nothing ranked
+    full, err = _run_err(capsys, str(store), "--prompt", PROMPT, "--max-new-tokens", "16", "--token-ids", "--full")
+    assert full == out and "every neuron resident" in err and "tok/s" in err and "TTFT" in err
+
+
+def test_run_with_a_budget_uses_the_hbm_cache(converted, capsys):
+    name, store = converted
     full = _run(capsys, str(store), "--prompt", PROMPT, "--max-new-tokens", "16", "--token-ids", "--full")
-    assert full == out
+    out, err = _run_err(capsys, str(store), "--prompt", PROMPT, "--max-new-tokens", "16", "--token-ids",
+                        "--budget", "0.25", "--window", "2")
+    assert json.loads(out) == json.loads(full)  # every neuron still at full precision, a quarter of them cached
+    assert "HBM hit rate" in err and "MiB/token from the store" in err
+    hit = int(err.split("HBM hit rate ")[1].split("%")[0])
+    assert 5 <= hit <= 40, err  # every neuron is used every token and a quarter fits: about a quarter hits
 
 
 def test_run_prints_text_and_honours_precision_and_seed(converted, capsys):

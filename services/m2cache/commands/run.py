@@ -61,6 +61,13 @@ def policy_choose(store: NeuronStore, bank: WeightBank):
     return ranker.choose(), ranker.ratios.to_dict()
 
 
+def default_choose(store: NeuronStore, bank: WeightBank) -> Choose:
+    """What ``run`` computes with when neither --full nor --precision is given, as a
+    choose function: the store's policy, or every neuron at full precision."""
+    choose, _ratios = policy_choose(store, bank)
+    return choose or uniform_choose(bank, Precision.FULL)
+
+
 def choose_for(args: argparse.Namespace, store: NeuronStore, bank: WeightBank) -> tuple[Choose | None, dict | None]:
     """What the run computes: (None, None) = every neuron at full precision (the dense path)."""
     if args.full:

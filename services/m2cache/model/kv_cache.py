@@ -50,6 +50,8 @@ class KVCache:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # per (layer, slot) views [Hkv, max_len, D]: a lone row's write and read index nothing per step
+        self._rows = [[(self.k[l, s], self.v[l, s]) for s in range(num_slots)] for l in range(num_layers)]
         self.lengths = [0] * num_slots  # host-side: read every step, never a device sync
         self.max_len = max_len
         self.device = torch.device(device)
@@ -61,6 +63,10 @@ class KVCache:
         """A cache shaped for ``config`` (a ModelConfig); max_len defaults to its context length."""
         max_len = max_len or config.max_position_embeddings
         return cls(config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim, device, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
 
     @property
     def num_slots(self) -> int:
@@ -121,9 +127,9 @@ class KVCache:
     def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, Hkv, T, D] written at the step's rows and positions."""
         if step.slot is not None:
-            end = step.start + k.shape[2]
-            self.k[layer, step.slot, :, step.start : end] = k[0]
-            self.v[layer, step.slot, :, step.start : end] = v[0]
+            kr, vr = self._rows[layer][step.slot]
+            kr.narrow(1, step.start, k.shape[2]).copy_(k[0])
+            vr.narrow(1, step.start, v.shape[2]).copy_(v[0])
             return
         rows = step.slots[:, None]  # [B, 1] broadcasts against positions [B, T]
         self.k[layer].transpose(1, 2)[rows, step.positions] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, Hkv, D]
@@ -132,8 +138,8 @@ class KVCache:
     def read(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the step's rows -> [B, Hkv, key_len, D] (a view for one row)."""
         if step.slot is not None:
-            s = step.slot
-            return self.k[layer, s : s + 1, :, : step.key_len], self.v[layer, s : s + 1, :, : step.key_len]
+            kr, vr = self._rows[layer][step.slot]
+            return kr.narrow(1, 0, step.key_len).unsqueeze(0), vr.narrow(1, 0, step.key_len).unsqueeze(0)
         return self.k[layer, step.slots, :, : step.key_len], self.v[layer, step.slots, :, : step.key_len]
 
     def advance(self, slots: list[int], num_tokens: int) -> None:

@@ -70,6 +70,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---- attention ------------------------------------------------------------------
+def attention_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """Attention (rope, scores, the KV cache) runs in float32 on CPU, where half-precision
+    attention kernels are several times slower than float32 ones; in the model's dtype elsewhere."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
 @dataclass(slots=True)
 class AttentionWeights:
     """One layer's projections, Hugging Face [out, in] layout, q/k/v fused."""
@@ -94,18 +100,20 @@ class Heads:
 def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, step: Step, heads: Heads,
               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """x: [B, T, d] (normed) -> [B, T, d]. Writes this step's keys/values into the
-    cache and attends over each row's history (GQA without repeating k/v)."""
+    cache and attends over each row's history (GQA without repeating k/v), in the
+    cache's dtype (float32 on CPU: half-precision attention is several times slower there)."""
     B, T, _ = x.shape
     H, Hkv, D = heads.num_heads, heads.num_kv_heads, heads.head_dim
-    qkv = F.linear(x, w.wqkv, w.bqkv)  # [B, T, (H + 2 Hkv) D]
-    qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+    qkv = F.linear(x, w.wqkv, w.bqkv).to(kv.dtype)  # [B, T, (H + 2 Hkv) D], in the cache's dtype
+    qk, v = qkv.split(((H + Hkv) * D, Hkv * D), dim=-1)
+    qk = qk.view(B, T, H + Hkv, D)
     if rope is not None:  # q and k rotated together
         qk = apply_rope(qk, *rope)
-    q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
-    k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
-    v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+    q, k = qk.split((H, Hkv), dim=2)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
     kv.write(layer, step, k, v)
     keys, values = kv.read(layer, step)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, is_causal=step.is_causal,
                                          enable_gqa=H != Hkv)  # [B, H, T, D]
-    return F.linear(out.transpose(1, 2).reshape(B, T, H * D), w.wo, w.bo)
+    return F.linear(out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.wo, w.bo)

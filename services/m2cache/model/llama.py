@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from m2cache.model.config import ModelConfig
 from m2cache.model.kv_cache import KVCache, Step
-from m2cache.model.layers import AttentionWeights, Heads, RopeTable, attention, rms_norm, rope_inv_freq
+from m2cache.model.layers import (AttentionWeights, Heads, RopeTable, attention, attention_dtype, rms_norm,
+                                  rope_inv_freq)
 from m2cache.model.weights import DenseWeights
 
 
@@ -27,6 +28,7 @@ class LlamaModel:
         self.ffn_norm = [w.get(f"model.layers.{i}.post_attention_layernorm.weight") for i in range(config.num_layers)]
         self.norm = w.get("model.norm.weight")
         self.rope = RopeTable(rope_inv_freq(config.rope, config.head_dim, device))
+        self.attention_dtype = attention_dtype(device, w.dtype)
 
     @staticmethod
     def layer_prefix(i: int) -> str:
@@ -35,7 +37,7 @@ class LlamaModel:
     def embed_tokens(self, input_ids: torch.Tensor, step: Step) -> tuple[torch.Tensor, tuple]:
         """input_ids [B, T] -> (x [B, T, d], rope cos/sin for the step)."""
         x = F.embedding(input_ids, self.embed)
-        return x, self.rope.lookup(step.positions, x.dtype)
+        return x, self.rope.lookup(step.positions, self.attention_dtype)
 
     def attention_block(self, i: int, x: torch.Tensor, w: AttentionWeights, kv: KVCache, step: Step,
                         rope) -> torch.Tensor:

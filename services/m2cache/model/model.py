@@ -14,7 +14,7 @@ from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
 from m2cache.model.ffn import FFNProvider
 from m2cache.model.kv_cache import KVCache
-from m2cache.model.layers import AttentionWeights
+from m2cache.model.layers import AttentionWeights, attention_dtype
 from m2cache.model.llama import LlamaModel
 from m2cache.model.opt import OPTModel
 from m2cache.model.weights import DenseWeights, attention_weights
@@ -50,8 +50,8 @@ class CausalLM:
         return attention_weights(tensors, self.net.layer_prefix(layer), self.net.attn_out)
 
     def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
-        """A KV cache on this model's device and dtype (max_len: the context length by default)."""
-        return KVCache.for_model(self.config, num_slots, max_len, self.device, self.dtype)
+        """A KV cache on this model's device, in the attention dtype (max_len: the context length by default)."""
+        return KVCache.for_model(self.config, num_slots, max_len, self.device, attention_dtype(self.device, self.dtype))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, kv: KVCache, slots: torch.Tensor | list[int], ffn: FFNProvider,

@@ -18,6 +18,7 @@ class DenseWeights:
     """Lookup of the dense (non-FFN) tensors; missing required names raise CheckpointError."""
 
     def __init__(self, dense: dict[str, torch.Tensor], device, dtype: torch.dtype):
+        self.dtype = dtype
         self._tensors = {name: t.to(device=device, dtype=dtype) for name, t in dense.items()}
 
     def __contains__(self, name: str) -> bool:
