@@ -3,7 +3,6 @@ real workers and tiers."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 
@@ -24,13 +23,10 @@ def stack(store_service):
     redis = start_redis()
     dram = DramHandle(store_service.target, redis.url, budget_bytes=1 << 20)
     worker = WorkerHandle(dram.target, MODEL)
-    server, port, gateway = gateway_server.create_server(GatewayConfig(workers=worker.target, model=MODEL,
-                                                                       address="127.0.0.1:0", timeout_s=60))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", worker
-    server.shutdown()
-    gateway.client.close()
+    server = gateway_server.create_server(GatewayConfig(workers=worker.target, model=MODEL,
+                                                        address="127.0.0.1:0", timeout_s=60)).start()
+    yield f"http://127.0.0.1:{server.port}", worker
+    server.stop()
     worker.stop()
     dram.stop()
     redis.stop()
