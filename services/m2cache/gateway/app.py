@@ -38,6 +38,7 @@ HTTP_STATUS = {
     client_errors.InvalidRequest: 400, client_errors.ModelNotFound: 404, client_errors.Overloaded: 429,
     client_errors.Unavailable: 503, client_errors.DeadlineExceeded: 504, client_errors.Cancelled: 499,
 }
+MAX_HEAD_BYTES = 16 << 10  # h11's own cap on a head still arriving
 # Absolute paths in messages relayed from the servers are the server's business, not the client's.
 _PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
@@ -269,7 +270,23 @@ def build_app(gw: Gateway) -> Starlette:
         message = "no route " + request.url.path if exc.status_code == 404 else exc.detail
         return HttpError(exc.status_code, clean(str(message))).response()
 
-    return Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: http_exception})
+    app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: http_exception})
+    return HeaderCap(app)
+
+
+class HeaderCap:
+    """ASGI middleware: a request head over ``MAX_HEAD_BYTES`` gets 431. (h11 caps a
+    head that arrives in pieces at the same size; one arriving whole it accepts.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEAD_BYTES:
+            response = HttpError(431, f"request headers over {MAX_HEAD_BYTES} bytes", headers={"Connection": "close"})
+            await response.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def instrument(gw: Gateway, endpoint):
