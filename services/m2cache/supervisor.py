@@ -62,8 +62,9 @@ class Child:
 
 
 class Supervisor:
-    """``start(specs)`` blocks until every child is ready (or raises, having stopped
-    what it started); ``stop()`` stops them all. ``on_change`` is called (on the
+    """``start(stages)`` starts each stage's children together and blocks until they
+    are all ready before the next stage (or raises, having stopped what it started);
+    ``stop()`` stops them all, in reverse order. ``on_change`` is called (on the
     supervisor thread) after every restart, e.g. to rewrite a state file."""
 
     def __init__(self, start_timeout_s: float = 120.0, restart: bool = True, backoff_s: float = 0.5,
@@ -79,8 +80,11 @@ class Supervisor:
         self._thread: threading.Thread | None = None
 
     # ---- API (any thread) -----------------------------------------------------------
-    def start(self, specs: list[ChildSpec]) -> None:
-        self._thread = threading.Thread(target=self._main, args=(specs,), name="supervisor", daemon=True)
+    def start(self, stages: list[list[ChildSpec]] | list[ChildSpec]) -> None:
+        """``stages``: lists of children that depend only on earlier stages (a flat
+        list: one child per stage)."""
+        stages = [s if isinstance(s, list) else [s] for s in stages]
+        self._thread = threading.Thread(target=self._main, args=(stages,), name="supervisor", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._error is not None:
@@ -96,10 +100,10 @@ class Supervisor:
         return {name: c.pid for name, c in self.children.items() if c.proc and c.proc.poll() is None}
 
     # ---- the supervisor thread -----------------------------------------------------------
-    def _main(self, specs: list[ChildSpec]) -> None:
+    def _main(self, stages: list[list[ChildSpec]]) -> None:
         try:
-            for spec in specs:
-                self._start_ready(spec)
+            for stage in stages:
+                self._start_ready(stage)
         except BaseException as err:  # noqa: BLE001 (handed to the caller of start)
             self._error = err
             self._stop_all()
@@ -122,22 +126,31 @@ class Supervisor:
         child.started_at = time.monotonic()
         child.restart_at = None
 
-    def _start_ready(self, spec: ChildSpec) -> None:
-        child = self.children[spec.name] = Child(spec, backoff_s=self.initial_backoff_s)
-        self._spawn(child)
+    def _start_ready(self, stage: list[ChildSpec]) -> None:
+        waiting = []
+        for spec in stage:
+            child = self.children[spec.name] = Child(spec, backoff_s=self.initial_backoff_s)
+            self._spawn(child)
+            waiting.append(child)
         deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadline:
             if self._stop.is_set():
-                raise FailedPrecondition(f"stopped while starting {spec.name}")
-            if child.proc.poll() is not None:
-                tail = spec.log_path.read_text(errors="replace")[-2000:]
-                raise FailedPrecondition(f"{spec.name} exited with {child.proc.returncode} while starting "
-                                         f"(log {spec.log_path}):\n{tail}")
-            if spec.ready(child):
-                log.info("%s ready (pid %d)", spec.name, child.pid)
-                return
-            time.sleep(self.poll_s)
-        raise FailedPrecondition(f"{spec.name} not ready within {self.start_timeout_s:.0f}s (log {spec.log_path})")
+                raise FailedPrecondition(f"stopped while starting {', '.join(c.spec.name for c in waiting)}")
+            for child in list(waiting):
+                spec = child.spec
+                if child.proc.poll() is not None:
+                    tail = spec.log_path.read_text(errors="replace")[-2000:]
+                    raise FailedPrecondition(f"{spec.name} exited with {child.proc.returncode} while starting "
+                                             f"(log {spec.log_path}):\n{tail}")
+                if spec.ready(child):
+                    log.info("%s ready (pid %d)", spec.name, child.pid)
+                    waiting.remove(child)
+            if waiting:
+                time.sleep(self.poll_s)
+        if waiting:
+            names = ", ".join(c.spec.name for c in waiting)
+            raise FailedPrecondition(f"{names} not ready within {self.start_timeout_s:.0f}s "
+                                     f"(logs in {waiting[0].spec.log_path.parent})")
 
     def _watch(self) -> None:
         now = time.monotonic()

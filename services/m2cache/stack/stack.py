@@ -50,19 +50,18 @@ class Stack:
         specs = child_specs(c, self.log_dir, self.secrets)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         _link_latest(Path(c.log_dir), self.log_dir)
-        total = len(specs)
-        for i, spec in enumerate(specs, 1):  # progress as each one becomes ready
-            ready = spec.ready
-
-            def announce(child, ready=ready, i=i, name=spec.name):
+        total, done = len(specs), []
+        for i, spec in enumerate(specs):  # one progress line as each becomes ready
+            def announce(child, ready=spec.ready, name=spec.name):
                 ok = ready(child)
                 if ok:
-                    self.progress(f"[{i}/{total}] {name} ready (pid {child.pid})")
+                    done.append(name)
+                    self.progress(f"[{len(done)}/{total}] {name} ready (pid {child.pid})")
                 return ok
 
-            specs[i - 1] = dataclasses.replace(spec, ready=announce)
+            specs[i] = dataclasses.replace(spec, ready=announce)
         self.progress(f"starting {total} processes (logs in {self.log_dir})")
-        self.supervisor.start(specs)
+        self.supervisor.start(stages(specs))
         self._write_state()
 
     def stop(self) -> None:
@@ -99,6 +98,17 @@ class Stack:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state(), indent=2))
         os.replace(tmp, path)
+
+
+def stages(specs) -> list[list]:
+    """Start order by dependency: Redis and the store; the DRAM tier (needs both) and
+    the ranker (needs the store only, so it starts beside the tier); the workers, all
+    at once; the gateway."""
+    by_stage: dict[int, list] = {}
+    rank = {"redis": 0, "store": 0, "dram": 1, "ranker": 1, "worker": 2, "gateway": 3}
+    for spec in specs:
+        by_stage.setdefault(rank[spec.name.split("-", 1)[0]], []).append(spec)
+    return [by_stage[k] for k in sorted(by_stage)]
 
 
 def _link_latest(base: Path, run: Path) -> None:
