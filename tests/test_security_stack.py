@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -96,7 +97,7 @@ def test_gateway_https_and_api_keys(secure_stack):
     state, _ = secure_stack
     key = Path(state["api_key_file"]).read_text().strip()
     url = state["gateway"]
-    with httpx.Client(verify=state["tls"]["ca"], timeout=60) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=state["tls"]["ca"]), timeout=60) as http:
         body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
         assert http.post(f"{url}/v1/completions", json=body).status_code == 401
         wrong = http.post(f"{url}/v1/completions", json=body, headers={"authorization": "Bearer nope"})
