@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,23 @@ def config_argv(config, names) -> list[str]:
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         argv += ["--" + name.replace("_", "-"), text]
     return argv
+
+
+def free_base_port(num_workers: int = 1, host: str = "127.0.0.1") -> int:
+    """A base port whose every stack offset is free on ``host`` now (tests, benchmarks)."""
+    offsets = [PORTS[s] for s in ("store", "dram", "ranker", "redis", "gateway")]
+    offsets += [PORTS["worker"] + i for i in range(num_workers)]
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 100)
+        if all(_bindable(host, base + o) for o in offsets):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

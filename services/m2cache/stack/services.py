@@ -5,6 +5,7 @@ with its readiness check."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import sys
@@ -26,9 +27,20 @@ HEALTH = {"store": "m2cache.v1.NeuronStore", "dram": "m2cache.v1.DramTier", "ran
           "worker": "m2cache.v1.Worker"}
 
 
+def same_code_env() -> dict[str, str]:
+    """PYTHONPATH that makes the children import the very m2cache (and client) this
+    process runs, not whatever else the interpreter would find installed."""
+    import m2cache
+    import m2cache_client
+
+    roots = [str(Path(m.__file__).resolve().parents[1]) for m in (m2cache, m2cache_client)]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(roots + [p for p in [os.environ.get("PYTHONPATH")] if p]))}
+
+
 def child_specs(c: StackConfig, log_dir: Path, secrets: Secrets | None) -> list[ChildSpec]:
     """Every process of the stack, in start order."""
     client = secrets.client_security() if secrets else SecurityConfig()
+    env = same_code_env()
     specs = [redis_spec(c, log_dir, secrets)]
     for name, config in c.services().items():
         service = service_of(name)
@@ -44,7 +56,7 @@ def child_specs(c: StackConfig, log_dir: Path, secrets: Secrets | None) -> list[
             ready = gateway_ready(f"{'https' if secrets else 'http'}://{config.address}", client)
         else:
             ready = grpc_ready(config.address, HEALTH[service], client)
-        specs.append(ChildSpec(name, cmd, log_dir / f"{name}.log", ready))
+        specs.append(ChildSpec(name, cmd, log_dir / f"{name}.log", ready, env))
     return specs
 
 
