@@ -79,3 +79,13 @@ def test_errors_map_to_http_codes(stack, oai):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 400
+
+
+def test_help_states_the_default_temperature():
+    from m2cache.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["serve"]
+    gateway = next(a for a in sub._subparsers._group_actions if a.dest == "service").choices["gateway"]
+    text = " ".join(gateway.format_help().split())
+    assert 'samples at 1.0' in text and "greedy (temperature 0)" in text

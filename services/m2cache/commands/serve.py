@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     services = parser.add_subparsers(dest="service", required=True)
     for name, (config_module, _cls, _server) in SERVICES.items():
-        sub = services.add_parser(name, help=f"the {name} service")
+        sub = services.add_parser(name, help=f"the {name} service",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         importlib.import_module(config_module).add_arguments(sub)
         security.add_arguments(sub, name)
     return parser

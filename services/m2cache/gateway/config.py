@@ -1,8 +1,4 @@
-"""Gateway configuration: one frozen dataclass, built from flags/env in the entry point.
-
-Sampling defaults follow OpenAI's API, not the m2cache CLI: a request without
-``temperature`` samples at 1.0 here (``m2cache generate`` and the client library
-default to greedy, temperature 0); send ``"temperature": 0`` for greedy tokens."""
+"""Gateway configuration: one frozen dataclass, built from flags/env in the entry point."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +8,13 @@ from m2cache import envflags
 from m2cache.errors import InvalidArgument
 
 ENV_PREFIX = "gateway"
+DESCRIPTION = """The OpenAI-compatible HTTP gateway in front of the workers.
+
+Sampling defaults follow OpenAI's API, not the m2cache CLI: a request without
+"temperature" samples at 1.0 (--default-temperature), while `m2cache generate`,
+`m2cache run` and the client library are greedy (temperature 0); send
+"temperature": 0 for greedy tokens. max_tokens defaults to 16 (OpenAI's
+completions default, --default-max-tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,5 +67,5 @@ class GatewayConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
+    parser.description = DESCRIPTION
     envflags.add_config_arguments(parser, GatewayConfig, ENV_PREFIX)
