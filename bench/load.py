@@ -137,6 +137,20 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def redis_memory(state: dict) -> dict | None:
+    """Redis' own view (INFO memory): what of its RSS is data, allocator, buffers."""
+    import redis
+
+    host, port = state["redis"].rsplit(":", 1)
+    try:
+        info = redis.Redis(host=host, port=int(port), socket_timeout=2).info("memory")
+    except redis.exceptions.RedisError:
+        return None
+    keys = ("used_memory", "used_memory_dataset", "used_memory_rss", "mem_fragmentation_ratio",
+            "mem_clients_normal", "allocator_allocated", "allocator_resident")
+    return {k: info.get(k) for k in keys}
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -209,14 +223,16 @@ def main(argv=None) -> int:
         while time.monotonic() < until and not stop.is_set():
             if time.monotonic() >= next_sample:
                 samples.append({"t": round(time.monotonic() - begin, 1), "rss": {n: rss_bytes(p) for n, p in pids.items()},
-                                "requests": tally.requests, "errors": sum(tally.errors.values())})
+                                "requests": tally.requests, "errors": sum(tally.errors.values()),
+                                "redis_memory": redis_memory(state)})
                 next_sample += args.sample_s
             stop.wait(min(1.0, max(next_sample - time.monotonic(), 0.05)))
         for t in threads:  # each finishes its request in flight (bounded by the request timeout)
             t.join(timeout=args.request_timeout_s + 10)
         elapsed = time.monotonic() - begin
         samples.append({"t": round(elapsed, 1), "rss": {n: rss_bytes(p) for n, p in pids.items()},
-                        "requests": tally.requests, "errors": sum(tally.errors.values())})
+                        "requests": tally.requests, "errors": sum(tally.errors.values()),
+                        "redis_memory": redis_memory(state)})
         dead = [n for n, p in pids.items() if rss_bytes(p) is None]
         if dead:
             tally.errors["process died: " + ",".join(dead)] = len(dead)
