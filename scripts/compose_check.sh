@@ -4,12 +4,15 @@
 #                with no bridge and no iptables, stopped again by PID at the end
 #   2. base      build a local base image with debootstrap + `docker import` (no registry)
 #   3. image     docker build deploy/Dockerfile on that base (local torch CPU wheel via ./.whl)
-#   4. config    docker compose config for the plain and the host-network stack
-#   5. up        compose up (CPU worker profile, host networking, free loopback ports)
-#   6. generate  POST /v1/completions to the gateway from the host; then tear down
+#   4. certs     `m2cache certs` in the image: a CA, per-service certificates, an API key (TLS is
+#                the compose default), owned by the containers' user
+#   5. config    docker compose config for the plain and the host-network stack
+#   6. up        compose up (CPU worker profile, host networking, free loopback ports)
+#   7. generate  POST /v1/completions to the gateway over HTTPS with the API key (and check that
+#                no key gets 401 and plaintext gets nothing); then tear down
 #
 # Usage: scripts/compose_check.sh [--until STAGE] [--keep-daemon] [--clean]
-#   --until STAGE   stop after STAGE (daemon|base|image|config|up|generate; default generate)
+#   --until STAGE   stop after STAGE (daemon|base|image|certs|config|up|generate; default generate)
 #   --keep-daemon   leave the engine (and the stack) running; prints DOCKER_HOST to use
 #   --clean         delete the check's Docker data root and base rootfs first
 # Env: M2CACHE_CHECK_DIR (default /tmp/m2cache-compose-check: data root, socket, logs; images
@@ -28,11 +31,11 @@ while [ $# -gt 0 ]; do
     --until) UNTIL=$2; shift 2 ;;
     --keep-daemon) KEEP_DAEMON=1; shift ;;
     --clean) CLEAN=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-STAGES=(daemon base image config up generate)
+STAGES=(daemon base image certs config up generate)
 [[ " ${STAGES[*]} " == *" $UNTIL "* ]] || { echo "--until: one of ${STAGES[*]}" >&2; exit 2; }
 
 WORK=${M2CACHE_CHECK_DIR:-/tmp/m2cache-compose-check}
@@ -44,6 +47,7 @@ PROJECT=m2cache-check
 export M2CACHE_HF_DIR=${M2CACHE_HF_DIR:-$(cd "$REPO/.." && pwd)/shared/models/tinystories-656k}
 export M2CACHE_MODEL=${M2CACHE_MODEL:-$(basename "$M2CACHE_HF_DIR")}
 export M2CACHE_IMAGE=$IMAGE
+export M2CACHE_TLS_DIR=$WORK/tls
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 UP_TIMEOUT_S=${M2CACHE_UP_TIMEOUT_S:-900}
 DOCKERD_PID=""
@@ -168,6 +172,13 @@ for s in socks:
 EOF
 }
 
+stage_certs() {
+  mkdir -p "$M2CACHE_TLS_DIR"
+  chown 10001:10001 "$M2CACHE_TLS_DIR"
+  docker run --rm --network none --user 10001:10001 -v "$M2CACHE_TLS_DIR:/tls" "$IMAGE" certs --out /tls >/dev/null
+  log "certificates and API key in $M2CACHE_TLS_DIR (owned by uid 10001, the containers' user)"
+}
+
 stage_config() {
   docker-compose version --short >/dev/null 2>&1 || docker compose version
   (unset M2CACHE_HF_DIR M2CACHE_MODEL M2CACHE_IMAGE
@@ -187,7 +198,7 @@ stage_up() {
   STACK_UP=1
   compose up -d >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; compose logs --tail 40 || true; exit 1; }
   local deadline=$((SECONDS + UP_TIMEOUT_S))
-  until curl -sf "http://127.0.0.1:$p_gw/health" >/dev/null; do  # 200 once a worker serves
+  until curl -sf --cacert "$M2CACHE_TLS_DIR/ca.crt" "https://127.0.0.1:$p_gw/health" >/dev/null; do  # 200 once ready
     if [ $SECONDS -ge $deadline ]; then
       compose ps; compose logs --tail 60; echo "gateway not ready after ${UP_TIMEOUT_S}s" >&2; exit 1
     fi
@@ -200,9 +211,17 @@ stage_up() {
 }
 
 stage_generate() {
-  local body out
+  local body out url key code
+  url="https://127.0.0.1:$M2CACHE_GATEWAY_PORT/v1/completions"
+  key=$(head -1 "$M2CACHE_TLS_DIR/api-keys")
   body=$(printf '{"model": "%s", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}' "$M2CACHE_MODEL")
-  out=$(curl -sf -m 120 "http://127.0.0.1:$M2CACHE_GATEWAY_PORT/v1/completions" \
+  code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$M2CACHE_TLS_DIR/ca.crt" "$url" \
+    -H 'content-type: application/json' -d "$body")
+  [ "$code" = 401 ] || { echo "a request without an API key got HTTP $code, not 401" >&2; exit 1; }
+  if curl -s -m 10 -o /dev/null "http://127.0.0.1:$M2CACHE_GATEWAY_PORT/health"; then
+    echo "the gateway answered plaintext HTTP" >&2; exit 1
+  fi
+  out=$(curl -sf -m 120 --cacert "$M2CACHE_TLS_DIR/ca.crt" -H "Authorization: Bearer $key" "$url" \
     -H 'content-type: application/json' -d "$body") || { compose logs --tail 60; echo "completion failed" >&2; exit 1; }
   python3 - "$out" <<'EOF'
 import json, sys
@@ -211,7 +230,7 @@ text = resp["choices"][0]["text"]
 print("completion:", repr(text), "usage:", resp.get("usage"))
 assert text.strip(), "empty completion"
 EOF
-  log "generated through the stack"
+  log "generated through the stack over TLS (no key: 401; plaintext: refused)"
 }
 
 for stage in "${STAGES[@]}"; do

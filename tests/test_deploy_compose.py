@@ -206,3 +206,30 @@ def test_the_schema_check_catches_a_broken_file():
     broken = merge(COMPOSE, {"services": {"store": {"healthcheck": {"interval": 5, "retries": "many"}}}})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, compose_schema())
+
+
+def test_tls_by_default_each_service_with_its_own_certificate():
+    secrets = COMPOSE["secrets"]
+    for name in GRPC_SERVICES + ("gateway",):
+        svc = SERVICES[name]
+        mounted = {s["target"]: s["source"] for s in svc["secrets"]}
+        own = "worker" if name.startswith("worker") else name
+        assert mounted["tls.crt"] == f"{own}-crt" and mounted["tls.key"] == f"{own}-key", name
+        assert mounted["ca.crt"] == "m2cache-ca", name
+        prefix = "M2CACHE_" + own.upper()
+        assert env(name)[f"{prefix}_TLS_CERT"] == "/run/secrets/tls.crt", name
+        assert env(name)[f"{prefix}_TLS_KEY"] == "/run/secrets/tls.key", name
+        assert env(name)[f"{prefix}_TLS_CA"] == "/run/secrets/ca.crt", name
+        # the healthcheck reaches the service over mTLS with the container's own identity
+        assert env(name)["M2CACHE_HEALTH_TLS_CA"] == "/run/secrets/ca.crt", name
+    for name in ("worker", "worker-cpu", "gateway"):
+        assert "api-keys" in {s["source"] for s in SERVICES[name]["secrets"]}, name
+    assert env("gateway")["M2CACHE_GATEWAY_API_KEYS_FILE"] == env("worker")["M2CACHE_WORKER_API_KEYS_FILE"]
+    assert "https://127.0.0.1:" in " ".join(SERVICES["gateway"]["healthcheck"]["test"])
+    for name, secret in secrets.items():
+        assert default(secret["file"]).startswith("./deploy/tls/"), name
+    # every file `m2cache certs` writes is what the secrets name
+    from m2cache.commands.certs import SERVICES as CERT_SERVICES
+
+    files = {default(s["file"]).rsplit("/", 1)[1] for s in secrets.values()}
+    assert files == {"ca.crt", "api-keys"} | {f"{n}.{e}" for n in CERT_SERVICES if n != "client" for e in ("crt", "key")}

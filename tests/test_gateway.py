@@ -3,7 +3,6 @@ real workers and tiers."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 
@@ -24,13 +23,10 @@ def stack(store_service):
     redis = start_redis()
     dram = DramHandle(store_service.target, redis.url, budget_bytes=1 << 20)
     worker = WorkerHandle(dram.target, MODEL)
-    server, port, gateway = gateway_server.create_server(GatewayConfig(workers=worker.target, model=MODEL,
-                                                                       address="127.0.0.1:0", timeout_s=60))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", worker
-    server.shutdown()
-    gateway.client.close()
+    server = gateway_server.create_server(GatewayConfig(workers=worker.target, model=MODEL,
+                                                        address="127.0.0.1:0", timeout_s=60)).start()
+    yield f"http://127.0.0.1:{server.port}", worker
+    server.stop()
     worker.stop()
     dram.stop()
     redis.stop()
@@ -83,3 +79,13 @@ def test_errors_map_to_http_codes(stack, oai):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 400
+
+
+def test_help_states_the_default_temperature():
+    from m2cache.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["serve"]
+    gateway = next(a for a in sub._subparsers._group_actions if a.dest == "service").choices["gateway"]
+    text = " ".join(gateway.format_help().split())
+    assert 'samples at 1.0' in text and "greedy (temperature 0)" in text

@@ -1,7 +1,8 @@
 """deploy/k8s: each overlay renders with `kubectl kustomize`, every object validates
 strictly against the Kubernetes OpenAPI schemas (kubernetes-validate, offline), and the
 deployment's properties hold: GPUs only in gpu-pool, hardened non-root pods, probes and
-resources everywhere, selectors that select something."""
+resources everywhere, selectors that select something, TLS on by default (every
+service mounts its own certificate Secret, probes go through mTLS)."""
 from __future__ import annotations
 
 import copy
@@ -136,9 +137,11 @@ def test_every_container_has_resources_and_services_have_probes(rendered, overla
             where = f"{overlay} {obj['metadata']['name']}/{c['name']}"
             assert "readinessProbe" in c and "livenessProbe" in c, where
             grpc_ports = [p["containerPort"] for p in c["ports"] if p["name"] == "grpc"]
-            for port in grpc_ports:  # every gRPC service is probed through grpc.health.v1
-                assert c["readinessProbe"]["grpc"]["port"] == port, where
-                assert c["livenessProbe"]["grpc"]["port"] == port, where
+            for port in grpc_ports:  # every gRPC service is probed through grpc.health.v1, over mTLS
+                for probe in ("readinessProbe", "livenessProbe"):  # (the kubelet's grpc probe has no TLS)
+                    cmd = c[probe]["exec"]["command"]
+                    assert cmd[:4] == ["python", "-m", "m2cache.commands.health", f"127.0.0.1:{port}"], where
+                    assert c[probe]["timeoutSeconds"] >= 5, where  # a Python start-up, not 1 s
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -208,3 +211,50 @@ def test_gpu_pool_scaler_has_only_the_rights_it_needs(rendered):
     (rule,) = find(docs, "Role", "m2cache-gpu-scaler")["rules"]
     assert rule["resources"] == ["deployments/scale"] and rule["resourceNames"] == ["m2cache-worker"]
     assert not any(o["kind"] == "CronJob" for o in rendered["cpu-dev"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_by_default_with_certificates_from_secrets(rendered, overlay):
+    docs = rendered[overlay]
+    config = find(docs, "ConfigMap", "m2cache-config")["data"]
+    services = {"m2cache-store": "STORE", "m2cache-dram": "DRAM", "m2cache-ranker": "RANKER",
+                "m2cache-worker": "WORKER", "m2cache-gateway": "GATEWAY"}
+    for name, prefix in services.items():
+        obj = next(d for d in docs if d["kind"] in LONG_RUNNING and d["metadata"]["name"] == name)
+        spec = pod_spec(obj)
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        assert secrets["tls"] == f"m2cache-tls-{name.split('-', 1)[1]}", name  # its own certificate
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        for field, file in (("TLS_CERT", "tls.crt"), ("TLS_KEY", "tls.key"), ("TLS_CA", "ca.crt")):
+            assert config[f"M2CACHE_{prefix}_{field}"] == f"{mount['mountPath']}/{file}", (name, field)
+        assert spec["securityContext"]["fsGroup"] == 10001, name  # 0440 secret files readable
+    for name in ("m2cache-worker", "m2cache-gateway"):  # bearer tokens / API keys
+        spec = pod_spec(find(docs, "Deployment", name))
+        assert "m2cache-api-keys" in {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert config["M2CACHE_WORKER_API_KEYS_FILE"] == config["M2CACHE_GATEWAY_API_KEYS_FILE"]
+    assert config["M2CACHE_GATEWAY_TOKEN_FILE"] == config["M2CACHE_WORKER_API_KEYS_FILE"]
+    gateway = pod_spec(find(docs, "Deployment", "m2cache-gateway"))["containers"][0]
+    assert gateway["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert set(config["M2CACHE_GATEWAY_TIERS"].split(",")) == {"dram=m2cache-dram:50062", "store=m2cache-store:50061"}
+
+
+def test_m2cache_certs_writes_the_secrets_the_manifests_mount(rendered, tmp_path):
+    from m2cache.commands import certs
+
+    ca, pairs, keys = certs.make(tmp_path / "tls", namespace=NAMESPACE)
+    made = [d for d in yaml.safe_load_all(certs.k8s_secrets(ca, pairs, keys, NAMESPACE)) if d]
+    for doc in made:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    names = {d["metadata"]["name"] for d in made}
+    for overlay in OVERLAYS:
+        for obj in rendered[overlay]:
+            for v in (pod_spec(obj) or {}).get("volumes", []):
+                if "secret" in v:
+                    assert v["secret"]["secretName"] in names, (overlay, obj["metadata"]["name"], v)
+    # the worker's certificate answers for the headless Service name the gateway dials
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pairs["worker"].cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert {"m2cache-worker", "m2cache-worker.m2cache.svc.cluster.local", "worker", "worker-cpu"} <= set(sans)

@@ -22,6 +22,7 @@ COMMANDS = (
     "up",
     "generate",
     "status",
+    "certs",
     "bench",
 )
 

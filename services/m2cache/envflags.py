@@ -63,3 +63,23 @@ def config_from_args(config_cls, args: argparse.Namespace, prefix: str = ""):
             raise InvalidArgument(f"{flag} (or {env_name(prefix, flag)}) is required")
         values[name] = Path(value) if f.type in ("Path", Path) and value is not None else value
     return config_cls(**values)
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, prefix: str, fields, aliases: dict | None = None) -> None:
+    """``--<prefix>-<field>`` for each dataclass field in ``fields``, defaulting to
+    None (= the dataclass's own default, shown in the help), for a command that
+    composes other services' configs (``m2cache up``). ``aliases`` maps a field
+    to extra option strings."""
+    group = parser.add_argument_group(f"{prefix} (defaults from its config dataclass)")
+    for f in fields:
+        default = None if f.default is dataclasses.MISSING else f.default
+        kind = parse_bool if isinstance(default, bool) else (type(default) if default is not None else str)
+        flags = ["--" + f"{prefix}-{f.name}".replace("_", "-"), *(aliases or {}).get(f.name, ())]
+        group.add_argument(*flags, dest=f"{prefix}.{f.name}", type=kind, default=None, metavar=f.name.upper(),
+                           help=f"{f.name.replace('_', ' ')} (default {default!r})")
+
+
+def overrides_from_args(args: argparse.Namespace, prefix: str, fields) -> dict[str, Any]:
+    """The fields given on the command line (those not None)."""
+    values = {f.name: getattr(args, f"{prefix}.{f.name}") for f in fields}
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,5 +1,7 @@
 """Shared gRPC plumbing: the one place typed errors become status codes, server
-creation (health + reflection), graceful shutdown, and client channels."""
+creation (health + reflection), graceful shutdown, and client channels. Servers
+and channels are TLS/mTLS (and servers token-guarded) as ``m2cache.security``
+says: the process-wide setting, or an explicit ``security=``."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from m2cache.errors import M2CacheError
+from m2cache import security as sec
+from m2cache.errors import InvalidArgument, M2CacheError
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +36,48 @@ def status_code(err: M2CacheError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
-def _wrap_unary(fn: Callable) -> Callable:
-    def handler(request, context):
+def _parse(deserializer: Callable | None, raw: bytes):
+    """Deserialize inside the handler, so a malformed message is INVALID_ARGUMENT
+    (gRPC's own deserialization failure is INTERNAL)."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception:  # DecodeError and friends: the bytes are not this message
+        raise InvalidArgument("malformed request message") from None
+
+
+def _internal(err: Exception, context) -> None:
+    """An unexpected exception: logged here with its traceback, INTERNAL to the caller,
+    whose message never shows server paths or internals."""
+    log.exception("unhandled error in %s", type(err).__name__)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server's log)")
+
+
+def _wrap_unary(fn: Callable, deserializer: Callable | None) -> Callable:
+    def handler(raw, context):
         try:
-            return fn(request, context)
+            return fn(_parse(deserializer, raw), context)
         except M2CacheError as err:
             context.abort(status_code(err), str(err))
+        except Exception as err:
+            if context.code() is not None:  # context.abort() raised: the status is set
+                raise
+            _internal(err, context)
 
     return handler
 
 
-def _wrap_stream(fn: Callable) -> Callable:
-    def handler(request, context):
+def _wrap_stream(fn: Callable, deserializer: Callable | None) -> Callable:
+    def handler(raw, context):
         try:
-            yield from fn(request, context)
+            yield from fn(_parse(deserializer, raw), context)
         except M2CacheError as err:
             context.abort(status_code(err), str(err))
+        except Exception as err:
+            if context.code() is not None:
+                raise
+            _internal(err, context)
 
     return handler
 
@@ -62,11 +91,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                _wrap_unary(handler.unary_unary, handler.request_deserializer), None, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.unary_stream, handler.request_deserializer), None, handler.response_serializer
             )
         return handler
 
@@ -76,12 +105,15 @@ def create_server(
     register: Iterable[tuple[Callable, object]],
     service_names: Iterable[str],
     max_workers: int = 16,
+    security: sec.SecurityConfig | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build a server with health + reflection. ``register`` holds
     (add_XServicer_to_server, servicer) pairs. Returns (server, bound port, health)."""
+    security = security or sec.installed()
+    auth = security.auth_interceptor()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[ErrorInterceptor()],
+        interceptors=([auth] if auth else []) + [ErrorInterceptor()],
         options=CHANNEL_OPTIONS,
     )
     for add, servicer in register:
@@ -92,7 +124,8 @@ def create_server(
     for name in names + [""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    creds = security.server_credentials()
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return server, port, health_servicer
@@ -111,14 +144,20 @@ def serve_until_signal(server: grpc.Server, grace_s: float, on_stop: Callable[[]
         on_stop()
 
 
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, options: list | None = None, security: sec.SecurityConfig | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS (with this process's client certificate) when
+    the security setting has a CA, else plaintext."""
+    security = security or sec.installed()
+    opts = (options or CHANNEL_OPTIONS) + security.channel_options()
+    creds = security.channel_credentials()
+    return grpc.secure_channel(target, creds, options=opts) if creds else grpc.insecure_channel(target, options=opts)
 
 
-def check_health(target: str, service: str = "", timeout_s: float = 2.0) -> str:
+def check_health(target: str, service: str = "", timeout_s: float = 2.0,
+                 security: sec.SecurityConfig | None = None) -> str:
     """Health status name of ``service`` at ``target`` ("SERVING", "NOT_SERVING", ...),
     or "UNREACHABLE"."""
-    with channel(target) as ch:
+    with channel(target, security=security) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:

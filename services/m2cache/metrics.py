@@ -24,7 +24,9 @@ def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "12
     """Serve ``registry`` at http://addr:port/metrics; returns (server, thread) or None when port is 0."""
     if not port:
         return None
-    server, thread = start_http_server(port, addr=addr, registry=registry)
+    from m2cache.security import AUTH_REGISTRY  # refused-token counts, process-wide
+
+    server, thread = start_http_server(port, addr=addr, registry=_Merged(registry, AUTH_REGISTRY))
     log.info("metrics on http://%s:%d/metrics", addr, port)
     return server, thread
 
@@ -50,3 +52,14 @@ class RpcMetrics:
         finally:
             self.latency.labels(rpc).observe(time.perf_counter() - start)
             self.requests.labels(rpc, str(code)).inc()
+
+
+class _Merged:
+    """Collects from several registries (what start_http_server needs is ``collect``)."""
+
+    def __init__(self, *registries: CollectorRegistry):
+        self.registries = registries
+
+    def collect(self):
+        for r in self.registries:
+            yield from r.collect()

@@ -15,8 +15,9 @@ from m2cache_client.errors import (
     M2CacheClientError,
     ModelNotFound,
     Overloaded,
+    Unauthenticated,
     Unavailable,
 )
 
 __all__ = ["Client", "AsyncClient", "Completion", "Token", "M2CacheClientError", "InvalidRequest", "ModelNotFound",
-           "Overloaded", "Unavailable", "DeadlineExceeded", "Cancelled"]
+           "Overloaded", "Unavailable", "DeadlineExceeded", "Cancelled", "Unauthenticated"]

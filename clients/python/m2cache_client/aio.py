@@ -37,11 +37,15 @@ class AsyncClient(ClientBase):
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next) % len(self._stubs)]
             try:
-                call = stub.Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
-                async for msg in call:
-                    token = progress.absorb(msg)
-                    if token is not None:
-                        yield token
+                call = stub.Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001),
+                                     metadata=self.metadata)
+                try:
+                    async for msg in call:
+                        token = progress.absorb(msg)
+                        if token is not None:
+                            yield token
+                finally:
+                    call.cancel()  # cancelled task or abandoned iterator: end the RPC, free the worker's slot
                 return
             except grpc.RpcError as err:
                 typed = give_up(err, attempt, self.retries, end)

@@ -119,13 +119,23 @@ class ClientBase:
 
     def __init__(self, targets: str | Sequence[str], *, model: str = "", timeout_s: float = 120.0,
                  retries: int = 3, backoff_s: float = 0.2, tls: bool = False,
-                 root_certificates: bytes | None = None, channels=grpc):
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, token: str = "", server_name: str = "", channels=grpc):
+        """``tls``: TLS channels verified against ``root_certificates`` (PEM; None = the
+        system's roots); ``certificate_chain`` + ``private_key`` (PEM) present a client
+        certificate (mTLS); ``token`` is sent as ``authorization: Bearer <token>`` on
+        every call; ``server_name`` overrides the name checked in the server's certificate."""
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         if not self.targets:
             raise ValueError("at least one worker target is needed")
+        if bool(certificate_chain) != bool(private_key):
+            raise ValueError("certificate_chain and private_key go together")
         self.model, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
-        creds = grpc.ssl_channel_credentials(root_certificates) if tls else None
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain) if tls else None
         opts = channel_options(self.targets)
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
         self._channels = [channels.secure_channel(t, creds, opts) if creds else channels.insecure_channel(t, opts)
                           for t in self.targets]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
@@ -171,11 +181,15 @@ class Client(ClientBase):
                                              top_k, seed, stop, full_precision, timeout_s, progress_out)
         for attempt in range(self.retries + 1):
             try:
-                call = self._stub().Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001))
-                for msg in call:
-                    token = progress.absorb(msg)
-                    if token is not None:
-                        yield token
+                call = self._stub().Generate(resumed(request, progress), timeout=max(end - time.monotonic(), 0.001),
+                                             metadata=self.metadata)
+                try:
+                    for msg in call:
+                        token = progress.absorb(msg)
+                        if token is not None:
+                            yield token
+                finally:
+                    call.cancel()  # a caller that stops iterating (or is closed) ends the RPC now
                 return
             except grpc.RpcError as err:
                 typed = give_up(err, attempt, self.retries, end)
@@ -195,7 +209,8 @@ class Client(ClientBase):
     def stats(self, timeout_s: float = 10.0) -> list[worker_pb2.WorkerStats]:
         """GetStats of every target."""
         try:
-            return [s.GetStats(common_pb2.StatsRequest(), timeout=timeout_s) for s in self._stubs]
+            return [s.GetStats(common_pb2.StatsRequest(), timeout=timeout_s, metadata=self.metadata)
+                    for s in self._stubs]
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -37,6 +37,11 @@ class Cancelled(M2CacheClientError):
     """CANCELLED."""
 
 
+class Unauthenticated(M2CacheClientError):
+    """UNAUTHENTICATED: no or a wrong bearer token (``token=``); a missing client
+    certificate fails the TLS handshake instead, as UNAVAILABLE."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
@@ -45,6 +50,7 @@ _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

@@ -1,4 +1,6 @@
-"""``m2cache generate``: stream a completion from the running stack."""
+"""``m2cache generate``: stream a completion from the running stack (addresses,
+and for a ``--secure`` stack the client certificate and API key, from its state
+file). Greedy by default (temperature 0), unlike the OpenAI gateway's 1.0."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from m2cache.stack import read_state
+from m2cache.stack import client_kwargs, read_state
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,12 +33,12 @@ def main(args: argparse.Namespace) -> int:
     from m2cache_client.client import Progress
 
     if args.workers:
-        targets, model = args.workers.split(","), args.model
+        targets, model, security = args.workers.split(","), args.model, {}
     else:
         state = read_state(args.state_file)
-        targets, model = state["workers"], args.model or state["model"]
+        targets, model, security = state["workers"], args.model or state["model"], client_kwargs(state)
     progress = Progress()
-    with Client(targets, model=model, timeout_s=args.timeout_s) as client:
+    with Client(targets, model=model, timeout_s=args.timeout_s, **security) as client:
         try:
             for token in client.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, full_precision=args.full,

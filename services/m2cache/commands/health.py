@@ -1,10 +1,13 @@
 """``m2cache health HOST:PORT [--service NAME]``: one grpc.health.v1 Check, for
 container healthchecks (docker compose) and scripts. Exit 0 when SERVING, 1
-otherwise (NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN or UNREACHABLE)."""
+otherwise (NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN or UNREACHABLE). Against a
+TLS service give ``--tls-ca`` (and, for mTLS, ``--tls-cert``/``--tls-key``), or
+the env variables ``M2CACHE_HEALTH_TLS_CA`` ... (what the container probes use)."""
 from __future__ import annotations
 
 import argparse
 
+from m2cache import security
 from m2cache.grpc_util import check_health
 
 
@@ -14,11 +17,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="health service name (default '': the whole server)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
+    security.add_arguments(p, "health")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    status = check_health(args.address, args.service, timeout_s=args.timeout)
+    status = check_health(args.address, args.service, timeout_s=args.timeout,
+                          security=security.SecurityConfig.from_args(args))
     if not args.quiet:
         print(status)
     return 0 if status == "SERVING" else 1

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from m2cache import grpc_util
-from m2cache.stack import pid_alive, read_state
+from m2cache.stack import pid_alive, read_state, state_security
 
 HEALTH = {"store": "m2cache.v1.NeuronStore", "dram": "m2cache.v1.DramTier", "ranker": "m2cache.v1.Ranker"}
 
@@ -23,18 +23,22 @@ def collect(state: dict) -> dict:
 
     from m2cache_client.pb import common_pb2, dram_pb2_grpc, worker_pb2_grpc
 
-    out = {name: {"target": state[name], "health": grpc_util.check_health(state[name], svc)}
+    sec = state_security(state)
+    meta = (("authorization", f"Bearer {sec.token}"),) if sec.token_file else ()
+    out = {name: {"target": state[name], "health": grpc_util.check_health(state[name], svc, security=sec)}
            for name, svc in HEALTH.items()}
-    with grpc_util.channel(state["dram"]) as ch:
+    with grpc_util.channel(state["dram"], security=sec) as ch:
         try:
             out["dram"]["stats"] = MessageToDict(dram_pb2_grpc.DramTierStub(ch).GetStats(common_pb2.StatsRequest(), timeout=5))
         except Exception as err:  # report, don't crash: status is for looking at a sick stack
             out["dram"]["error"] = str(err)
     for i, target in enumerate(state["workers"]):
-        entry = out[f"worker-{i}"] = {"target": target, "health": grpc_util.check_health(target, "m2cache.v1.Worker")}
-        with grpc_util.channel(target) as ch:
+        entry = out[f"worker-{i}"] = {"target": target,
+                                      "health": grpc_util.check_health(target, "m2cache.v1.Worker", security=sec)}
+        with grpc_util.channel(target, security=sec) as ch:
             try:
-                entry["stats"] = MessageToDict(worker_pb2_grpc.WorkerStub(ch).GetStats(common_pb2.StatsRequest(), timeout=5))
+                entry["stats"] = MessageToDict(worker_pb2_grpc.WorkerStub(ch).GetStats(
+                    common_pb2.StatsRequest(), timeout=5, metadata=meta))
             except Exception as err:
                 entry["error"] = str(err)
     out["pids"] = {name: {"pid": pid, "alive": pid_alive(pid)} for name, pid in state.get("pids", {}).items()}

@@ -37,7 +37,7 @@ class StoreClient:
             ("grpc.max_reconnect_backoff_ms", max(1, int(max_backoff_s * 1000))),
         ]
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = grpc_util.channel(target, options)  # TLS as the process security setting says
         self.stub = store_pb2_grpc.NeuronStoreStub(self.channel)
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
