@@ -26,10 +26,10 @@ from m2cache.dram import server as dram_server
 from m2cache.dram.config import DramConfig
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
 from m2cache.ranker import server as ranker_server
-from m2cache.ranker.bands import BandRatios
+from m2cache.predictors.bands import BandRatios
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.predictor import LayerPredictor, Predictor
-from m2cache.ranker.storage import save_policy, save_predictor
+from m2cache.predictors.predictor import LayerPredictor, Predictor
+from m2cache.predictors.storage import save_policy, save_predictor
 from m2cache.store import server as store_server
 from m2cache.store.config import StoreConfig
 from m2cache.worker.config import WorkerConfig

@@ -21,13 +21,13 @@ from m2cache.codec.format import Precision
 from m2cache.store.reader import NeuronStore
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider, uniform_choose
-from m2cache.ranker import storage
-from m2cache.ranker.bands import BandRatios, full_only
-from m2cache.ranker.collect import collect_ffn_inputs, full_weights, tokenize
-from m2cache.ranker.evaluate import stepwise_score
-from m2cache.ranker.pipeline import SearchJob, TrainJob, run_search, run_training
-from m2cache.ranker.quality import layer_recalls, standard_rankers
-from m2cache.ranker.ranking import Ranker, oracle_choose
+from m2cache.predictors import storage
+from m2cache.predictors.bands import BandRatios, full_only
+from m2cache.predictors.collect import collect_ffn_inputs, full_weights, tokenize
+from m2cache.predictors.evaluate import stepwise_score
+from m2cache.predictors.pipeline import SearchJob, TrainJob, run_search, run_training
+from m2cache.predictors.quality import layer_recalls, standard_rankers
+from m2cache.predictors.ranking import Ranker, oracle_choose
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CORPUS = SHARED / "corpora" / "tinystories"

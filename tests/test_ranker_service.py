@@ -13,14 +13,14 @@ from m2cache.errors import FailedPrecondition, InvalidArgument
 from m2cache.model.eval import perplexity
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider
-from m2cache.ranker import storage
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.collect import collect_ffn_inputs, full_weights, tokenize
+from m2cache.predictors import storage
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.collect import collect_ffn_inputs, full_weights, tokenize
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.evaluate import stepwise_score
-from m2cache.ranker.pipeline import SearchJob, TrainJob, run_search, run_training
-from m2cache.ranker.quality import layer_recalls, standard_rankers
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.evaluate import stepwise_score
+from m2cache.predictors.pipeline import SearchJob, TrainJob, run_search, run_training
+from m2cache.predictors.quality import layer_recalls, standard_rankers
+from m2cache.predictors.ranking import Ranker
 from m2cache.ranker.server import create_server
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
 

@@ -13,10 +13,10 @@ from m2cache.store.reader import NeuronStore
 from m2cache.model.generate import Sampling, generate
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.predictor import LayerPredictor, Predictor
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.predictor import LayerPredictor, Predictor
 from m2cache.worker import server as worker_server
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.ranking import Ranker
 from m2cache.worker.choosers import Choosers, full_choose
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.runtime import WorkerRuntime

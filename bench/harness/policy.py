@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from m2cache.codec.format import Manifest
-from m2cache.ranker.bands import BandRatios, assign_bands
-from m2cache.ranker.predictor import LayerPredictor, Predictor
+from m2cache.predictors.bands import BandRatios, assign_bands
+from m2cache.predictors.predictor import LayerPredictor, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def random_predictor(manifest: Manifest, rank: int = 16, seed: int = 0) -> Predi
 def load_mixed_policy(store_path: Path, manifest: Manifest, ratios: BandRatios) -> MixedPolicy:
     """Call before the process opens its own NeuronStore on ``store_path`` (one LMDB handle per process)."""
     try:
-        from m2cache.ranker import storage
+        from m2cache.predictors import storage
 
         predictor = storage.load_predictor(str(store_path))
         policy = storage.load_policy(str(store_path))

@@ -43,8 +43,8 @@ def default_choose(store: NeuronStore, bank: WeightBank) -> Choose:
     """What ``run`` computes with when neither --full nor --precision is given:
     the store's policy (band ratios from ``m2cache search-policy``) ranked by its
     newest predictor; every neuron at full precision when the store has no policy."""
-    from m2cache.ranker.ranking import Ranker
-    from m2cache.ranker.storage import load_policy
+    from m2cache.predictors.ranking import Ranker
+    from m2cache.predictors.storage import load_policy
 
     if load_policy(store) is None:
         return uniform_choose(bank, Precision.FULL)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from m2cache.ranker.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob, run_training
-from m2cache.ranker.storage import load_predictor
+from m2cache.predictors.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob, run_training
+from m2cache.predictors.storage import load_predictor
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ from m2cache import grpc_util
 from m2cache.codec.format import DTYPES
 from m2cache.errors import InvalidArgument, M2CacheError, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
-from m2cache.ranker.bands import BandRatios
+from m2cache.predictors.bands import BandRatios
 from m2cache.ranker.catalog import RankerCatalog
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob
+from m2cache.predictors.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)

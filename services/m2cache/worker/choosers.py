@@ -1,7 +1,7 @@
 """How the worker ranks neurons: every neuron FULL (no policy, or a request asking
 for full precision), or the store's policy with the trained predictors, scored
 in-process (weights pulled once from the Ranker, scored with
-``ranker.ranking.Ranker`` exactly as ``m2cache run`` does) or by a Rank RPC per layer."""
+``predictors.ranking.Ranker`` exactly as ``m2cache run`` does) or by a Rank RPC per layer."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,9 @@ import torch
 from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, Manifest, Precision
 from m2cache.errors import FailedPrecondition
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.predictor import Predictor
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.predictor import Predictor
+from m2cache.predictors.ranking import Ranker
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.provider import Choose
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc

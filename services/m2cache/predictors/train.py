@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from m2cache.errors import InvalidArgument
-from m2cache.ranker.collect import neuron_magnitudes
-from m2cache.ranker.predictor import LayerPredictor, Predictor
+from m2cache.predictors.collect import neuron_magnitudes
+from m2cache.predictors.predictor import LayerPredictor, Predictor
 
 LOG_EPS = 1e-6
 

@@ -13,13 +13,13 @@ from m2cache.store.reader import NeuronStore
 from m2cache.errors import FailedPrecondition
 from m2cache.model.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider
-from m2cache.ranker import storage
-from m2cache.ranker.collect import DEFAULT_SEQ_LEN, collect_ffn_inputs, full_weights, tokenize
-from m2cache.ranker.evaluate import stepwise_score
-from m2cache.ranker.predictor import parse_ranks
-from m2cache.ranker.ranking import Ranker
-from m2cache.ranker.search import candidates, policy_record, search
-from m2cache.ranker.train import TrainConfig, train_predictor
+from m2cache.predictors import storage
+from m2cache.predictors.collect import DEFAULT_SEQ_LEN, collect_ffn_inputs, full_weights, tokenize
+from m2cache.predictors.evaluate import stepwise_score
+from m2cache.predictors.predictor import parse_ranks
+from m2cache.predictors.ranking import Ranker
+from m2cache.predictors.search import candidates, policy_record, search
+from m2cache.predictors.train import TrainConfig, train_predictor
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from m2cache.ranker.collect import neuron_magnitudes
+from m2cache.predictors.collect import neuron_magnitudes
 
 
 def topk_recall(scores: torch.Tensor, magnitudes: torch.Tensor, frac: float) -> float:

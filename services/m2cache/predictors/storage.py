@@ -29,7 +29,7 @@ import torch
 from m2cache.codec.format import MANIFEST_KEY, POLICY_KEY, crc32
 from m2cache.store.reader import NeuronStore
 from m2cache.errors import ChecksumError, FailedPrecondition, StoreNotFound
-from m2cache.ranker.predictor import Predictor
+from m2cache.predictors.predictor import Predictor
 
 LATEST_KEY = b"p/latest"
 _HEADROOM = 64 << 20
