@@ -38,7 +38,7 @@ DEFAULT_EPOCHS = 2
 @dataclass(frozen=True, slots=True)
 class TrainJob:
     text: str
-    rank: str | int | None = None  # "R" or "R0,R1,..."; None: the largest that fits ``cost``
+    rank: str | int | None = None  # "R" or "R0,R1,..."; None: the largest that fits ``cost`` (bits for qcopy)
     max_tokens: int = DEFAULT_TRAIN_TOKENS
     epochs: int = DEFAULT_EPOCHS
     device: str = "cpu"
@@ -65,7 +65,10 @@ class TrainPlan:
     @classmethod
     def for_job(cls, job: TrainJob, m, layout) -> "TrainPlan":
         budget = budget_mod.ffn_bytes(layout, m.d_ffn)
-        kind, rank = budget_mod.choose_kind(job.kind, m.ffn_kind, m.d_model, m.d_ffn, job.cost * budget)
+        kind = job.kind
+        if job.rank and kind == "auto":  # an explicit rank asks for a low-rank kind
+            kind = "fc1" if m.ffn_kind == "relu" else "gateup"
+        kind, rank = budget_mod.choose_kind(kind, m.ffn_kind, m.d_model, m.d_ffn, job.cost * budget)
         ranks = parse_ranks(job.rank, m.num_layers, m.d_model, m.d_ffn) if job.rank else [rank] * m.num_layers
         ahead_kind, ahead_rank = None, 0
         if job.ahead_cost and m.num_layers > 1:

@@ -161,7 +161,9 @@ def save_policy(store, policy: dict) -> None:
 
 def _put_policy(txn, raw: bytes) -> None:
     txn.put(POLICY_KEY, raw)
-    txn.put(_budget_key(json.loads(raw)["budget"]), raw)
+    budget = json.loads(raw).get("budget")
+    if budget is not None:
+        txn.put(_budget_key(budget), raw)
 
 
 def _budget_key(budget: float) -> bytes:
