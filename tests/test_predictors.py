@@ -173,11 +173,18 @@ def test_look_ahead_scores_the_next_layer(trained, data):
 
 
 def test_relu_model_gets_an_fc1_sign_predictor(tmp_path):
+    """The random tiny OPT checkpoint (no tokenizer: fed random token ids)."""
     path = tmp_path / "opt"
     convert(make_tiny_checkpoint("opt", tmp_path / "hf"), path, progress=False)
-    run_training(path, TrainJob("Once upon a time there was a little girl. " * 60, max_tokens=256, epochs=1))
-    p = storage.load_predictor(path)
+    with open_store(path) as store:
+        model, _, bank = load_model(store)
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, model.config.vocab_size, (64,), generator=g) for _ in range(8)]
+        inputs = collect_ffn_inputs(model, FullProvider(bank), seqs)
+        p = train_on_inputs(inputs, bank, store.manifest, store.layout, TrainJob("", epochs=1))
+        rec = layer_recalls(inputs, lambda l: full_weights(bank, l), "relu", standard_rankers(p), (0.25,))
     assert p.kinds == ["fc1"] * p.num_layers and p.meta["cost"]["bytes_frac"] <= 0.05
+    assert all(r[0] > 0.3 for r in rec["predictor"]), rec  # random: 0.25
 
 
 def test_training_resumes_after_an_interruption(store_dir, tmp_path):
