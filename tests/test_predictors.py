@@ -106,7 +106,9 @@ def test_every_kind_round_trips_through_the_store_and_the_wire(trained, data, tm
             wire[n] = tensor_from_bytes(raw, dtype, list(t.shape))
             assert wire[n].dtype == t.dtype
         for r in (q, Predictor.from_tensors(wire)):
-            assert torch.equal(r.scores(2, x), p.scores(2, x)), kind
+            assert all(torch.equal(t, p.tensors()[n]) for n, t in r.tensors().items()), kind
+            # (scores agree to float rounding: the same math on differently aligned buffers)
+            assert torch.allclose(r.scores(2, x), p.scores(2, x), rtol=1e-5, atol=1e-7), kind
             assert r.num_bytes() == p.num_bytes()
     assert storage.load_predictor(copy).kinds == trained[KINDS[-1]].kinds
 

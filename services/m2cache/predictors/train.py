@@ -173,8 +173,13 @@ def _scored(d, f, width, gen, kind) -> _Spec:
 def build_spec(kind: str, x_in: torch.Tensor, x_target: torch.Tensor, vectors: torch.Tensor,
                bias: torch.Tensor | None, rank: int, seed: int = 0) -> _Spec:
     """Initial parameters for ``kind`` of width ``rank``. vectors [F, nvec, d] FULL."""
-    cov = fit.covariance(x_in)
     w = vectors.float().cpu()
+    if kind == "qcopy":
+        if x_in is not x_target:
+            raise InvalidArgument("a qcopy predictor cannot look ahead: layer l+1's rows need layer l+1's input")
+        q = QCopyPredictor.from_rows(w[:, 0], w[:, 1], rank)  # nothing to fit
+        return _Spec([], lambda xb, p: None, lambda *a: torch.zeros(()), lambda p: q)
+    cov = fit.covariance(x_in)
     same = x_in is x_target
 
     def proj(i: int) -> torch.Tensor:  # [d, F] map from x_in to projection i of x_target
@@ -188,11 +193,6 @@ def build_spec(kind: str, x_in: torch.Tensor, x_target: torch.Tensor, vectors: t
         if not same:
             raise InvalidArgument("a gate copy cannot look ahead: layer l+1's gate needs layer l+1's input")
         return _gatecopy(x_in, w[:, 0], w[:, 1], rank, cov, 8 if kind == "gatecopy8" else 4)
-    if kind == "qcopy":
-        if not same:
-            raise InvalidArgument("a qcopy predictor cannot look ahead: layer l+1's rows need layer l+1's input")
-        q = QCopyPredictor.from_rows(w[:, 0], w[:, 1], rank)
-        return _Spec([], lambda xb, p: None, lambda *a: torch.zeros(()), lambda p: q)
     if kind in ("mlp", "lowrank"):
         return _scored(x_in.shape[1], w.shape[0], rank, torch.Generator().manual_seed(seed), kind)
     raise InvalidArgument(f"unknown predictor kind {kind!r}")
@@ -213,12 +213,14 @@ def train_layer(x_in: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor | 
     dev = torch.device(config.device)
     x_target = x_in if x_target is None else x_target
     spec = build_spec(kind, x_in, x_target, vectors, bias, rank, config.seed)
-    targets = Targets.compute(vectors.to(dev), None if bias is None else bias.to(dev), x_target.to(dev), ffn_kind)
     params = [p.to(dev).requires_grad_() for p in spec.params]
+    if not params:  # nothing to fit (qcopy)
+        return spec.finish([]), 0.0
+    targets = Targets.compute(vectors.to(dev), None if bias is None else bias.to(dev), x_target.to(dev), ffn_kind)
     x = x_in.to(dev, torch.float32)
     last = float("nan")
     steps = steps_per_layer(x.shape[0], config)
-    if steps and params:
+    if steps:
         opt = torch.optim.Adam(params, lr=config.learning_rate())
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.learning_rate(), total_steps=steps, pct_start=0.1)
         gen = torch.Generator().manual_seed(config.seed)

@@ -54,7 +54,7 @@ class GateCopyPredictor(LayerPredictor):
         if bits == 8:
             q, scale = quant.quantize_int8(gate)
         else:
-            codes, scale = quant.quantize_int4(gate, INT4_GROUP)
+            codes, scale = quant.quantize_int4(gate, INT4_GROUP if gate.shape[1] % INT4_GROUP == 0 else gate.shape[1])
             q = quant.pack_nibbles(codes)
         return cls(q, scale, up_a, up_b, up_abs, bits)
 
@@ -88,7 +88,8 @@ class GateCopyPredictor(LayerPredictor):
         """Dequantised gate rows [F, d] float32."""
         if self.bits == 8:
             return quant.dequantize_int8(self.gate_q, self.gate_scale)
-        return quant.dequantize_int4(quant.unpack_nibbles(self.gate_q, self.d_model), self.gate_scale, INT4_GROUP)
+        group = self.d_model // self.gate_scale.shape[1]  # INT4_GROUP, or the whole row if d is not a multiple
+        return quant.dequantize_int4(quant.unpack_nibbles(self.gate_q, self.d_model), self.gate_scale, group)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         g = x @ self.gate().to(x.dtype).T  # [n, F]
