@@ -40,8 +40,8 @@ def main() -> None:
     from bench.harness.systems_local import all_resident_fraction
     from m2cache.local.loader import load_model, store_fetch
     from m2cache.model.generate import generate
-    from m2cache.ranker.bands import BandRatios
-    from m2cache.ranker.ranking import Ranker
+    from m2cache.predictors.bands import BandRatios
+    from m2cache.predictors.ranking import Ranker
     from m2cache.store.reader import NeuronStore
     from m2cache.worker.provider import CachedProvider, DenseProvider
     from m2cache.worker.runtime import build_cache, dense_layers

@@ -26,10 +26,11 @@ from m2cache.dram import server as dram_server
 from m2cache.dram.config import DramConfig
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
 from m2cache.ranker import server as ranker_server
-from m2cache.ranker.bands import BandRatios
+from m2cache.predictors.bands import BandRatios
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.predictor import LayerPredictor, Predictor
-from m2cache.ranker.storage import save_policy, save_predictor
+from m2cache.predictors.kinds import LowRankPredictor
+from m2cache.predictors.predictor import Predictor
+from m2cache.predictors.storage import save_policy, save_predictor
 from m2cache.store import server as store_server
 from m2cache.store.config import StoreConfig
 from m2cache.worker.config import WorkerConfig
@@ -49,7 +50,7 @@ def prepare_store(root: Path, model: str, ratios: BandRatios) -> None:
     convert(SHARED / "models" / model, root / model, progress=False)
     store = NeuronStore(root / model)
     g, m = torch.Generator().manual_seed(0), store.manifest
-    layers = [LayerPredictor(torch.randn(m.d_model, 16, generator=g), torch.randn(16, m.d_ffn, generator=g),
+    layers = [LowRankPredictor(torch.randn(m.d_model, 16, generator=g), torch.randn(16, m.d_ffn, generator=g),
                              torch.zeros(m.d_ffn)) for _ in range(m.num_layers)]
     version = save_predictor(store, Predictor(layers))
     save_policy(store, {"ratios": ratios.to_dict(), "predictor_version": version})

@@ -20,7 +20,7 @@ from m2cache.store.reader import NeuronStore
 from m2cache.convert.prune import PruneSpec
 from m2cache.errors import ChecksumError
 from m2cache.local.loader import load_tokenizer
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.ranking import Ranker
 from tiers import DramHandle, StoreHandle, start_redis, status_of, wait_for
 from worker_stack import RATIOS, WorkerHandle, mixed_choosers, random_predictor, reference_tokens
 

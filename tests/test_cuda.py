@@ -12,8 +12,8 @@ from m2cache.codec.format import Precision
 from m2cache.local.loader import load_model, store_fetch
 from m2cache.model.generate import generate
 from m2cache.model.providers import ChoiceProvider, FullProvider
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.ranking import Ranker
 from m2cache.worker.provider import CachedProvider
 from m2cache.worker.runtime import build_cache
 from worker_stack import random_predictor

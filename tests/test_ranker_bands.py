@@ -4,8 +4,8 @@ import torch
 
 from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import InvalidArgument
-from m2cache.ranker.bands import BandRatios, assign_bands, row_percentiles
-from m2cache.ranker.search import candidates
+from m2cache.predictors.bands import BandRatios, assign_bands, row_percentiles
+from m2cache.predictors.search import candidates
 
 LAYOUT = RecordLayout(d_model=64, nvec=3, has_bias=False, dtype="float16", int4_group=32)
 

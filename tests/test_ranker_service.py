@@ -13,14 +13,15 @@ from m2cache.errors import FailedPrecondition, InvalidArgument
 from m2cache.model.eval import perplexity
 from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider, FullProvider
-from m2cache.ranker import storage
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.collect import collect_ffn_inputs, full_weights, tokenize
+from m2cache.predictors import storage
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.collect import collect_ffn_inputs, full_weights, tokenize
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.evaluate import stepwise_score
-from m2cache.ranker.pipeline import SearchJob, TrainJob, run_search, run_training
-from m2cache.ranker.quality import layer_recalls, standard_rankers
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.evaluate import stepwise_score
+from m2cache.predictors.pipeline import SearchJob, TrainJob, run_search, run_training
+from m2cache.predictors.quality import layer_recalls, standard_rankers
+from m2cache.predictors.ranking import Ranker
+from m2cache.predictors.tensors import tensor_from_bytes
 from m2cache.ranker.server import create_server
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
 
@@ -79,7 +80,7 @@ def test_predictor_beats_random_on_held_out_text(root, eval_inputs):
 
 def test_stored_predictor_round_trips_and_versions_grow(root, tmp_path):
     p = storage.load_predictor(root / "trained")
-    assert p.version == 1 and p.ranks() == [16] * 5 and p.meta["tokens"] == 2048
+    assert p.version == 1 and p.ranks() == [16] * 5 and p.meta["tokens"] == 2048 and p.kinds == ["gateup"] * 5
     copy = tmp_path / "copy"
     shutil.copytree(root / "trained", copy)
     assert storage.save_predictor(copy, p) == 2
@@ -164,8 +165,8 @@ def test_get_predictor_returns_the_stored_weights(root, stub):
     stored = storage.load_predictor(root / "trained").tensors()
     assert resp.version == 1 and len(resp.tensors) == len(stored)
     for blob in resp.tensors:
-        t = torch.frombuffer(bytearray(blob.data), dtype=torch.float32).reshape(list(blob.shape))
-        assert torch.equal(t, stored[blob.name]), blob.name
+        t = tensor_from_bytes(blob.data, blob.dtype, blob.shape)
+        assert t.dtype == stored[blob.name].dtype and torch.equal(t, stored[blob.name]), blob.name
 
 
 def test_rpc_errors(stub):
@@ -196,5 +197,17 @@ def test_train_predictor_streams_progress_and_ends_with_a_version(root, stub):
     assert train[-1].step == train[-1].total and all(m.loss > 0 for m in train)
     assert msgs[-1].version == 1
     resp = stub.GetPredictor(ranker_pb2.PredictorRequest(model="bare", layers=[0]), timeout=TIMEOUT)
-    assert resp.version == 1 and [b.name for b in resp.tensors] == ["layer.0.a", "layer.0.b", "layer.0.bias"]
-    assert list(resp.tensors[0].shape) == [64, 8]
+    # An explicit rank asks for the low-rank gate + up kind; factors travel in fp16 (their resident dtype).
+    assert resp.version == 1 and [b.name for b in resp.tensors] == ["layer.0.gate_a", "layer.0.gate_b",
+                                                                    "layer.0.up_a", "layer.0.up_b"]
+    assert list(resp.tensors[0].shape) == [64, 8] and resp.tensors[0].dtype == "float16"
+
+
+def test_worker_pulls_the_predictor_it_is_served(root, stub):
+    """worker/choosers.pull_predictor rebuilds the stored kind from the named tensors."""
+    from m2cache.worker.choosers import pull_predictor
+    pulled = pull_predictor(stub, "trained", TIMEOUT)
+    stored = storage.load_predictor(root / "trained")
+    assert pulled.version == stored.version and pulled.kinds == stored.kinds
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(pulled.scores(i, x), stored.scores(i, x)) for i in range(stored.num_layers))

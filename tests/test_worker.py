@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 import torch
 
 from checkpoints import real_model_dir
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.ranking import Ranker
 from m2cache.worker.metrics import worker_registry
 from worker_stack import RATIOS, WorkerHandle, mixed_choosers, random_predictor, reference_tokens, status_of
 

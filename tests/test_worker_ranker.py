@@ -14,7 +14,7 @@ import pytest
 from m2cache.store.reader import NeuronStore
 from m2cache.ranker import server as ranker_server
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.storage import save_policy, save_predictor
+from m2cache.predictors.storage import save_policy, save_predictor
 from worker_stack import RATIOS, WorkerHandle, random_predictor
 
 PROMPT = [1, 365, 118, 263, 431]

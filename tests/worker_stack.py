@@ -13,10 +13,11 @@ from m2cache.store.reader import NeuronStore
 from m2cache.model.generate import Sampling, generate
 from m2cache.local.loader import load_model
 from m2cache.model.providers import ChoiceProvider
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.predictor import LayerPredictor, Predictor
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.kinds import LowRankPredictor
+from m2cache.predictors.predictor import Predictor
 from m2cache.worker import server as worker_server
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.ranking import Ranker
 from m2cache.worker.choosers import Choosers, full_choose
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.runtime import WorkerRuntime
@@ -31,7 +32,7 @@ def random_predictor(store: NeuronStore, seed: int = 0, rank: int = 16) -> Predi
     enough to exercise sparse mixed-precision choices without training."""
     g = torch.Generator().manual_seed(seed)
     m = store.manifest
-    layers = [LayerPredictor(torch.randn(m.d_model, rank, generator=g), torch.randn(rank, m.d_ffn, generator=g),
+    layers = [LowRankPredictor(torch.randn(m.d_model, rank, generator=g), torch.randn(rank, m.d_ffn, generator=g),
                              torch.zeros(m.d_ffn)) for _ in range(m.num_layers)]
     return Predictor(layers)
 

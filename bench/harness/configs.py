@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from m2cache.codec.format import Precision
-from m2cache.ranker.bands import BandRatios
+from m2cache.predictors.bands import BandRatios
 
 from bench.harness.child import run_config
 from bench.harness.policy import load_mixed_policy

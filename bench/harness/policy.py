@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from m2cache.codec.format import Manifest
-from m2cache.ranker.bands import BandRatios, assign_bands
-from m2cache.ranker.predictor import LayerPredictor, Predictor
+from m2cache.predictors.bands import BandRatios, assign_bands
+from m2cache.predictors.kinds import LowRankPredictor
+from m2cache.predictors.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class MixedPolicy:
 def random_predictor(manifest: Manifest, rank: int = 16, seed: int = 0) -> Predictor:
     """Per layer scores = (x @ a) @ b with fixed Gaussian a [d, r], b [r, F]."""
     g = torch.Generator().manual_seed(seed)
-    layers = [LayerPredictor(torch.randn(manifest.d_model, rank, generator=g),
+    layers = [LowRankPredictor(torch.randn(manifest.d_model, rank, generator=g),
                              torch.randn(rank, manifest.d_ffn, generator=g), torch.zeros(manifest.d_ffn))
               for _ in range(manifest.num_layers)]
     return Predictor(layers)
@@ -43,7 +44,7 @@ def random_predictor(manifest: Manifest, rank: int = 16, seed: int = 0) -> Predi
 def load_mixed_policy(store_path: Path, manifest: Manifest, ratios: BandRatios) -> MixedPolicy:
     """Call before the process opens its own NeuronStore on ``store_path`` (one LMDB handle per process)."""
     try:
-        from m2cache.ranker import storage
+        from m2cache.predictors import storage
 
         predictor = storage.load_predictor(str(store_path))
         policy = storage.load_policy(str(store_path))

@@ -19,6 +19,7 @@ COMMANDS = (
     "serve",
     "train_predictor",
     "search_policy",
+    "eval",
     "up",
     "generate",
     "status",

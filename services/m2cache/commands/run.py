@@ -50,8 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def policy_choose(store: NeuronStore, bank: WeightBank):
     """(choose, ratios) of the store's policy (band ratios from ``m2cache search-policy``)
     ranked by its newest predictor, or (None, None) when the store has no policy."""
-    from m2cache.ranker.ranking import Ranker
-    from m2cache.ranker.storage import load_policy
+    from m2cache.predictors.ranking import Ranker
+    from m2cache.predictors.storage import load_policy
 
     if load_policy(store) is None:
         return None, None

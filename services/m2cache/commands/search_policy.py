@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from m2cache.ranker.pipeline import DEFAULT_SEARCH_TOKENS, SearchJob, run_search
-from m2cache.ranker.search import OBJECTIVES
+from m2cache.predictors.pipeline import DEFAULT_SEARCH_TOKENS, SearchJob, run_search
+from m2cache.predictors.search import OBJECTIVES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,3 +1,3 @@
-"""Ranker: low-rank activation predictors, importance ranking into precision
-bands (FULL / INT8 / INT4 / skipped), the offline band-ratio search, and the
-Ranker gRPC service. In-process use: :class:`m2cache.ranker.ranking.Ranker`."""
+"""The Ranker gRPC service: server.py (thin proto <-> domain layer), config.py,
+catalog.py (the rankers of every store under a root, training jobs). The
+predictor library it serves lives in :mod:`m2cache.predictors`."""

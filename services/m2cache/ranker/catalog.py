@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 from m2cache.errors import FailedPrecondition, InvalidArgument, NotFound
-from m2cache.ranker.pipeline import Progress, TrainJob, run_training
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.pipeline import Progress, TrainJob, run_training
+from m2cache.predictors.ranking import Ranker
 
 
 class RankerCatalog:

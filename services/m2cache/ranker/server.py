@@ -15,10 +15,11 @@ from m2cache import grpc_util
 from m2cache.codec.format import DTYPES
 from m2cache.errors import InvalidArgument, M2CacheError, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
-from m2cache.ranker.bands import BandRatios
+from m2cache.predictors.bands import BandRatios
 from m2cache.ranker.catalog import RankerCatalog
 from m2cache.ranker.config import RankerConfig
-from m2cache.ranker.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob
+from m2cache.predictors.tensors import tensor_to_bytes
+from m2cache.predictors.pipeline import DEFAULT_EPOCHS, DEFAULT_TRAIN_TOKENS, TrainJob
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def blob_to_tensor(blob: common_pb2.TensorBlob) -> torch.Tensor:
 
 
 def tensor_to_blob(name: str, t: torch.Tensor) -> common_pb2.TensorBlob:
-    t = t.detach().to("cpu", torch.float32).contiguous()
-    return common_pb2.TensorBlob(name=name, data=t.numpy().tobytes(), shape=list(t.shape), dtype="float32")
+    """A predictor tensor in its resident dtype (float16 factors, int8 gate rows...)."""
+    raw, dtype = tensor_to_bytes(t)
+    return common_pb2.TensorBlob(name=name, data=raw, shape=list(t.shape), dtype=dtype)
 
 
 class RankerServicer(ranker_pb2_grpc.RankerServicer):
@@ -74,15 +76,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                                            int4_ids=bands.int4_ids.tolist())
 
     def GetPredictor(self, request, context):
-        """The served predictor's tensors (all layers, or the requested ones)."""
+        """The served predictor's named tensors (all layers, or the requested
+        ones: ``layer.{i}.*`` and the look-ahead ``ahead.{i}.*``); the names
+        identify each layer's predictor kind (predictors/predictor.py)."""
         with self.metrics.rpc.observe("GetPredictor"):
             predictor = self.catalog.get(request.model).predictor
             layers = list(request.layers) or list(range(predictor.num_layers))
             for layer in layers:
                 if layer >= predictor.num_layers:
                     raise InvalidArgument(f"layer {layer} out of range: the model has {predictor.num_layers} layers")
-            tensors = predictor.tensors()
-            blobs = [tensor_to_blob(f"layer.{i}.{k}", tensors[f"layer.{i}.{k}"]) for i in layers for k in ("a", "b", "bias")]
+            wanted = {str(i) for i in layers}
+            blobs = [tensor_to_blob(name, t) for name, t in predictor.tensors().items() if name.split(".")[1] in wanted]
             return ranker_pb2.PredictorWeights(model=request.model, version=predictor.version, tensors=blobs)
 
     def TrainPredictor(self, request, context):

@@ -1,7 +1,7 @@
 """How the worker ranks neurons: every neuron FULL (no policy, or a request asking
 for full precision), or the store's policy with the trained predictors, scored
 in-process (weights pulled once from the Ranker, scored with
-``ranker.ranking.Ranker`` exactly as ``m2cache run`` does) or by a Rank RPC per layer."""
+``predictors.ranking.Ranker`` exactly as ``m2cache run`` does) or by a Rank RPC per layer."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +11,12 @@ import grpc
 import torch
 
 from m2cache import grpc_util
-from m2cache.codec.format import DTYPES, Manifest, Precision
+from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import FailedPrecondition
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.predictor import Predictor
-from m2cache.ranker.ranking import Ranker
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.predictor import Predictor
+from m2cache.predictors.ranking import Ranker
+from m2cache.predictors.tensors import tensor_from_bytes
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.provider import Choose
 from m2cache_client.pb import common_pb2, ranker_pb2, ranker_pb2_grpc
@@ -48,8 +49,7 @@ def remote_choose(stub: ranker_pb2_grpc.RankerStub, model: str, timeout_s: float
 
 def pull_predictor(stub: ranker_pb2_grpc.RankerStub, model: str, timeout_s: float) -> Predictor:
     resp = stub.GetPredictor(ranker_pb2.PredictorRequest(model=model), timeout=timeout_s)
-    tensors = {t.name: torch.frombuffer(bytearray(t.data), dtype=DTYPES[t.dtype or "float32"]).reshape(list(t.shape))
-               for t in resp.tensors}
+    tensors = {t.name: tensor_from_bytes(t.data, t.dtype, t.shape) for t in resp.tensors}
     return Predictor.from_tensors(tensors, version=resp.version)
 
 

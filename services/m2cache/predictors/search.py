@@ -22,8 +22,8 @@ from typing import Callable
 
 from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import InvalidArgument
-from m2cache.ranker.bands import BandRatios
-from m2cache.ranker.evaluate import StepScore
+from m2cache.predictors.bands import BandRatios
+from m2cache.predictors.evaluate import StepScore
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import torch
 
 from m2cache.codec.format import Precision
 from m2cache.errors import FailedPrecondition
-from m2cache.ranker import storage
-from m2cache.ranker.bands import BandRatios, PrecisionBands, assign_bands
-from m2cache.ranker.collect import neuron_magnitudes
-from m2cache.ranker.predictor import Predictor
+from m2cache.predictors import storage
+from m2cache.predictors.bands import BandRatios, PrecisionBands, assign_bands
+from m2cache.predictors.collect import neuron_magnitudes
+from m2cache.predictors.predictor import Predictor
 
 
 @dataclass(slots=True)

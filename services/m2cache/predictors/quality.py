@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from m2cache.ranker.collect import neuron_magnitudes
+from m2cache.predictors.collect import neuron_magnitudes
 
 
 def topk_recall(scores: torch.Tensor, magnitudes: torch.Tensor, frac: float) -> float:
@@ -36,6 +36,23 @@ def layer_recalls(inputs: list[torch.Tensor], full_weights, ffn_kind: str, ranke
                     sums[name][i] += topk_recall(scores, mags, f) * xb.shape[0]
         for name in rankers:
             out[name].append([s / x.shape[0] for s in sums[name]])
+    return out
+
+
+def ahead_recalls(inputs: list[torch.Tensor], full_weights, ffn_kind: str, predictor,
+                  fracs: tuple[float, ...] = (0.1, 0.25, 0.5), chunk: int = 4096) -> list[list[float]]:
+    """Look-ahead recall: for each layer l >= 1, [recall at frac for frac in fracs]
+    of ``predictor.scores_ahead(l - 1, x_{l-1})`` against layer l's true magnitudes."""
+    out = []
+    for layer in range(1, len(inputs)):
+        vectors, bias = full_weights(layer)
+        sums = [0.0] * len(fracs)
+        for lo in range(0, inputs[layer].shape[0], chunk):
+            mags = neuron_magnitudes(vectors, bias, inputs[layer][lo : lo + chunk], ffn_kind).cpu()
+            scores = predictor.scores_ahead(layer - 1, inputs[layer - 1][lo : lo + chunk]).cpu()
+            for i, f in enumerate(fracs):
+                sums[i] += topk_recall(scores, mags, f) * mags.shape[0]
+        out.append([v / inputs[layer].shape[0] for v in sums])
     return out
 
 

@@ -3,9 +3,11 @@
 Keys (all under ``b"p"`` or the format's ``b"policy"``; converter keys are never touched):
 
 - ``b"p/latest"``              ascii version number of the newest predictor set
-- ``b"p/v{version:06d}/meta"`` JSON: version, ranks, shapes, crc32 per tensor, training provenance
-- ``b"p/v{version:06d}/{name}"`` raw little-endian float32 bytes of tensor ``name``
-- ``b"policy"``                JSON policy from the ratio search (see search.py)
+- ``b"p/v{version:06d}/meta"`` JSON: version, kinds, ranks, shape + dtype + crc32 per tensor, training provenance
+- ``b"p/v{version:06d}/{name}"`` raw little-endian bytes of tensor ``name`` in its resident dtype
+  (float32, float16, int8 or uint8; see tensors.py; versions written before kinds existed hold float32)
+- ``b"policy"``                JSON policy from the ratio search (see search.py): the workers' default
+- ``b"policy/b{budget:.4f}"``  the policy searched for that budget (every budget searched is kept)
 
 Versions only grow; old versions stay readable, so a worker holding version N
 keeps working while N+1 is written. Every write is one LMDB write transaction
@@ -29,7 +31,8 @@ import torch
 from m2cache.codec.format import MANIFEST_KEY, POLICY_KEY, crc32
 from m2cache.store.reader import NeuronStore
 from m2cache.errors import ChecksumError, FailedPrecondition, StoreNotFound
-from m2cache.ranker.predictor import Predictor
+from m2cache.predictors.predictor import Predictor
+from m2cache.predictors.tensors import tensor_from_bytes, tensor_to_bytes
 
 LATEST_KEY = b"p/latest"
 _HEADROOM = 64 << 20
@@ -105,10 +108,11 @@ def save_predictor(store, predictor: Predictor, meta: dict | None = None) -> int
     """Write ``predictor`` as the store's next version; returns that version."""
     tensors, shapes = {}, {}
     for name, t in predictor.tensors().items():
-        raw = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        raw, dtype = tensor_to_bytes(t)
         tensors[name] = raw
-        shapes[name] = {"shape": list(t.shape), "dtype": "float32", "crc32": crc32(raw)}
-    record = {"num_layers": predictor.num_layers, "ranks": predictor.ranks(),
+        shapes[name] = {"shape": list(t.shape), "dtype": dtype, "crc32": crc32(raw)}
+    record = {"num_layers": predictor.num_layers, "ranks": predictor.ranks(), "kinds": predictor.kinds,
+              "num_bytes": predictor.num_bytes(), "flops_per_token": predictor.flops_per_token(),
               "d_model": predictor.d_model, "d_ffn": predictor.d_ffn, "tensors": shapes, **(meta or {})}
     version = _write(_path(store), _put_predictor, tensors, record)
     predictor.version, predictor.meta = version, {**record, "version": version}
@@ -147,7 +151,7 @@ def _read_tensor(txn, version: int, name: str, info: dict) -> torch.Tensor:
     raw = txn.get(_version_key(version, name))
     if raw is None or crc32(raw) != info["crc32"]:
         raise ChecksumError(f"predictor v{version} tensor {name!r} is missing or fails its checksum")
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(info["shape"])
+    return tensor_from_bytes(raw, info.get("dtype", "float32"), info["shape"])
 
 
 def save_policy(store, policy: dict) -> None:
@@ -157,10 +161,23 @@ def save_policy(store, policy: dict) -> None:
 
 def _put_policy(txn, raw: bytes) -> None:
     txn.put(POLICY_KEY, raw)
+    budget = json.loads(raw).get("budget")
+    if budget is not None:
+        txn.put(_budget_key(budget), raw)
 
 
-def load_policy(store) -> dict | None:
-    """The stored policy, or None if the ratio search never ran on this store."""
+def _budget_key(budget: float) -> bytes:
+    return f"policy/b{float(budget):.4f}".encode()
+
+
+def load_policy(store, budget: float | None = None) -> dict | None:
+    """The stored default policy (or the one searched for ``budget``), or None
+    if the ratio search never ran on this store (for that budget)."""
     with _read_txn(store) as txn:
         raw = txn.get(POLICY_KEY)
+        if budget is not None:
+            default = json.loads(raw) if raw else None
+            if default is not None and abs(float(default.get("budget", -1)) - budget) < 1e-9:
+                return default
+            raw = txn.get(_budget_key(budget))
     return json.loads(raw) if raw else None
