@@ -103,3 +103,23 @@ def test_torch_fallback_equals_the_arithmetic():
         vectors, bias = layout.decode(records[prec][ids], prec)
         want = torch.relu(x.double() @ vectors[:, 0].double().T + bias.double()) @ vectors[:, 1].double()
         torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_qcopy_scores_kernel_equals_the_arithmetic(bits):
+    """The predictor's packed-code scorer: |silu(g) * u| of the decoded rows on the
+    int8-rounded input, without decoding the rows into memory."""
+    from m2cache.predictors.kinds.qcopy import QCopyPredictor, dequantize_rows
+
+    g = torch.Generator().manual_seed(bits)
+    F, d = 200, 96
+    p = QCopyPredictor.from_rows(torch.randn(F, d, generator=g), torch.randn(F, d, generator=g), bits)
+    x = torch.randn(3, d, generator=g)
+    got = kernels.qcopy_scores(x, p.gate_codes, p.gate_scale, p.up_codes, p.up_scale, bits)
+    assert got is not None, "the C kernel runs on this machine"
+    xq = _quantised(x).double()
+    gate = xq @ dequantize_rows(p.gate_codes, p.gate_scale, bits, d).double().T
+    up = xq @ dequantize_rows(p.up_codes, p.up_scale, bits, d).double().T
+    want = (torch.nn.functional.silu(gate) * up).abs()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(p.scores(x), got)  # the predictor uses it

@@ -34,16 +34,15 @@ from m2cache.codec.format import RecordLayout
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("neuron_ffn.c")
-ABI_VERSION = 2
+KERNELS = Path(__file__).parent  # *.c sources, one shared library each
+ABI_VERSION = {"neuron_ffn": 2, "qcopy_scores": 1}
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_libs: dict[str, ctypes.CDLL | None] = {}
 _local = threading.local()
 
 
-# ---- building and loading the C kernel ------------------------------------------------
+# ---- building and loading the C kernels ------------------------------------------------
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -65,49 +64,59 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("M2CACHE_KERNEL_CACHE", Path.home() / ".cache" / "m2cache" / "kernels"))
 
 
-def _build() -> Path:
-    """Compile (once per source + flags + compiler) into the kernel cache; atomic."""
+def _build(name: str) -> Path:
+    """Compile ``name``.c (once per source + flags + compiler) into the kernel cache; atomic."""
+    source = KERNELS / f"{name}.c"
     cc = os.environ.get("CC", "cc")
     flags = _compile_flags()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"neuron_ffn-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr[-2000:]}")
         os.replace(out, target)
-    log.info("built the neuron FFN kernel: %s (%s)", target, " ".join(flags))
+    log.info("built kernel %s: %s (%s)", name, target, " ".join(flags))
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+def _library(name: str) -> ctypes.CDLL | None:
+    """The loaded kernel library ``name``, or None (no compiler, M2CACHE_KERNELS=torch)."""
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
+        if name in _libs:
+            return _libs[name]
+        _libs[name] = None
         if os.environ.get("M2CACHE_KERNELS", "auto") == "torch":
-            log.info("M2CACHE_KERNELS=torch: the FFN runs on the torch fallback")
+            log.info("M2CACHE_KERNELS=torch: %s runs on the torch fallback", name)
             return None
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = ctypes.CDLL(str(_build(name)))
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            log.warning("no C kernel (%s): the FFN runs on the slower torch fallback", err)
+            log.warning("no C kernel %s (%s): the slower torch fallback runs", name, err)
             return None
-        if lib.m2c_abi_version() != ABI_VERSION:
-            log.warning("stale kernel ABI %d (want %d): torch fallback", lib.m2c_abi_version(), ABI_VERSION)
+        abi = getattr(lib, {"neuron_ffn": "m2c_abi_version", "qcopy_scores": "m2q_abi_version"}[name])()
+        if abi != ABI_VERSION[name]:
+            log.warning("stale kernel %s ABI %d (want %d): torch fallback", name, abi, ABI_VERSION[name])
             return None
-        fn = lib.m2c_neuron_ffn
         P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        fn.argtypes = [P, I64, I64, I32, P, I32, I32, I32, I32, P, P, P, I32]
-        fn.restype = None
-        _lib = lib
+        if name == "neuron_ffn":
+            lib.m2c_neuron_ffn.argtypes = [P, I64, I64, I32, P, I32, I32, I32, I32, P, P, P, I32]
+            lib.m2c_neuron_ffn.restype = None
+        else:
+            lib.m2q_supported.argtypes = [I64, I32]
+            lib.m2q_scores.argtypes = [P, I64, I64, P, P, P, P, I64, I32, P, P, I32]
+            lib.m2q_scores.restype = None
+        _libs[name] = lib
         return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    return _library("neuron_ffn")
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -215,3 +224,21 @@ def _decoded_ffn(x: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor | No
     pre = x @ vectors[:, 0].T  # [R, n]
     act = torch.relu(pre + bias) if bias is not None else torch.nn.functional.silu(pre) * (x @ vectors[:, 1].T)
     return act @ vectors[:, -1]
+
+
+def qcopy_scores(x: torch.Tensor, gate_codes: torch.Tensor, gate_scale: torch.Tensor, up_codes: torch.Tensor,
+                 up_scale: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """|silu(g) * u| of a qcopy predictor straight from its packed codes (x [R, d] ->
+    [R, F] float32), or None where the C kernel does not apply (the caller decodes)."""
+    lib = _library("qcopy_scores") if x.device.type == "cpu" and not getattr(_local, "torch_only", False) else None
+    R, d = x.shape
+    if lib is None or not lib.m2q_supported(d, bits):
+        return None
+    x = x.float().contiguous()
+    F = gate_codes.shape[0]
+    out = torch.empty(R, F)
+    ws = torch.empty(R * (d + d // 32 + 2) + 4)
+    tensors = [t.contiguous() for t in (gate_codes, gate_scale, up_codes, up_scale)]
+    lib.m2q_scores(x.data_ptr(), R, d, tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
+                   tensors[3].data_ptr(), F, bits, out.data_ptr(), ws.data_ptr(), torch.get_num_threads())
+    return out

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import InvalidArgument
+from m2cache.model import kernels
 from m2cache.predictors.kinds.base import LayerPredictor, check_shapes
 
 BITS = (1, 2, 4)
@@ -118,6 +119,11 @@ class QCopyPredictor(LayerPredictor):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         d, b = self.d_model, self.num_bits
+        # the C kernel reads the packed codes in place (int8-rounded input, like the FFN kernel)
+        fast = kernels.qcopy_scores(x.reshape(-1, d), self.gate_codes, self.gate_scale, self.up_codes,
+                                    self.up_scale, b)
+        if fast is not None:
+            return fast.reshape(*x.shape[:-1], self.d_ffn)
         g = x @ dequantize_rows(self.gate_codes, self.gate_scale, b, d).to(x.dtype).T  # [n, F]
         u = x @ dequantize_rows(self.up_codes, self.up_scale, b, d).to(x.dtype).T
         return (F.silu(g) * u).abs()
