@@ -26,7 +26,7 @@ def check(dram, store_service, model, layer, ids, prec, current_layer=None, call
     batch = dram.fetch(model, layer, ids, int(prec), current_layer, caller_id)
     payload, crcs = expect(store_service, model, layer, ids, prec)
     assert batch.payload == payload, (model, layer, prec)
-    assert list(batch.crc32) == crcs and list(batch.neuron_ids) == list(ids)
+    assert list(batch.crc32c) == crcs and list(batch.neuron_ids) == list(ids)
 
 
 def redis_bytes(dram) -> int:

@@ -40,7 +40,7 @@ class DramTierServicer(dram_pb2_grpc.DramTierServicer):
 
     def FetchNeurons(self, request, context):
         """Records of many neurons of one layer at one precision, as one payload
-        with per-record crc32; ``current_layer`` steers preloading."""
+        with per-record CRC-32C; ``current_layer`` steers preloading."""
         with self.tier.stats.rpc.observe("FetchNeurons"):
             b = request.batch
             req = FetchRequest(b.model, b.layer, b.precision, b.neuron_ids, b.all_neurons, request.current_layer,
@@ -48,7 +48,7 @@ class DramTierServicer(dram_pb2_grpc.DramTierServicer):
             batch = self.tier.fetch(req, self._deadline(context))
             return common_pb2.NeuronBatch(model=b.model, layer=b.layer, precision=b.precision,
                                           neuron_ids=batch.neuron_ids, record_bytes=batch.record_bytes,
-                                          payload=batch.payload, crc32=batch.crc32, codec=batch.codec,
+                                          payload=batch.payload, crc32c=batch.crc32, codec=batch.codec,
                                           record_lengths=batch.record_lengths)
 
     def GetManifest(self, request, context):

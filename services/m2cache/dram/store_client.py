@@ -45,8 +45,9 @@ class StoreClient:
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, method: str, request, deadline: float):
-        """Call ``method``, retrying UNAVAILABLE with backoff while the deadline allows."""
+    def call(self, method: str, request, deadline: float, stream: bool = False):
+        """Call ``method``, retrying UNAVAILABLE with backoff while the deadline allows
+        (``stream``: a server-streaming method, its messages collected into a list)."""
         backoff = self.initial_backoff_s
         attempt = 0
         while True:
@@ -55,7 +56,8 @@ class StoreClient:
                 raise errors.DeadlineExceeded(f"NeuronStore {method}: deadline passed after {attempt} attempt(s)")
             attempt += 1
             try:
-                return getattr(self.stub, method)(request, timeout=remaining)
+                got = getattr(self.stub, method)(request, timeout=remaining)
+                return list(got) if stream else got
             except grpc.RpcError as err:
                 code = err.code()
                 if code != grpc.StatusCode.UNAVAILABLE:
@@ -82,8 +84,8 @@ class StoreClient:
         for i in range(0, len(neuron_ids), chunk_ids):
             request = common_pb2.NeuronBatchRequest(model=model, layer=layer, precision=prec,
                                                     neuron_ids=neuron_ids[i : i + chunk_ids])
-            batch = self.call("FetchNeurons", request, deadline)
-            payloads.append(batch.payload)
-            crcs.extend(batch.crc32)
-            lengths.extend(batch.record_lengths)
+            for batch in self.call("StreamNeurons", request, deadline, stream=True):
+                payloads.append(batch.payload)
+                crcs.extend(batch.crc32c)
+                lengths.extend(batch.record_lengths)
         return payloads, crcs, lengths

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from m2cache.codec.bitmap import length_ok
-from m2cache.codec.format import Manifest, Precision, crc32
+from m2cache.codec.checksum import crc32c as crc32
+from m2cache.codec.format import Manifest, Precision
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.dram.config import DramConfig
 from m2cache.dram.policy import LayerAwarePolicy, UnitKey

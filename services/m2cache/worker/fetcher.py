@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from m2cache.codec import bitmap
+from m2cache.codec.checksum import crc32c
 from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
 from m2cache.errors import ChecksumError, Unavailable
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
@@ -131,9 +132,9 @@ class TierFetcher:
 
     @staticmethod
     def _verify(recs, resp, layer: int, prec: Precision, ids: torch.Tensor) -> None:
-        """Every record (rows of an array, or byte slices) against its crc32."""
-        if len(resp.crc32) != len(recs):
-            raise ChecksumError(f"layer {layer} {prec.name}: {len(resp.crc32)} checksums for {len(recs)} records")
-        for i, (row, want) in enumerate(zip(recs, resp.crc32)):
-            if crc32(row if isinstance(row, memoryview) else row.tobytes()) != want:
+        """Every record (rows of an array, or byte slices) against its CRC-32C."""
+        if len(resp.crc32c) != len(recs):
+            raise ChecksumError(f"layer {layer} {prec.name}: {len(resp.crc32c)} checksums for {len(recs)} records")
+        for i, (row, want) in enumerate(zip(recs, resp.crc32c)):
+            if crc32c(row if isinstance(row, memoryview) else row.tobytes()) != want:
                 raise ChecksumError(f"record layer {layer} neuron {int(ids[i])} {prec.name} arrived corrupted")

@@ -51,6 +51,11 @@ class DramTierStub:
                 request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
                 _registered_method=True)
+        self.StreamDense = channel.unary_stream(
+                '/m2cache.v1.DramTier/StreamDense',
+                request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
+                _registered_method=True)
         self.FetchFile = channel.unary_unary(
                 '/m2cache.v1.DramTier/FetchFile',
                 request_serializer=m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
@@ -85,6 +90,13 @@ class DramTierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamDense(self, request, context):
+        """Dense tensors of any size in bounded chunks (passed through from the store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchFile(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -114,6 +126,11 @@ def add_DramTierServicer_to_server(servicer, server):
                     servicer.FetchDense,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.SerializeToString,
+            ),
+            'StreamDense': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDense,
+                    request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.SerializeToString,
             ),
             'FetchFile': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchFile,
@@ -208,6 +225,33 @@ class DramTier:
             '/m2cache.v1.DramTier/FetchDense',
             m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
             m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/m2cache.v1.DramTier/StreamDense',
+            m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+            m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,
