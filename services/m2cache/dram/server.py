@@ -58,11 +58,16 @@ class DramTierServicer(dram_pb2_grpc.DramTierServicer):
     def FetchDense(self, request, context):
         """Passed through to the NeuronStore (dense weights are loaded once, not cached)."""
         with self.tier.stats.rpc.observe("FetchDense"):
-            return self.tier.store.call("FetchDense", request, self._deadline(context))
+            return self.tier.store.dense(request, self._deadline(context))
+
+    def StreamDense(self, request, context):
+        """Passed through from the NeuronStore chunk by chunk (any tensor size)."""
+        with self.tier.stats.rpc.observe("StreamDense"):
+            yield from self.tier.store.stream_dense(request, self._deadline(context))
 
     def FetchFile(self, request, context):
         with self.tier.stats.rpc.observe("FetchFile"):
-            return self.tier.store.call("FetchFile", request, self._deadline(context))
+            return self.tier.store.file(request, self._deadline(context))
 
     def GetStats(self, request, context):
         with self.tier.stats.rpc.observe("GetStats"):

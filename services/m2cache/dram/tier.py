@@ -192,8 +192,7 @@ class DramTier:
         """Records of ``neuron_ids`` from the NeuronStore (verified), written back if admitted."""
         unique = list(dict.fromkeys(neuron_ids))
         prec = Precision(key.prec)
-        payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, unique,
-                                                           self.config.store_chunk_ids, deadline)
+        payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, unique, deadline)
         records = _split_verified(key, unique, payloads, crcs, manifest.layout.num_bytes(prec), lengths)
         table = self._crc_table(key)
         table[unique] = crcs
@@ -260,8 +259,7 @@ class DramTier:
                 if not self.policy.can_admit(key, len(todo), size, pinned):  # no room: skip the I/O too
                     self.stats.event("preload_skipped")
                     return
-                payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, todo, step,
-                                                                   deadline)
+                payloads, crcs, lengths = self.store.fetch_neurons(key.model, key.layer, key.prec, todo, deadline)
                 records = _split_verified(key, todo, payloads, crcs, manifest.layout.num_bytes(Precision(key.prec)),
                                           lengths)
                 self._crc_table(key)[todo] = crcs

@@ -15,14 +15,15 @@ import grpc
 import numpy as np
 import torch
 
+from m2cache import grpc_util
+
 from m2cache.codec import bitmap
 from m2cache.codec.checksum import crc32c
 from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
-from m2cache.errors import ChecksumError, Unavailable
+from m2cache.errors import ChecksumError
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
 
 log = logging.getLogger(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass
@@ -38,7 +39,9 @@ class FetchStats:
 @dataclass
 class TierFetcher:
     """Fetches records over a DramTier channel. ``deadline_s`` bounds one logical
-    fetch including its retries; ``backoff_s`` doubles per retry up to 1 s."""
+    fetch including its retries; UNAVAILABLE is retried with backoff from
+    ``backoff_s`` (doubling up to 1 s) for at most ``unavailable_s``; any other
+    status is raised at once as its typed error (grpc_util.Rpc)."""
 
     channel: grpc.Channel
     model: str
@@ -48,50 +51,32 @@ class TierFetcher:
     verify: bool = True
     stats: FetchStats = field(default_factory=FetchStats)
     layout: RecordLayout | None = None  # set by manifest(); bitmap records need it to decode
+    unavailable_s: float = 5.0
 
     def __post_init__(self) -> None:
-        self.stub = dram_pb2_grpc.DramTierStub(self.channel)
+        policy = grpc_util.RetryPolicy(self.deadline_s, min(self.unavailable_s, self.deadline_s), self.backoff_s)
+        self.rpc = grpc_util.Rpc(self.channel, dram_pb2_grpc.DramTierStub, "DRAM tier", policy,
+                                 on_retry=lambda *_: self._count_retry())
 
-    def _call(self, method, request):
-        """Unary call with retries on transient codes until the deadline passes."""
-        end = time.monotonic() + self.deadline_s
-        delay = self.backoff_s
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise Unavailable(f"DRAM tier unavailable for {self.deadline_s:.1f}s")
-            try:
-                return method(request, timeout=left)
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise
-                if time.monotonic() + delay >= end:
-                    raise Unavailable(f"DRAM tier unavailable within the {self.deadline_s:.1f}s deadline: {err.details()}") from err
-                self.stats.retries += 1
-                log.warning("DRAM tier %s (%s); retrying in %.2fs", err.code().name, err.details(), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
 
     def manifest(self) -> tuple[Manifest, dict | None]:
-        resp = self._call(self.stub.GetManifest, common_pb2.ManifestRequest(model=self.model))
+        resp = self.rpc.unary("GetManifest", common_pb2.ManifestRequest(model=self.model))
         policy = json.loads(resp.policy_json) if resp.policy_json else None
         manifest = Manifest.from_json(resp.manifest_json.encode(), where=f"model {self.model}")
         self.layout = manifest.layout
         return manifest, policy
 
     def dense(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Dense tensors by name (all of them when ``names`` is None)."""
-        resp = self._call(self.stub.FetchDense, common_pb2.DenseRequest(model=self.model, names=names or []))
-        out = {}
-        for blob in resp.tensors:
-            if self.verify and crc32(blob.data) != blob.crc32:
-                raise ChecksumError(f"dense tensor {blob.name!r} arrived corrupted")
-            t = torch.frombuffer(bytearray(blob.data), dtype=DTYPES[blob.dtype]) if blob.data else torch.empty(0, dtype=DTYPES[blob.dtype])
-            out[blob.name] = t.reshape(list(blob.shape))
-        return out
+        """Dense tensors by name (all of them when ``names`` is None), streamed in
+        bounded chunks (any tensor size) and checked against their crc32."""
+        return assemble_dense(self.rpc.stream("StreamDense", common_pb2.DenseRequest(model=self.model,
+                                                                                     names=names or [])),
+                              self.verify)
 
     def file(self, filename: str) -> bytes:
-        return self._call(self.stub.FetchFile, common_pb2.FileRequest(model=self.model, filename=filename)).data
+        return self.rpc.unary("FetchFile", common_pb2.FileRequest(model=self.model, filename=filename)).data
 
     def neurons(self, layer: int, prec: Precision, ids: torch.Tensor, current_layer: int) -> torch.Tensor:
         """Records of ``ids`` [m] -> uint8 [m, record_bytes], in ids order."""
@@ -100,7 +85,7 @@ class TierFetcher:
             batch=common_pb2.NeuronBatchRequest(model=self.model, layer=layer, neuron_ids=ids.tolist(), precision=int(prec)),
             current_layer=current_layer, caller_id=self.caller_id,
         )
-        resp = self._call(self.stub.FetchNeurons, req)
+        resp = self.rpc.unary("FetchNeurons", req)
         if resp.record_lengths:
             out = self._decode_sparse(resp, layer, prec, ids)
         else:
@@ -138,3 +123,32 @@ class TierFetcher:
         for i, (row, want) in enumerate(zip(recs, resp.crc32c)):
             if crc32c(row if isinstance(row, memoryview) else row.tobytes()) != want:
                 raise ChecksumError(f"record layer {layer} neuron {int(ids[i])} {prec.name} arrived corrupted")
+
+
+def assemble_dense(chunks, verify: bool = True) -> dict[str, torch.Tensor]:
+    """TensorChunk messages (consecutive chunks per tensor) -> name -> tensor, each
+    assembled into one preallocated buffer and checked against its crc32."""
+    out: dict[str, torch.Tensor] = {}
+    buf, meta, filled = None, None, 0
+    for chunk in chunks:
+        if chunk.offset == 0:
+            if buf is not None:
+                raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of "
+                                    f"{meta.total_bytes} B)")
+            buf, meta, filled = torch.empty(chunk.total_bytes, dtype=torch.uint8), chunk, 0
+        if meta is None or chunk.name != meta.name or chunk.offset != filled:
+            raise ChecksumError(f"dense tensor chunk {chunk.name!r} at {chunk.offset} arrived out of order")
+        n = len(chunk.data)
+        if filled + n > meta.total_bytes:
+            raise ChecksumError(f"dense tensor {meta.name!r} arrived with more than its {meta.total_bytes} B")
+        if n:
+            buf.numpy()[filled : filled + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        filled += n
+        if filled == meta.total_bytes:
+            if verify and crc32(buf.numpy()) != meta.crc32:
+                raise ChecksumError(f"dense tensor {meta.name!r} arrived corrupted")
+            out[meta.name] = buf.view(DTYPES[meta.dtype]).reshape(list(meta.shape))
+            buf, meta = None, None
+    if buf is not None:
+        raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of {meta.total_bytes} B)")
+    return out
