@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -210,8 +211,6 @@ class Rpc:
             raise typed_error(err, f"{self.service} {method}") from None
 
     def _attempts(self, method: str, attempt: Callable[[float], object], deadline: float | None):
-        import time
-
         end = deadline if deadline is not None else time.monotonic() + self.policy.deadline_s
         backoff, give_up_at = self.policy.initial_backoff_s, None
         while True:

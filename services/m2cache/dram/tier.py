@@ -263,15 +263,16 @@ class DramTier:
         """Where a caller is; queue the layers ahead of it."""
         d_ffn = self._manifests[model].d_ffn
         for layer in self.policy.observe(caller_id, model, current_layer):
-            for prec in self._precisions[model]:
+            if self.config.preload == "layer":
+                for prec in self._precisions[model]:
+                    self._submit(UnitKey(model, layer, int(prec)), range(d_ffn), pinned=False, caller_id=caller_id)
+                continue
+            for prec in Precision:  # "used": every precision workers used there, whatever the policy says
                 key = UnitKey(model, layer, int(prec))
-                if self.config.preload == "layer":
-                    self._submit(key, range(d_ffn), pinned=False, caller_id=caller_id)
-                else:
-                    with self._lock:
-                        used = self._used.get(key)
-                    if used is not None and used.size:
-                        self._submit(key, used.tolist(), pinned=False, caller_id=caller_id)
+                with self._lock:
+                    used = self._used.get(key)
+                if used is not None and used.size:
+                    self._submit(key, used.tolist(), pinned=False, caller_id=caller_id)
 
     def _pin(self, model: str) -> None:
         """preload="layer": the first layers whole; "used": pinned as workers use them."""
