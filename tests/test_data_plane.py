@@ -212,6 +212,14 @@ def test_a_7b_shape_layer_arrives_cold_through_the_stack(tmp_path, redis_proc):
         want = np.empty((64, rb), np.uint8)
         store.catalog.get("seven-b").read_into(0, FULL, np.arange(5000, 5064), want)
         assert np.array_equal(out[5000:5064].numpy(), want)
+        # through the tier's unary FetchNeurons the layer is over the payload limit: a
+        # deterministic refusal, raised at once as its typed error and never retried
+        proxy = TierFetcher(dram.channel, "seven-b", "w-proxy", deadline_s=60, data_plane=False)
+        proxy.manifest()
+        start = time.monotonic()
+        with pytest.raises(errors.ResourceExhausted, match="payload limit"):
+            proxy.neurons(0, FULL, torch.arange(11008), 0)
+        assert proxy.stats.retries == 0 and time.monotonic() - start < 10
     finally:
         fetcher.close()
         dram.stop()
