@@ -98,6 +98,10 @@ class DramTier:
         self._lock = threading.Lock()                  # manifests, usage, pending loads
         self._write_lock = threading.Lock()            # serialises reserve + Redis write: Redis never over budget
         self._pool = ThreadPoolExecutor(config.preload_workers, thread_name_prefix="preload")
+        # preload="used" never evicts to admit: a full tier keeps what it has rather than
+        # re-reading from the SSD records it would evict again before their next use (so the
+        # stack reads no more from the SSD than the workers' misses); "layer" evicts by distance.
+        self._evicts = config.preload == "layer"
         self._stop = threading.Event()
         self._prober = threading.Thread(target=self._probe_loop, name="redis-probe", daemon=True)
         stats.budget_bytes.set(config.budget_bytes)
@@ -323,7 +327,7 @@ class DramTier:
             todo = [n for n, r in zip(chunk, self.policy.resident(key, chunk)) if not r]
             if not todo:
                 continue
-            if not self.policy.can_admit(key, len(todo), slot, pinned):  # no room: skip the I/O too
+            if not self.policy.can_admit(key, len(todo), slot, pinned, self._evicts):  # no room: skip the I/O
                 self.stats.event("preload_skipped")
                 return False
             records = self._read_store(key, todo, manifest, deadline)
@@ -346,7 +350,7 @@ class DramTier:
         with self._write_lock:
             if not self.redis_up:
                 return False
-            reservation = self.policy.reserve(key, records.keys(), size, pinned=pinned)
+            reservation = self.policy.reserve(key, records.keys(), size, pinned=pinned, evict=self._evicts)
             if reservation is None:
                 return False
             deletes = [k for unit, nids in reservation.evicted
