@@ -7,7 +7,7 @@ import json
 import shutil
 
 import grpc
-import lmdb
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +15,7 @@ from checkpoints import corpus, make_tiny_checkpoint, real_model_dir
 from m2cache import cli
 from m2cache.codec import bitmap
 from m2cache.convert.writer import convert
-from m2cache.codec.format import Precision, neuron_key
+from m2cache.codec.format import RECORDS_FILE, Precision
 from m2cache.store.reader import NeuronStore
 from m2cache.convert.prune import PruneSpec
 from m2cache.errors import ChecksumError
@@ -128,17 +128,20 @@ def test_corrupt_bitmap_record_in_redis_is_refetched(stack):
 def test_corrupt_bitmap_record_on_disk_is_data_loss(root, tmp_path):
     bad_root = tmp_path / "bad"
     shutil.copytree(root / "llama-p50", bad_root / "llama-p50")
-    env = lmdb.open(str(bad_root / "llama-p50"), subdir=True)
-    with env.begin(write=True) as txn:
-        key = neuron_key(1, Precision.FULL, 9)
-        rec = bytearray(txn.get(key))
-        rec[-1] ^= 0xFF  # a packed value
-        txn.put(key, bytes(rec))
-        key2 = neuron_key(1, Precision.FULL, 10)
-        rec2 = bytearray(txn.get(key2))
-        rec2[0] ^= 0x01  # a bitmap bit: the popcount no longer matches the length
-        txn.put(key2, bytes(rec2))
-    env.close()
+    store_dir = bad_root / "llama-p50"
+    reader = NeuronStore(store_dir)
+    try:
+        offsets, lengths = reader.record_spans(1, Precision.FULL, np.asarray([9, 10]))
+        prefix = bitmap.element_spec(reader.layout, Precision.FULL).prefix_bytes
+    finally:
+        reader.close()
+    with open(store_dir / RECORDS_FILE, "r+b") as f:
+        for pos, mask in ((int(offsets[0] + lengths[0]) - 1, 0xFF),  # a packed value of neuron 9
+                          (int(offsets[1]) + prefix, 0x01)):  # a bitmap bit of 10: popcount != length
+            f.seek(pos)
+            byte = f.read(1)[0]
+            f.seek(pos)
+            f.write(bytes([byte ^ mask]))
     handle = StoreHandle(bad_root)
     try:
         code, details = status_of(lambda: _fetch(handle.stub, "llama-p50", 1, [9], Precision.FULL))

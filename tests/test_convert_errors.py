@@ -3,12 +3,14 @@ fails with a clear message and leaves nothing at the store path."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pytest
 import transformers
 from safetensors.torch import load_file, save_file
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import m2cache.convert.writer as convert_mod
 from checkpoints import make_tiny_checkpoint
 from m2cache.convert.writer import convert
-from m2cache.codec.format import MANIFEST_KEY, Precision, neuron_key
+from m2cache.codec.format import MANIFEST_KEY, RECORDS_FILE, Precision
 from m2cache.store.reader import NeuronStore
 from m2cache.errors import (
     CheckpointError, ChecksumError, FailedPrecondition, FormatVersionError, UnsupportedArchitecture,
@@ -126,29 +128,61 @@ def test_index_names_missing_shard(base, tmp_path):
 
 
 # ---- damaged stores -----------------------------------------------------------------
-def test_other_format_version_is_refused(base, tmp_path):
+def test_a_version_1_store_is_refused_with_how_to_reconvert(base, tmp_path):
     store = _copy(base["store"], tmp_path / "store")
     with lmdb.open(str(store), map_size=1 << 30) as env, env.begin(write=True) as txn:
         manifest = json.loads(txn.get(MANIFEST_KEY))
-        manifest["format_version"] = 2
+        manifest["format_version"] = 1
         txn.put(MANIFEST_KEY, json.dumps(manifest).encode())
-    with pytest.raises(FormatVersionError, match="format version 2"):
+    with pytest.raises(FormatVersionError, match="format version 1") as info:
         NeuronStore(store)
+    assert f"m2cache convert {manifest['source']} {store} --force" in str(info.value)
+
+
+def _flip_byte(store: Path, layer: int, prec: Precision, neuron: int, where: int = -1) -> None:
+    """Flip one bit of a stored record in neurons.bin (``where``: byte index in the record)."""
+    reader = NeuronStore(store)
+    try:
+        offsets, lengths = reader.record_spans(layer, prec, np.asarray([neuron]))
+    finally:
+        reader.close()
+    pos = int(offsets[0]) + (where % int(lengths[0]))
+    with open(store / RECORDS_FILE, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
 
 
 def test_corrupted_record_fails_its_checksum(base, tmp_path):
     store = _copy(base["store"], tmp_path / "store")
-    key = neuron_key(1, Precision.INT8, 5)
-    with lmdb.open(str(store), map_size=1 << 30) as env, env.begin(write=True) as txn:
-        record = bytearray(txn.get(key))
-        record[-1] ^= 0x01
-        txn.put(key, bytes(record))
+    _flip_byte(store, 1, Precision.INT8, 5)
     reader = NeuronStore(store)
     try:
         reader.get_neurons(1, [4], Precision.INT8)  # neighbours are intact
         reader.get_neurons(0, [5], Precision.INT8)
         with pytest.raises(ChecksumError, match="layer 1 neuron 5 INT8"):
             reader.get_neurons(1, [4, 5], Precision.INT8)
+        with pytest.raises(ChecksumError, match="layer 1 neuron 5 INT8"):
+            reader.get_layer(1, Precision.INT8)  # a whole-layer read names the record too
+    finally:
+        reader.close()
+
+
+def test_truncated_record_file_names_the_first_missing_record(base, tmp_path):
+    store = _copy(base["store"], tmp_path / "store")
+    reader = NeuronStore(store)
+    try:
+        last = reader.manifest.num_layers - 1
+        offsets, _ = reader.record_spans(last, Precision.INT4, np.asarray([60]))
+    finally:
+        reader.close()
+    os.truncate(store / RECORDS_FILE, int(offsets[0]) + 3)  # cut inside neuron 60 of the last segment
+    reader = NeuronStore(store)
+    try:
+        assert len(reader.get_neurons(last, list(range(60)), Precision.INT4)) > 0  # before the cut: intact
+        with pytest.raises(ChecksumError, match=f"layer {last} neuron 60 INT4 is missing or truncated"):
+            reader.get_neurons(last, [10, 60, 61], Precision.INT4)
     finally:
         reader.close()
 

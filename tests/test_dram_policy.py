@@ -155,3 +155,17 @@ def test_auto_preload_precisions_follow_the_policy():
     assert auto.precisions(policy) == (Precision.FULL, Precision.INT4)
     explicit = DramConfig(preload_precisions="int8,full")
     assert explicit.precisions(policy) == (Precision.INT8, Precision.FULL)
+
+
+def test_admission_without_eviction_keeps_what_is_resident():
+    """preload="used": a full tier refuses new records rather than evicting (no SSD re-reads)."""
+    policy = make(budget=3000, pinned=0)
+    policy.observe("w", M, 0)
+    for layer in (3, 4, 5):
+        assert full_layer(policy, layer) is not None
+    assert policy.bytes_resident == 3000
+    key = UnitKey(M, 1, 1)
+    assert not policy.can_admit(key, 1, REC, evict=False)
+    assert policy.reserve(key, [0], REC, evict=False) is None
+    assert policy.bytes_resident == 3000 and policy.num_resident(UnitKey(M, 5, 1)) == N
+    assert policy.can_admit(key, 1, REC)  # with eviction (layer 5 is needed later than layer 1) it fits

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from m2cache.codec.format import Precision
+from m2cache.dram.dataplane import HEADER_BYTES
 from m2cache_client.pb import common_pb2
 from tiers import DEADLINE_S, health, status_of
 
@@ -26,7 +27,7 @@ def check(dram, store_service, model, layer, ids, prec, current_layer=None, call
     batch = dram.fetch(model, layer, ids, int(prec), current_layer, caller_id)
     payload, crcs = expect(store_service, model, layer, ids, prec)
     assert batch.payload == payload, (model, layer, prec)
-    assert list(batch.crc32) == crcs and list(batch.neuron_ids) == list(ids)
+    assert list(batch.crc32c) == crcs and list(batch.neuron_ids) == list(ids)
 
 
 def redis_bytes(dram) -> int:
@@ -63,7 +64,8 @@ def test_pinned_layers_stay_resident(make_dram, store_service):
     assert dram.stats().evictions > 0
     for prec in Precision:   # every record of layer 0, straight from Redis, equals the store's
         keys = dram.tier.cache.keys(MODEL, 0, int(prec), range(172))
-        assert b"".join(dram.tier.cache.mget(keys)) == store_service.catalog.get(MODEL).get_layer(0, prec)
+        values = dram.tier.cache.mget(keys)  # sealed: tag | crc32c | record
+        assert b"".join(v[HEADER_BYTES:] for v in values) == store_service.catalog.get(MODEL).get_layer(0, prec)
     assert redis_bytes(dram) <= dram.config.budget_bytes
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import STORE_SOURCES
+from m2cache.codec.checksum import crc32c
 from m2cache.codec.format import Precision
 from m2cache_client.pb import common_pb2
 from tiers import DEADLINE_S, health, status_of
@@ -52,7 +53,7 @@ def test_batched_fetch_matches_the_store_byte_for_byte(store_service, model, pre
         table = store.crc_table(layer, prec)
         for i, nid in enumerate(ids):
             rec = batch.payload[i * size : (i + 1) * size]
-            assert batch.crc32[i] == table[nid] == zlib.crc32(rec)
+            assert batch.crc32c[i] == table[nid] == crc32c(rec)
 
 
 def test_whole_layer_fetch(store_service):

@@ -139,50 +139,6 @@ def test_sampling_with_seed_is_reproducible(dram):
     assert 'm2cache_worker_hbm_lookups_total{result="hit"}' in metrics
 
 
-def _restartable_dram(store_service, redis, port=0):
-    from tiers import DramHandle
-
-    return DramHandle(store_service.target, redis.url, address=f"127.0.0.1:{port}", budget_bytes=1 << 20)
-
-
-def test_dram_outage_retries_then_unavailable_and_worker_stays_healthy(store_service, stories):
-    from m2cache import grpc_util
-    from tiers import start_redis
-
-    redis = start_redis()
-    dram = _restartable_dram(store_service, redis)
-    port = dram.port
-    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(stories), cache_fraction=0.05, window=1,
-                          fetch_deadline_s=3.0)
-    want = reference_tokens(stories, PROMPT, 60, Ranker(random_predictor(stories), RATIOS).choose())
-    try:
-        # 1) a short outage inside the fetch deadline: retries, same tokens
-        stream = worker.stub.Generate(_req(worker, 60), timeout=60)
-        got = [next(stream).token_id for _ in range(5)]
-        dram.stop()
-        holder: list = []
-        threading.Timer(1.0, lambda: holder.append(_restartable_dram(store_service, redis, port))).start()
-        got += [m.token_id for m in stream if not m.HasField("stats")]
-        assert got == want
-        dram = holder[0]
-        assert worker.runtime.fetcher.stats.retries > 0
-        # 2) an outage longer than the deadline: UNAVAILABLE, then the worker serves again
-        stream = worker.stub.Generate(_req(worker, 60), timeout=60)
-        next(stream)
-        dram.stop()
-        with pytest.raises(grpc.RpcError) as err:
-            list(stream)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert grpc_util.check_health(worker.target, "m2cache.v1.Worker") == "SERVING"
-        dram = _restartable_dram(store_service, redis, port)
-        ids, _ = worker.generate(PROMPT, 60)
-        assert ids == want
-    finally:
-        worker.stop()
-        dram.stop()
-        redis.stop()
-
-
 def test_over_budget_dense_layers_stream_and_match(dram, stories):
     """Resident parts over the device budget: later layers' attention streams per step."""
     m = stories.manifest

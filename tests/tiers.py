@@ -53,9 +53,11 @@ class DramHandle:
     """A running DramTier server over ``store_target`` and ``redis_url``."""
 
     def __init__(self, store_target: str, redis_url: str, **overrides):
-        # every precision preloaded unless a test asks for "auto" (policy-driven) explicitly
+        # every precision preloaded unless a test asks for "auto" (policy-driven) explicitly; whole
+        # layers (M2Cache's policy) unless a test asks for preload="used"
         base = DramConfig(store_target=store_target, address="127.0.0.1:0", redis_probe_interval_s=0.1,
-                          key_prefix=f"m2c-test-{free_port()}:", preload_precisions="full,int8,int4")
+                          key_prefix=f"m2c-test-{free_port()}:", preload_precisions="full,int8,int4",
+                          preload="layer")
         self.config = dataclasses.replace(base, **overrides)
         self.server, self.port, self.tier = dram_server.create_server(self.config, redis_url)
         self.server.start()
@@ -70,6 +72,9 @@ class DramHandle:
         req = dram_pb2.DramFetchRequest(batch=batch, current_layer=layer if current_layer is None else current_layer,
                                         caller_id=caller_id)
         return self.stub.FetchNeurons(req, timeout=timeout)
+
+    def tier_plane(self) -> dram_pb2.DataPlaneInfo:
+        return self.stub.DataPlane(dram_pb2.DataPlaneRequest(model=""), timeout=DEADLINE_S)
 
     def stats(self) -> dram_pb2.DramStats:
         return self.stub.GetStats(common_pb2.StatsRequest(), timeout=DEADLINE_S)

@@ -1,7 +1,8 @@
 """Each tier's bandwidth, measured in the same run as the systems:
 
-- ``ssd_records``: the store's own read path (NeuronStore.get_neurons, sorted
-  random 25% of a layer's FULL records), page cache dropped first;
+- ``ssd_records``: the store's own read path (NeuronStore.read_into a
+  preallocated buffer, sorted random 25% of a layer's FULL records), page cache
+  dropped first;
 - ``ssd_sequential``: the block device read sequentially in 1 MiB reads
   (kernel readahead on), page cache dropped first: what the disk can give;
 - ``dram``: Redis MGET of FULL-size records, 64 per call, over loopback;
@@ -30,9 +31,11 @@ def ssd_records(store_path: Path, layers=(1, 2), fraction: float = 0.25, seed: i
         rng = np.random.default_rng(seed)
         m = store.manifest
         nbytes, io0, t0 = 0, device_read_bytes(), time.perf_counter()
+        rb = store.layout.num_bytes(Precision.FULL)
         for layer in layers:
             ids = np.sort(rng.choice(m.d_ffn, max(1, int(fraction * m.d_ffn)), replace=False))
-            nbytes += len(store.get_neurons(layer % m.num_layers, ids, Precision.FULL))
+            out = np.empty((ids.size, rb), dtype=np.uint8)
+            nbytes += store.read_into(layer % m.num_layers, Precision.FULL, ids, out).nbytes
         dt = time.perf_counter() - t0
         return {"bytes_per_s": nbytes / dt, "bytes": nbytes, "device_bytes": device_read_bytes() - io0, "how": how}
     finally:

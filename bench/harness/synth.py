@@ -89,7 +89,7 @@ def build_store(hf_dir: Path, store_dir: Path) -> Path:
 
     stamp = store_dir / "m2cache-bench-source.json"
     config = (hf_dir / "config.json").read_text()
-    if (store_dir / "data.mdb").is_file() and stamp.is_file() and stamp.read_text() == config:
+    if (store_dir / "neurons.bin").is_file() and stamp.is_file() and stamp.read_text() == config:  # format 2
         return store_dir
     convert(hf_dir, store_dir, force=True, progress=False)
     stamp.write_text(config)

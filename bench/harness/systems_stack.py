@@ -105,7 +105,8 @@ class StackWorker:
         self.stack = stack
         self.config = WorkerConfig(model=model_name, dram_target=stack.dram_target, address="127.0.0.1:0",
                                    cache_fraction=fraction, window=window, fetch_deadline_s=DEADLINE_S, max_batch=1)
-        fetcher = TierFetcher(grpc_util.channel(stack.dram_target), model_name, "bench-worker", deadline_s=DEADLINE_S)
+        fetcher = TierFetcher.from_config(self.config)
+        fetcher.manifest()  # sets up the data plane: Redis read directly, misses streamed from the store
         full = full_choose(manifest.d_ffn)
         choosers = (Choosers(full, full, None) if mixed is None else
                     Choosers(full, mixed.choose(), mixed.ratios.to_dict()))
@@ -116,7 +117,8 @@ class StackWorker:
         self.channel = grpc_util.channel(f"127.0.0.1:{port}")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info = {"cache_budget_bytes": self.runtime.cache.budget_bytes, "window": window,
-                     "ratios": choosers.ratios, "transport": "gRPC loopback TCP"}
+                     "ratios": choosers.ratios,
+                     "transport": "data plane: Redis MGET + NeuronStore StreamNeurons over loopback TCP"}
 
     def generate(self, prompt_ids, n_new, on_token):
         """Stream one request; tokens are clocked where the worker emits them (the
@@ -137,11 +139,16 @@ class StackWorker:
             engine._emit = emit
 
     def counters(self) -> dict:
+        """DRAM bytes: what the worker read from Redis itself (plus any through the tier);
+        SSD bytes: the worker's misses streamed from the store plus what the tier read
+        from the store into Redis (admitted misses, preloads)."""
         hits, misses, b_hbm, b_fetched = self.runtime.snapshot()
+        f = self.runtime.fetcher.stats
         d = self.stack.dram_stats()
         return {"hbm_bytes": b_hbm, "hbm_hits": hits, "hbm_misses": misses,
-                "fetched_bytes": b_fetched, "dram_bytes": d.bytes_from_redis,
-                "ssd_bytes": d.bytes_from_store + d.bytes_preloaded, "ssd_read_through_bytes": d.bytes_from_store}
+                "fetched_bytes": b_fetched, "dram_bytes": f.redis_bytes + d.bytes_from_redis,
+                "ssd_bytes": f.store_bytes + d.bytes_from_store + d.bytes_preloaded,
+                "ssd_read_through_bytes": f.store_bytes + d.bytes_from_store}
 
     def service_peak_rss(self) -> dict[str, int]:
         """Peak resident memory of the service processes (store, dram, redis-server)."""

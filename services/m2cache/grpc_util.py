@@ -1,14 +1,18 @@
-"""Shared gRPC plumbing: the one place typed errors become status codes, server
-creation (health + reflection), graceful shutdown, and client channels. Servers
-and channels are TLS/mTLS (and servers token-guarded) as ``m2cache.security``
-says: the process-wide setting, or an explicit ``security=``."""
+"""Shared gRPC plumbing: the one place typed errors become status codes (and
+status codes typed errors again, in :class:`Rpc`), server creation (health +
+reflection), graceful shutdown, client channels, and the RPC helper every
+service-to-service client uses (deadlines, retries of retryable codes only).
+Servers and channels are TLS/mTLS (and servers token-guarded) as
+``m2cache.security`` says: the process-wide setting, or an explicit ``security=``."""
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -163,3 +167,123 @@ def check_health(target: str, service: str = "", timeout_s: float = 2.0,
         except grpc.RpcError:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+# ---- the client side: one RPC helper for every service-to-service call ---------------
+# Only UNAVAILABLE (a peer restarting, a connection not yet up) is worth retrying:
+# every other status is deterministic for the same request (bad input, unknown
+# model, corrupt data, a size limit) or final (our deadline passed), and is
+# raised at once as the typed error of m2cache.errors.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+def _typed_classes() -> dict:
+    from m2cache import errors
+
+    return {
+        grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+        grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
+        grpc.StatusCode.NOT_FOUND: errors.NotFound,
+        grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+        grpc.StatusCode.DATA_LOSS: errors.ChecksumError,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+        grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    }
+
+
+def typed_error(err: grpc.RpcError, where: str) -> M2CacheError:
+    """The :mod:`m2cache.errors` exception for a failed call (its status code kept,
+    so a server passing it on answers with the same code)."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    cls = _typed_classes().get(code)
+    if cls is not None:
+        return cls(f"{where}: {details}")
+    out = M2CacheError(f"{where}: {code.name}: {details}")
+    out.code = code.name  # e.g. UNAUTHENTICATED, PERMISSION_DENIED, CANCELLED, INTERNAL
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How one logical call is bounded: ``deadline_s`` for the whole call (retries
+    included) when the caller gives no deadline; UNAVAILABLE is retried with
+    doubling backoff for at most ``unavailable_s`` (fail fast when a peer is gone)."""
+
+    deadline_s: float = 30.0
+    unavailable_s: float = 5.0
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+
+class Rpc:
+    """Calls to one service over ``channel``: every call has a deadline, only
+    retryable codes are retried, every failure is a typed error."""
+
+    def __init__(self, channel: grpc.Channel, stub_class, service: str, policy: RetryPolicy = RetryPolicy(),
+                 on_retry: Callable[[str, grpc.RpcError], None] | None = None):
+        self.channel = channel
+        self.stub = stub_class(channel)
+        self.service = service
+        self.policy = policy
+        self.on_retry = on_retry
+
+    def unary(self, method: str, request, deadline: float | None = None):
+        """One unary call; ``deadline`` is absolute (time.monotonic()), default now + policy.deadline_s."""
+        return self._attempts(method, lambda timeout: getattr(self.stub, method)(request, timeout=timeout),
+                              deadline)
+
+    def stream(self, method: str, request, deadline: float | None = None) -> Iterator:
+        """A server-streaming call's messages. Retried (from scratch) only until its
+        first message arrives; a stream cut later raises the typed error."""
+        call = self._attempts(method, lambda timeout: _first_and_rest(getattr(self.stub, method)(request,
+                                                                                                timeout=timeout)),
+                              deadline)
+        first, rest = call
+        if first is None:
+            return
+        yield first
+        try:
+            yield from rest
+        except grpc.RpcError as err:
+            raise typed_error(err, f"{self.service} {method}") from None
+
+    def _attempts(self, method: str, attempt: Callable[[float], object], deadline: float | None):
+        end = deadline if deadline is not None else time.monotonic() + self.policy.deadline_s
+        backoff, give_up_at = self.policy.initial_backoff_s, None
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                from m2cache.errors import DeadlineExceeded
+
+                raise DeadlineExceeded(f"{self.service} {method}: deadline passed")
+            try:
+                return attempt(left)
+            except grpc.RpcError as err:
+                now = time.monotonic()
+                give_up_at = give_up_at or min(end, now + self.policy.unavailable_s)
+                if err.code() not in RETRYABLE or now + backoff >= give_up_at:
+                    raise typed_error(err, f"{self.service} {method}") from None
+                if self.on_retry is not None:
+                    self.on_retry(method, err)
+                log.info("%s %s %s (%s); retrying in %.2fs", self.service, method, err.code().name,
+                         err.details(), backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.policy.max_backoff_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _first_and_rest(responses) -> tuple[object | None, Iterator]:
+    """Wait for a stream's first message (so errors before it can be retried)."""
+    for first in responses:
+        return first, responses
+    return None, iter(())
+
+
+def chunked(items, size: int) -> Iterator:
+    """Consecutive slices of at most ``size`` items (large requests split into bounded calls)."""
+    for lo in range(0, len(items), max(1, size)):
+        yield items[lo : lo + size]

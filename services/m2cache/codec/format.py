@@ -1,18 +1,31 @@
-"""The on-disk neuron-store format: keys, manifest, and neuron record layout.
+"""The on-disk neuron-store format (version 2): keys, manifest, record layout.
 
-A store is one LMDB environment (a directory holding data.mdb). Keys:
+A store is a directory holding an LMDB environment (``data.mdb``, the store of
+record: manifest, checksums, segment table, dense tensors, files) and one flat
+record file (``neurons.bin``) with every FFN neuron record.
+
+``neurons.bin`` holds one *segment* per (layer, precision): that layer's records
+at that precision back to back in neuron order (row-column bundles contiguous),
+the segment starting at a multiple of ``SEGMENT_ALIGN`` bytes. A whole layer is
+one sequential read and any id set is a few coalesced runs, read with
+``os.preadv`` by a thread pool (store/segments.py), optionally with O_DIRECT.
+
+LMDB keys:
 
 - ``b"manifest"``                      JSON manifest (see :class:`Manifest`), written last.
-- ``b"n" + >HBI(layer, prec, neuron)`` one neuron record (fixed size per layer+precision).
-- ``b"c" + >HB(layer, prec)``          uint32 little-endian crc32 of every neuron record of
-                                       that layer and precision, indexed by neuron id.
+- ``b"s" + >HB(layer, prec)``          segment: little-endian uint64 (offset, nbytes) in neurons.bin.
+- ``b"c" + >HB(layer, prec)``          uint32 little-endian CRC-32C (Castagnoli) of every record
+                                       of that layer and precision as stored, indexed by neuron id.
+- ``b"o" + >HB(layer, prec)``          bitmap codec only: uint64 little-endian [d_ffn + 1] record
+                                       offsets within the segment (record i = [o[i], o[i+1])).
 - ``b"d" + name``                      a dense tensor (attention, norms, embeddings, head,
                                        OPT fc2 bias) in the checkpoint's dtype, raw bytes.
 - ``b"t" + filename``                  a tokenizer / generation config file, raw bytes.
-- ``b"policy"``, ``b"p" + ...``        precision policy and predictors (ranker issue).
+- ``b"policy"``, ``b"p" + ...``        precision policy and predictors (ranker).
 
-Big-endian neuron keys keep one layer+precision contiguous, so a whole layer is a
-cursor range scan.
+Conversion writes both files into a temporary directory, fsyncs them and renames
+the directory into place, so a store that opens is a finished one. Version 1
+stores (one LMDB value per record) are refused with how to reconvert them.
 
 A neuron is row i of the FFN input projection(s) plus column i of the output
 projection, bundled as ``nvec`` vectors of length ``d_model``:
@@ -25,8 +38,10 @@ Record layout by precision (``bias`` present for ReLU models only):
 - INT4: bias f32 | scales f16 [nvec, d/group] | nibbles uint8 [ceil(nvec*d/2)]
 
 Stores converted with pruning may use the "bitmap" codec (manifest ``codec``):
-each ``b"n"`` value is then either the dense record above or, where smaller,
-its bitmap sparse form (codec/bitmap.py); readers hand out dense records.
+each record is then either the dense record above or, where smaller, its
+bitmap sparse form (codec/bitmap.py); readers hand out dense records.
+
+Redis keys of the DRAM tier reuse :func:`neuron_key` (``b"n" + >HBI``).
 """
 from __future__ import annotations
 
@@ -41,7 +56,9 @@ import torch
 from m2cache.codec import quant
 from m2cache.errors import FormatVersionError, InvalidArgument
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RECORDS_FILE = "neurons.bin"  # the flat record file beside data.mdb
+SEGMENT_ALIGN = 4096          # segments start on page (and O_DIRECT) boundaries
 CODECS = ("dense", "bitmap")  # how neuron records are stored (codec/bitmap.py)
 MANIFEST_KEY = b"manifest"
 POLICY_KEY = b"policy"
@@ -85,6 +102,23 @@ def crc_key(layer: int, prec: Precision) -> bytes:
     return b"c" + struct.pack(">HB", layer, int(prec))
 
 
+def segment_key(layer: int, prec: Precision) -> bytes:
+    return b"s" + struct.pack(">HB", layer, int(prec))
+
+
+def offsets_key(layer: int, prec: Precision) -> bytes:
+    return b"o" + struct.pack(">HB", layer, int(prec))
+
+
+def pack_segment(offset: int, nbytes: int) -> bytes:
+    return struct.pack("<QQ", offset, nbytes)
+
+
+def unpack_segment(raw: bytes) -> tuple[int, int]:
+    offset, nbytes = struct.unpack("<QQ", raw)
+    return offset, nbytes
+
+
 def dense_key(name: str) -> bytes:
     return b"d" + name.encode()
 
@@ -94,6 +128,7 @@ def file_key(filename: str) -> bytes:
 
 
 def crc32(data: bytes | memoryview) -> int:
+    """zlib CRC-32: dense tensors, files and predictors (read once, not per token)."""
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
@@ -200,6 +235,8 @@ class Manifest:
     codec: str = "dense"  # "dense" | "bitmap": how neuron records are stored
     prune: dict = field(default_factory=dict)  # {"method", "sparsity", "calibration"} of a pruned conversion
     max_record_bytes: dict = field(default_factory=dict)  # precision name -> largest stored record (bitmap)
+    records_file_bytes: int = 0  # size of neurons.bin (a shorter file is a truncated store)
+    record_checksum: str = "crc32c"  # per-record checksum of the ``b"c"`` tables
 
     @property
     def layout(self) -> RecordLayout:
@@ -224,9 +261,11 @@ class Manifest:
         d = json.loads(raw)
         version = d.get("format_version")
         if version != FORMAT_VERSION:
+            source = d.get("source") or "CHECKPOINT_DIR"
             raise FormatVersionError(
-                f"{where} has format version {version}, this m2cache reads version {FORMAT_VERSION}; reconvert it"
-            )
+                f"{where} has format version {version}, this m2cache reads version {FORMAT_VERSION} "
+                f"(records in one flat file per store, CRC-32C per record); reconvert it: "
+                f"m2cache convert {source} {where if where != 'store' else 'STORE_DIR'} --force")
         d.pop("record_bytes", None)
         if d.get("codec", "dense") not in CODECS:
             raise FormatVersionError(f"{where} stores records with codec {d['codec']!r}; this m2cache reads "

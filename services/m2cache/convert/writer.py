@@ -1,4 +1,6 @@
-"""Hugging Face checkpoint -> m2cache LMDB store (see codec/format.py).
+"""Hugging Face checkpoint -> m2cache store (format 2, see codec/format.py):
+neuron records in segments of ``neurons.bin``, the rest in LMDB
+(convert/store_writer.py).
 
 Streaming: one layer's FFN tensors (or one dense tensor) are in memory at a
 time, and neurons are encoded in chunks. Atomic: the store is written into a
@@ -21,18 +23,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from m2cache.codec import bitmap
 from m2cache.convert.checkpoint import Checkpoint
-from m2cache.codec.format import (
-    CODECS, DTYPES, MANIFEST_KEY, Manifest, Precision, RecordLayout, crc32, crc_key, dense_key, file_key,
-    int4_group_size, neuron_key,
-)
+from m2cache.codec.format import CODECS, DTYPES, Manifest, Precision, RecordLayout, crc32, int4_group_size
 from m2cache.convert.prune import PruneSpec, prune_vectors
+from m2cache.convert.store_writer import Segment, StoreWriter
 from m2cache.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -114,61 +113,55 @@ def _write_store(ckpt: Checkpoint, directory: Path, progress: bool, chunk_neuron
     manifest.codec = plan.codec
     manifest.prune = plan.prune.to_manifest() if plan.prune is not None else {}
     layout = manifest.layout
-    # No lock file (private temp dir, single writer); sync once at the end.
-    env = lmdb.open(str(directory), map_size=_map_size(ckpt, layout), subdir=True, lock=False,
-                    sync=False, metasync=False, readahead=False)
+    writer = StoreWriter(directory, _map_size(ckpt, layout))
     try:
         with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for layer in range(manifest.num_layers):
-                largest = _write_layer(env, ckpt, layer, layout, chunk_neurons, plan)
+                largest = _write_layer(writer, ckpt, layer, layout, chunk_neurons, plan)
                 for name, size in largest.items():
                     manifest.max_record_bytes[name] = max(size, manifest.max_record_bytes.get(name, 0))
                 bar.update(sum(ckpt.tensors[n].nbytes for n in ckpt.ffn_names(layer).values()))
             for name in ckpt.dense_names():
-                manifest.dense[name] = _write_dense(env, ckpt, name)
+                manifest.dense[name] = _write_dense(writer, ckpt, name)
                 bar.update(ckpt.tensors[name].nbytes)
-        manifest.files = _write_files(env, ckpt)
-        with env.begin(write=True) as txn:  # manifest last: its presence marks a finished store
-            txn.put(MANIFEST_KEY, manifest.to_json())
-        env.sync(True)
+        manifest.files = _write_files(writer, ckpt)
+        writer.finish(manifest)  # manifest last: its presence marks a finished store
     finally:
-        env.close()
+        writer.close()
     _fsync_dir(directory)
     return manifest
 
 
 def _map_size(ckpt: Checkpoint, layout: RecordLayout) -> int:
-    """Generous LMDB map size: records rounded up to whole pages, twice over (the file is sparse)."""
-    per_neuron = sum(-(-(layout.num_bytes(p) + 64) // _PAGE) * _PAGE for p in Precision)
-    records = ckpt.arch.num_layers * ckpt.arch.d_ffn * per_neuron
-    return 2 * (records + ckpt.total_bytes) + (256 << 20)
+    """Generous LMDB map size (the file is sparse): dense tensors and files twice over,
+    plus the per-layer tables (CRC-32C and bitmap offsets: 12 B per neuron and precision)."""
+    tables = ckpt.arch.num_layers * len(Precision) * (ckpt.arch.d_ffn * 12 + 3 * _PAGE)
+    return 2 * (ckpt.total_bytes + tables) + (256 << 20)
 
 
 # ---- FFN neurons --------------------------------------------------------------
-def _write_layer(env: lmdb.Environment, ckpt: Checkpoint, layer: int, layout: RecordLayout, chunk: int,
+def _write_layer(writer: StoreWriter, ckpt: Checkpoint, layer: int, layout: RecordLayout, chunk: int,
                  plan: _Plan) -> dict[str, int]:
-    """All neuron records of one layer in the three precisions, plus their crc tables;
-    returns the largest stored record per precision name.
-
-    One transaction per chunk of neurons: large enough to amortise commits, small
-    enough to bound LMDB's in-memory dirty pages (and its dirty-page limit) on
-    big layers. Keys are appended in ascending order (layer, precision, neuron).
-    """
+    """All neuron records of one layer in the three precisions, one segment each,
+    encoded a chunk of neurons at a time; returns the largest stored record per precision name."""
     vectors, bias = plan.neurons(ckpt, layer)  # [d_ffn, nvec, d], [d_ffn] | None
     d_ffn = vectors.shape[0]
     largest = {}
     for prec in Precision:
-        crcs = np.empty(d_ffn, dtype="<u4")
         spec = bitmap.element_spec(layout, prec) if plan.codec == "bitmap" else None
+        seg = writer.begin_segment(layer, prec, variable=spec is not None)
         for lo in range(0, d_ffn, chunk):
             hi = min(lo + chunk, d_ffn)
             records = layout.encode(vectors[lo:hi], None if bias is None else bias[lo:hi], prec)  # [n, bytes]
-            values = _split_rows(records) if spec is None else bitmap.encode(records, spec)
-            largest[prec.name.lower()] = max(largest.get(prec.name.lower(), 0), max(len(v) for v in values))
-            with env.begin(write=True) as txn:
-                crcs[lo:hi] = _put_records(txn.cursor(), layer, prec, lo, values)
-        with env.begin(write=True) as txn:  # "c..." keys sort before "n...": a plain put
-            txn.put(crc_key(layer, prec), crcs.tobytes())
+            if spec is None:
+                size = records.shape[1]
+                _put_records(writer, seg, records.numpy())
+            else:
+                values = bitmap.encode(records, spec)
+                size = max(len(v) for v in values)
+                _put_records(writer, seg, values)
+            largest[prec.name.lower()] = max(largest.get(prec.name.lower(), 0), size)
+        writer.end_segment(seg)
     log.debug("layer %d: %d neurons written", layer, d_ffn)
     return largest
 
@@ -191,39 +184,29 @@ def layer_neurons(ckpt: Checkpoint, layer: int) -> tuple[torch.Tensor, torch.Ten
     return vectors, bias
 
 
-def _split_rows(records: torch.Tensor) -> list[memoryview]:
-    """[n, size] uint8 -> n zero-copy row views."""
-    num, size = records.shape
-    buf = memoryview(records.numpy().tobytes())
-    return [buf[i * size : (i + 1) * size] for i in range(num)]
-
-
-def _put_records(cursor: lmdb.Cursor, layer: int, prec: Precision, first: int, values: list) -> list[int]:
-    """Append stored records of neurons first.. (keys ascending); returns their crc32s."""
-    num = len(values)
-    keys = [neuron_key(layer, prec, first + i) for i in range(num)]
-    consumed, added = cursor.putmulti(zip(keys, values), append=True)
-    assert consumed == added == num, (consumed, added, num)
-    return [crc32(v) for v in values]
+def _put_records(writer: StoreWriter, seg: Segment, records) -> None:
+    """Append one chunk of records to the segment: rows [n, bytes] (dense) or stored values (bitmap)."""
+    if isinstance(records, np.ndarray):
+        writer.add_rows(seg, records)
+    else:
+        writer.add_values(seg, records)
 
 
 # ---- dense tensors and files ----------------------------------------------------
-def _write_dense(env: lmdb.Environment, ckpt: Checkpoint, name: str) -> dict:
+def _write_dense(writer: StoreWriter, ckpt: Checkpoint, name: str) -> dict:
     """One dense tensor as raw bytes in its checkpoint dtype; returns its manifest entry."""
     tensor = ckpt.read(name)
     raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-    with env.begin(write=True) as txn:
-        txn.put(dense_key(name), raw)
+    writer.put_dense(name, raw)
     return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "crc32": crc32(raw)}
 
 
-def _write_files(env: lmdb.Environment, ckpt: Checkpoint) -> dict:
+def _write_files(writer: StoreWriter, ckpt: Checkpoint) -> dict:
     entries = {}
-    with env.begin(write=True) as txn:
-        for path in ckpt.aux_files():
-            data = path.read_bytes()
-            txn.put(file_key(path.name), data)
-            entries[path.name] = {"crc32": crc32(data), "size": len(data)}
+    for path in ckpt.aux_files():
+        data = path.read_bytes()
+        writer.put_file(path.name, data)
+        entries[path.name] = {"crc32": crc32(data), "size": len(data)}
     return entries
 
 

@@ -10,11 +10,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from m2cache.codec.format import neuron_key
+from m2cache.dram.dataplane import redis_keys
 
 log = logging.getLogger(__name__)
 
-_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# AuthenticationError is a ConnectionError: a wrong password reads as Redis being away.
+_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.AuthenticationError,
+         redis.exceptions.ResponseError, OSError)
 DELETE_CHUNK = 4096  # keys per UNLINK command
 
 
@@ -25,15 +27,15 @@ class CacheUnavailable(Exception):
 class RedisCache:
     """Neuron records in Redis under ``prefix + model + ":" + neuron_key``."""
 
-    def __init__(self, url: str, prefix: str, timeout_s: float):
+    def __init__(self, url: str, prefix: str, timeout_s: float, password: bytes | None = None):
         self.prefix = prefix.encode()
-        # No client-side retries: the tier decides (serve from the store, probe in the background).
+        # No client-side retries: the caller decides (serve from the store, probe in the background).
+        kwargs = {"password": password.decode()} if password else {}
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 0))
+                                           retry=Retry(NoBackoff(), 0), **kwargs)
 
     def keys(self, model: str, layer: int, prec: int, neuron_ids: Sequence[int]) -> list[bytes]:
-        base = self.prefix + model.encode() + b":"
-        return [base + neuron_key(layer, prec, nid) for nid in neuron_ids]
+        return redis_keys(self.prefix, model, layer, prec, neuron_ids)
 
     def mget(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values of ``keys`` in one round trip (None where absent)."""

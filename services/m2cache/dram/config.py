@@ -25,11 +25,17 @@ class DramConfig:
     preload_ahead: int = 2                  # k: whole layers preloaded this far ahead of callers
     preload_precisions: str = "auto"        # precisions a layer is pinned/preloaded in: a list, or "auto" =
     #                                         the model's policy bands (FULL only without a policy)
-    preload_workers: int = 2                # threads loading layers from the store
+    preload: str = "used"                   # what layers ahead get: "used" = the neurons workers last used
+    #                                         there (and pins as used), "layer" = whole layers (M2Cache's policy)
+    preload_workers: int = 2                # threads loading records from the store
     max_batch_ids: int = 65536              # ids per FetchNeurons; more is RESOURCE_EXHAUSTED
     max_payload_bytes: int = 256 << 20      # bytes per response
-    store_chunk_ids: int = 4096             # ids per NeuronStore call when preloading / reading through
-    verify_redis: bool = True               # crc32-check every record served from Redis
+    store_chunk_ids: int = 4096             # ids per budget check and NeuronStore stream when loading
+    verify_redis: bool = True               # CRC-check every record served from Redis (the MAC is always checked)
+    mac_key_file: str = ""                  # per-deployment key sealing every record in Redis (HMAC-SHA256);
+    #                                         empty = a random key per start, handed to workers by DataPlane
+    redis_password_file: str = ""           # Redis password (requirepass of our own redis-server, AUTH for
+    #                                         an external one); empty: our own gets a random one, external none
     caller_ttl_s: float = 30.0              # a caller silent this long no longer steers the policy
     redis_probe_interval_s: float = 0.25    # liveness / restart probe period
     redis_timeout_s: float = 1.0            # socket timeout of Redis calls
@@ -48,6 +54,8 @@ class DramConfig:
         bad += [n for n in ("budget_bytes", "num_pinned_layers", "preload_ahead") if getattr(self, n) < 0]
         if bad:
             raise InvalidArgument(f"config values out of range: {', '.join(bad)}")
+        if self.preload not in ("used", "layer"):
+            raise InvalidArgument(f"preload must be 'used' or 'layer', got {self.preload!r}")
         if not self.key_prefix:
             raise InvalidArgument("key_prefix must not be empty (the tier deletes every key under it)")
 

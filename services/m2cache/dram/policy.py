@@ -150,15 +150,17 @@ class LayerAwarePolicy:
             return {k: (len(u.neuron_ids), u.pinned) for k, u in self._units.items() if u.neuron_ids}
 
     def reserve(self, key: UnitKey, neuron_ids: Iterable[int], record_bytes: int,
-                pinned: bool = False) -> Reservation | None:
+                pinned: bool = False, evict: bool = True) -> Reservation | None:
         """Admit the records of ``neuron_ids`` not yet resident, evicting as the
-        rules allow; None (and nothing evicted) when they do not fit."""
+        rules allow (not at all without ``evict``); None (and nothing evicted)
+        when they do not fit."""
         with self._lock:
             unit = self._units.get(key)
             have = unit.neuron_ids if unit is not None else set()
             new_ids = tuple(dict.fromkeys(n for n in neuron_ids if n not in have))
             need = len(new_ids) * record_bytes
-            victims = self._victims(key, need - (self.budget_bytes - self.bytes_resident), pinned)
+            shortfall = need - (self.budget_bytes - self.bytes_resident)
+            victims = self._victims(key, shortfall, pinned) if evict or shortfall <= 0 else None
             if victims is None:
                 return None
             evicted = tuple((v.key, tuple(v.neuron_ids)) for v in victims)
@@ -174,10 +176,13 @@ class LayerAwarePolicy:
             assert self.bytes_resident <= self.budget_bytes, (self.bytes_resident, self.budget_bytes)
             return Reservation(key, new_ids, evicted)
 
-    def can_admit(self, key: UnitKey, num_records: int, record_bytes: int, pinned: bool = False) -> bool:
+    def can_admit(self, key: UnitKey, num_records: int, record_bytes: int, pinned: bool = False,
+                  evict: bool = True) -> bool:
         """Whether :meth:`reserve` of ``num_records`` new records would succeed now (a dry run)."""
         with self._lock:
             shortfall = num_records * record_bytes - (self.budget_bytes - self.bytes_resident)
+            if shortfall > 0 and not evict:
+                return False
             return self._victims(key, shortfall, pinned) is not None
 
     def _victims(self, key: UnitKey, shortfall: int, pinned: bool) -> list[Unit] | None:

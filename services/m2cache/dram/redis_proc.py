@@ -40,10 +40,11 @@ def find_redis_server(explicit: str = "") -> str:
 class RedisProcess:
     """One redis-server child process on ``host:port``; ``pid`` is what stop/kill signal."""
 
-    def __init__(self, binary: str, port: int, host: str = "127.0.0.1"):
+    def __init__(self, binary: str, port: int, host: str = "127.0.0.1", password: bytes | None = None):
         self.binary = binary
         self.host = host
         self.port = port
+        self.password = password
         self.proc: subprocess.Popen | None = None
         self.workdir = tempfile.mkdtemp(prefix="m2cache-redis-")
 
@@ -60,9 +61,18 @@ class RedisProcess:
         os.makedirs(self.workdir, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--protected-mode", "yes", "--dir", self.workdir, "--maxmemory", "0"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin = None
+        if self.password:  # given on stdin as a config line, so it never shows in ps / /proc/<pid>/cmdline
+            args += ["-"]
+            stdin = subprocess.PIPE
+        self.proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        if stdin is not None:
+            quoted = self.password.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            self.proc.stdin.write(b'requirepass "' + quoted + b'"\n')
+            self.proc.stdin.close()
+        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5,
+                             password=self.password.decode() if self.password else None)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ class TierStats:
         self.preloads_skipped = 0
         self.preload_misses = 0
         self.checksum_refetches = 0
+        self.reports = 0
         self._lead_sum = 0
         self._lead_count = 0
         self.rpc = RpcMetrics("dram", registry)
@@ -59,10 +60,10 @@ class TierStats:
         self._events.labels("preload").inc()
 
     def event(self, name: str) -> None:
-        """``preload_miss``, ``preload_skipped`` or ``checksum_refetch``."""
+        """``preload_miss``, ``preload_skipped``, ``checksum_refetch`` or ``report``."""
         with self._lock:
             attr = {"preload_miss": "preload_misses", "preload_skipped": "preloads_skipped",
-                    "checksum_refetch": "checksum_refetches"}[name]
+                    "checksum_refetch": "checksum_refetches", "report": "reports"}[name]
             setattr(self, attr, getattr(self, attr) + 1)
         self._events.labels(name).inc()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import tempfile
 
-import numpy as np
 import torch
 
 from m2cache.codec.format import Precision
@@ -45,9 +44,11 @@ def load_model(store: NeuronStore, device: str | torch.device = "cpu",
 
 def store_fetch(store: NeuronStore):
     """The HBM cache's fetch, straight from a local store: (layer, prec, ids, current_layer)
-    -> uint8 records [m, record_bytes] in ids order."""
-    def fetch(layer: int, prec: Precision, ids: torch.Tensor, current_layer: int) -> torch.Tensor:
-        rb = store.layout.num_bytes(prec)
-        raw = store.get_neurons(layer, ids.numpy(), prec)
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(len(ids), rb).copy())
+    -> uint8 records [m, record_bytes] in ids order, read by the store's parallel read path
+    into one buffer (``out`` when given)."""
+    def fetch(layer: int, prec: Precision, ids: torch.Tensor, current_layer: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty((ids.numel(), store.layout.num_bytes(prec)), dtype=torch.uint8)
+        return store.read_into(layer, prec, ids.numpy(), out)
     return fetch

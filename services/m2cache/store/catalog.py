@@ -1,6 +1,6 @@
 """Several converted models served at once: a root directory whose
 subdirectories are stores (model name = subdirectory name), opened lazily,
-plus the zero-copy batched record read the service is built on."""
+plus the batch limits and chunking of the service's responses."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2cache.codec.bitmap import length_ok
-from m2cache.codec.format import Precision, crc32, neuron_key
-from m2cache.store.reader import NeuronStore
-from m2cache.errors import ChecksumError, InvalidArgument, NotFound, ResourceExhausted
+from m2cache.store.reader import DEFAULT_IO_THREADS, NeuronStore
+from m2cache.errors import InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +18,11 @@ log = logging.getLogger(__name__)
 class StoreCatalog:
     """Model name -> open :class:`NeuronStore`. Thread-safe."""
 
-    def __init__(self, root: Path, verify: bool = True):
+    def __init__(self, root: Path, verify: bool = True, io_threads: int = DEFAULT_IO_THREADS,
+                 direct_io: bool = False):
         self.root = Path(root)
         self.verify = verify
+        self.io = {"io_threads": io_threads, "direct_io": direct_io}
         self._stores: dict[str, NeuronStore] = {}
         self._lock = threading.Lock()
 
@@ -40,7 +40,7 @@ class StoreCatalog:
             if model not in self._stores:
                 if not (self.root / model / "data.mdb").is_file():
                     raise NotFound(f"unknown model {model!r}; served models: {', '.join(self.models()) or 'none'}")
-                self._stores[model] = NeuronStore(self.root / model, verify=self.verify)
+                self._stores[model] = NeuronStore(self.root / model, verify=self.verify, **self.io)
                 log.info("opened store %s", self.root / model)
             return self._stores[model]
 
@@ -60,25 +60,17 @@ def check_batch(num_ids: int, record_bytes: int, max_ids: int, max_payload: int)
                                 f"payload limit; split it into batches of at most {max_payload // record_bytes} ids")
 
 
-def read_records(store: NeuronStore, layer: int, prec: Precision, ids: np.ndarray
-                 ) -> tuple[bytes, np.ndarray, list[int]]:
-    """Concatenated records of ``ids`` as stored, their crc32s, and their lengths
-    (empty for the dense codec, where every record is ``num_bytes(prec)`` long).
-
-    Records are read as memoryviews into LMDB's map (``buffers=True``) and
-    joined straight into the payload: one copy from the page cache.
-    """
-    size, codec = store.layout.num_bytes(prec), store.manifest.codec
-    table = store.crc_table(layer, prec)
-    crcs = table[ids]
-    views = []
-    with store.read_txn(buffers=True) as txn:
-        for nid in ids.tolist():
-            rec = txn.get(neuron_key(layer, prec, nid))
-            if rec is None or not length_ok(len(rec), size, codec):
-                raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated")
-            if store.verify and crc32(rec) != table[nid]:
-                raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
-            views.append(rec)
-        payload = b"".join(views)
-    return payload, crcs, [len(v) for v in views] if codec != "dense" else []
+def chunk_bounds(num_records: int, record_bytes: int, lengths: np.ndarray | None, chunk_bytes: int
+                 ) -> list[tuple[int, int]]:
+    """Request positions [lo, hi) of each streamed chunk: about ``chunk_bytes`` of
+    records each (at least one record), from fixed ``record_bytes`` or stored ``lengths``."""
+    if num_records == 0:
+        return []
+    if lengths is None:
+        step = max(1, chunk_bytes // max(record_bytes, 1))
+        return [(lo, min(lo + step, num_records)) for lo in range(0, num_records, step)]
+    starts = np.concatenate([[0], np.cumsum(lengths[:-1])])
+    group = starts // max(chunk_bytes, 1)
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    edges = [0, *cuts.tolist(), num_records]
+    return list(zip(edges[:-1], edges[1:]))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from m2cache import envflags
 from m2cache.errors import InvalidArgument
+from m2cache.store.reader import DEFAULT_IO_THREADS
 
 ENV_PREFIX = "store"
 
@@ -17,15 +18,20 @@ class StoreConfig:
     root: Path                      # a directory of stores; model name = subdirectory name
     address: str = "127.0.0.1:50061"  # host:port (port 0 = any) or unix:///path
     max_batch_ids: int = 65536      # ids per FetchNeurons; more is RESOURCE_EXHAUSTED
-    max_payload_bytes: int = 256 << 20  # bytes per response (gRPC messages are capped at 512 MiB)
-    verify: bool = True             # check every record against its crc32 on read
+    max_payload_bytes: int = 256 << 20  # bytes per unary response (gRPC messages are capped at 512 MiB)
+    stream_chunk_bytes: int = 4 << 20   # bytes of records per streamed message (StreamNeurons/StreamDense)
+    io_threads: int = DEFAULT_IO_THREADS  # parallel preadv reads per store (SSD queue depth)
+    direct_io: bool = False         # O_DIRECT record reads: bypass the page cache (a DRAM tier caches)
+    verify: bool = True             # check every record against its CRC-32C on read
     max_workers: int = 8            # gRPC handler threads
     metrics_port: int = 0           # Prometheus /metrics port, 0 = off
     grace_s: float = 5.0            # graceful-shutdown grace on SIGTERM
 
     def __post_init__(self):
-        if self.max_batch_ids < 1 or self.max_payload_bytes < 1 or self.max_workers < 1:
-            raise InvalidArgument("max_batch_ids, max_payload_bytes and max_workers must be positive")
+        if min(self.max_batch_ids, self.max_payload_bytes, self.max_workers, self.stream_chunk_bytes,
+               self.io_threads) < 1:
+            raise InvalidArgument("max_batch_ids, max_payload_bytes, stream_chunk_bytes, io_threads and "
+                                  "max_workers must be positive")
         if not Path(self.root).is_dir():
             raise InvalidArgument(f"store root {self.root} is not a directory")
 

@@ -1,35 +1,46 @@
-"""Read side of an LMDB neuron store (the SSD tier). No grpc here: the
-NeuronStore service and the in-process path both use this class.
+"""Read side of a neuron store (the SSD tier). No grpc here: the NeuronStore
+service and the in-process path both use this class.
 
-Records are handed out dense (``get_neurons``) or as stored (``get_records``:
-bitmap-compressed where the store's codec is "bitmap", with their lengths)."""
+LMDB (``data.mdb``) holds the manifest, the per-record CRC-32C tables, the
+segment table, dense tensors and files; the records live in ``neurons.bin``
+and are read by store/segments.py (coalesced runs, preadv on a thread pool,
+CRC-32C per task). Records are handed out dense (``read_into``,
+``get_neurons``) or as stored (``read_stored``, ``get_records``: bitmap-compressed
+where the store's codec is "bitmap", with their lengths)."""
 from __future__ import annotations
 
 import logging
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import torch
 
-from m2cache.codec import bitmap
+from m2cache.codec import bitmap, checksum
 from m2cache.codec.format import (
+    DTYPES,
     MANIFEST_KEY,
+    RECORDS_FILE,
     Manifest,
     Precision,
-    DTYPES,
     crc32,
     crc_key,
     dense_key,
     file_key,
-    neuron_key,
+    offsets_key,
+    segment_key,
+    unpack_segment,
 )
 from m2cache.errors import ChecksumError, InvalidArgument, NotFound, StoreNotFound
+from m2cache.store.segments import RecordFile, ShortRead, plan
 
 log = logging.getLogger(__name__)
+DEFAULT_IO_THREADS = 4  # parallel preadv calls per store: enough queue depth for an SSD, cheap on 2 cores
+DEFAULT_TASK_BYTES = 4 << 20  # destination bytes per read task (one CRC-32C check each)
 
 
 # py-lmdb refuses a second handle on an environment a process already has open,
@@ -57,23 +68,35 @@ def _open_env(path: Path) -> lmdb.Environment:
         return lmdb.open(str(path), readonly=True, lock=False, max_readers=512, subdir=True)
 
 
-class NeuronStore:
-    """One converted model. ``get_neurons`` returns the concatenated records of
-    many neurons of one layer at one precision, checksum-verified."""
+@dataclass(frozen=True, slots=True)
+class StoredRecords:
+    """Records as stored, back to back in request order: ``payload`` uint8 [sum lengths],
+    ``lengths`` [m] (None for the dense codec: every record ``record_bytes`` long), ``crcs`` [m]."""
 
-    def __new__(cls, path: str | os.PathLike, verify: bool = True):
+    payload: np.ndarray
+    lengths: np.ndarray | None
+    crcs: np.ndarray
+    record_bytes: int
+
+
+class NeuronStore:
+    """One converted model. ``read_into`` puts the dense records of many neurons of
+    one layer at one precision into a caller's buffer, checksum-verified."""
+
+    def __new__(cls, path: str | os.PathLike, verify: bool = True, io_threads: int = DEFAULT_IO_THREADS,
+                direct_io: bool = False):
         key = Path(path).resolve()
         with _OPEN_LOCK:
             store = _OPEN.get(key)
             if store is None:
                 store = super().__new__(cls)
                 store._refs = 0
-                store._open(key, verify)
+                store._open(key, verify, io_threads, direct_io)
                 _OPEN[key] = store
             store._refs += 1
             return store
 
-    def _open(self, path: Path, verify: bool) -> None:
+    def _open(self, path: Path, verify: bool, io_threads: int, direct_io: bool) -> None:
         self.path = path
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(f"no m2cache store at {self.path} (missing data.mdb)")
@@ -82,18 +105,33 @@ class NeuronStore:
         with self.read_txn() as txn:
             raw = txn.get(MANIFEST_KEY)
         if raw is None:
+            self.env.close()
             raise StoreNotFound(f"{self.path} has no manifest: not a finished m2cache store")
-        self.manifest = Manifest.from_json(raw, where=str(self.path))
+        try:
+            self.manifest = Manifest.from_json(raw, where=str(self.path))
+        except Exception:
+            self.env.close()
+            raise
         self.layout = self.manifest.layout
-        self._crc_tables: dict[tuple[int, Precision], np.ndarray] = {}
+        records = self.path / RECORDS_FILE
+        if not records.is_file():
+            self.env.close()
+            raise StoreNotFound(f"{self.path} has no {RECORDS_FILE}: not a finished m2cache store")
+        self.records = RecordFile(records, io_threads, direct_io, DEFAULT_TASK_BYTES)
+        if self.records.size < self.manifest.records_file_bytes:
+            log.error("%s is truncated: %d of %d bytes; reads past its end fail naming the records", records,
+                      self.records.size, self.manifest.records_file_bytes)
+        self._tables: dict[tuple[bytes, int, Precision], np.ndarray | tuple[int, int]] = {}
+        self._tables_lock = threading.Lock()
 
     def close(self) -> None:
-        """Release this user's share; the environment closes with the last one."""
+        """Release this user's share; the store closes with the last one."""
         with _OPEN_LOCK:
             self._refs -= 1
             if self._refs > 0:
                 return
             _OPEN.pop(self.path, None)
+        self.records.close()
         self.env.close()
 
     @contextmanager
@@ -120,45 +158,120 @@ class NeuronStore:
             raise InvalidArgument(f"neuron id {bad} out of range: layers have {self.manifest.d_ffn} neurons")
         return ids
 
-    # ---- neurons ----------------------------------------------------------
+    # ---- per (layer, precision) tables ------------------------------------------
+    def _table(self, kind: bytes, layer: int, prec: Precision):
+        key = (kind, layer, prec)
+        found = self._tables.get(key)
+        if found is not None:
+            return found
+        lmdb_key = {b"c": crc_key, b"s": segment_key, b"o": offsets_key}[kind](layer, prec)
+        with self.read_txn() as txn:
+            raw = txn.get(lmdb_key)
+        if raw is None:
+            what = {b"c": "checksum table", b"s": "record segment", b"o": "record offsets"}[kind]
+            raise NotFound(f"no {what} for layer {layer} {prec.name} in {self.path}")
+        value = unpack_segment(raw) if kind == b"s" else np.frombuffer(raw, dtype="<u4" if kind == b"c" else "<u8")
+        with self._tables_lock:
+            self._tables[key] = value
+        return value
+
     def crc_table(self, layer: int, prec: Precision) -> np.ndarray:
-        key = (layer, prec)
-        table = self._crc_tables.get(key)
-        if table is None:
-            with self.read_txn() as txn:
-                raw = txn.get(crc_key(layer, prec))
-            if raw is None:
-                raise NotFound(f"no checksum table for layer {layer} {prec.name}")
-            table = self._crc_tables[key] = np.frombuffer(raw, dtype="<u4")
-        return table
+        """CRC-32C of every stored record of (layer, prec) [d_ffn], uint32."""
+        return self._table(b"c", layer, Precision.parse(prec))
+
+    def stored_lengths(self, layer: int, prec: Precision, ids: np.ndarray) -> np.ndarray | None:
+        """Stored length of each record of ``ids`` (None for the dense codec)."""
+        if self.manifest.codec == "dense":
+            return None
+        offsets = self._table(b"o", layer, prec)
+        return (offsets[ids + 1] - offsets[ids]).astype(np.int64)
+
+    def record_spans(self, layer: int, prec: Precision, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offset in neurons.bin and stored length of each record of ``ids`` [m] -> ([m], [m])."""
+        seg_offset, _nbytes = self._table(b"s", layer, prec)
+        size = self.layout.num_bytes(prec)
+        if self.manifest.codec == "dense":
+            return seg_offset + ids * size, np.full(ids.size, size, dtype=np.int64)
+        offsets = self._table(b"o", layer, prec)
+        starts = offsets[ids].astype(np.int64)
+        return seg_offset + starts, offsets[ids + 1].astype(np.int64) - starts
+
+    # ---- neurons ----------------------------------------------------------
+    def read_stored(self, layer: int, prec: Precision | int | str, neuron_ids, out: np.ndarray | None = None
+                    ) -> StoredRecords:
+        """Records of ``neuron_ids`` as stored, back to back in request order,
+        CRC-verified when the store verifies. ``out``: a flat uint8 buffer of at
+        least the batch's stored bytes to read into (else one is allocated)."""
+        prec = Precision.parse(prec)
+        self.check_layer(layer)
+        ids = self.check_neurons(neuron_ids)
+        starts, lengths = self.record_spans(layer, prec, ids)
+        crcs = self.crc_table(layer, prec)[ids]
+        total = int(lengths.sum())
+        payload = np.empty(total, dtype=np.uint8) if out is None else out.reshape(-1)[:total]
+        self._read(layer, prec, ids, starts, lengths, crcs, payload)
+        dense = self.manifest.codec == "dense"
+        return StoredRecords(payload, None if dense else lengths, crcs, self.layout.num_bytes(prec))
+
+    def read_into(self, layer: int, prec: Precision | int | str, neuron_ids, out) -> np.ndarray | torch.Tensor:
+        """Dense records of ``neuron_ids`` (sorted or not, duplicates allowed) into ``out``
+        uint8 [m, record_bytes] (numpy or CPU tensor, e.g. pinned), in ids order; returns ``out``.
+        Sorted unique ids on a dense-codec store are read straight into ``out`` (no allocation)."""
+        prec = Precision.parse(prec)
+        ids = self.check_neurons(neuron_ids)
+        size = self.layout.num_bytes(prec)
+        dest = out.numpy() if isinstance(out, torch.Tensor) else out
+        if dest.shape != (ids.size, size) or dest.dtype != np.uint8 or not dest.flags.c_contiguous:
+            raise InvalidArgument(f"read_into needs a contiguous uint8 [{ids.size}, {size}] buffer, got "
+                                  f"{dest.dtype} {list(dest.shape)}")
+        if self.manifest.codec == "dense" and (ids.size < 2 or bool(np.all(ids[1:] > ids[:-1]))):
+            self.read_stored(layer, prec, ids, out=dest)
+            return out
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        got = self.read_stored(layer, prec, uniq)
+        if got.lengths is None:
+            records = got.payload.reshape(uniq.size, size)
+        else:
+            spec = bitmap.element_spec(self.layout, prec)
+            records = bitmap.decode(torch.from_numpy(got.payload), torch.from_numpy(got.lengths), spec).numpy()
+        np.take(records, inverse.reshape(-1), axis=0, out=dest)
+        return out
+
+    def _read(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+              crcs: np.ndarray, dest: np.ndarray) -> None:
+        tasks = plan(starts, lengths, crcs if self.verify else None, self.records.task_bytes)
+        try:
+            bad = self.records.read(dest, tasks)
+        except ShortRead as err:
+            row = int(np.searchsorted(starts + lengths, err.offset, side="right"))
+            nid = int(ids[min(row, ids.size - 1)])
+            raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated "
+                                f"({RECORDS_FILE} ends at byte {self.records.size} of "
+                                f"{self.manifest.records_file_bytes})") from None
+        if bad:
+            self._name_bad_record(layer, prec, ids, lengths, crcs, dest, bad[0])
+
+    def _name_bad_record(self, layer, prec, ids, lengths, crcs, dest, task) -> None:
+        """A task failed its CRC: check its records one by one to name the first bad one."""
+        rows = np.arange(task.row_lo, task.row_hi)
+        starts = task.dest_lo + np.concatenate([[0], np.cumsum(lengths[rows][:-1])]).astype(np.int64)
+        got = checksum.crc32c_spans(dest, starts, lengths[rows])
+        wrong = rows[got != crcs[rows]]
+        nid = int(ids[wrong[0]]) if wrong.size else int(ids[task.row_lo])
+        raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
+
+    def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
+        """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""
+        got = self.read_stored(layer, prec, neuron_ids)
+        lengths = got.lengths if got.lengths is not None else np.full(got.crcs.size, got.record_bytes, np.int64)
+        return got.payload.tobytes(), lengths
 
     def get_neurons(self, layer: int, neuron_ids, prec: Precision | int | str) -> bytes:
         """Concatenated dense records, in ``neuron_ids`` order (bitmap records decoded)."""
         prec = Precision.parse(prec)
-        payload, lengths = self.get_records(layer, neuron_ids, prec)
-        if self.manifest.codec == "dense":
-            return payload
-        return bitmap.decode_bytes(payload, lengths, bitmap.element_spec(self.layout, prec)).numpy().tobytes()
-
-    def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
-        """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""
-        prec = Precision.parse(prec)
-        self.check_layer(layer)
         ids = self.check_neurons(neuron_ids)
-        size, codec = self.layout.num_bytes(prec), self.manifest.codec
-        parts, lengths = [], np.empty(ids.size, dtype=np.int64)
-        table = self.crc_table(layer, prec) if self.verify else None
-        with self.read_txn(buffers=True) as txn:
-            for i, nid in enumerate(ids.tolist()):
-                rec = txn.get(neuron_key(layer, prec, nid))
-                if rec is None or not bitmap.length_ok(len(rec), size, codec):
-                    raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated")
-                if table is not None and crc32(rec) != table[nid]:
-                    raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
-                parts.append(rec)
-                lengths[i] = len(rec)
-            payload = b"".join(parts)
-        return payload, lengths
+        out = np.empty((ids.size, self.layout.num_bytes(prec)), dtype=np.uint8)
+        return self.read_into(layer, prec, ids, out).tobytes()
 
     def get_layer(self, layer: int, prec: Precision | int | str) -> bytes:
         """All neurons of a layer at one precision, in id order."""
@@ -167,7 +280,9 @@ class NeuronStore:
     def neuron_weights(self, layer: int, neuron_ids, prec) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoded float32 weights [n, nvec, d] (+ [n] bias for ReLU models)."""
         prec = Precision.parse(prec)
-        return self.layout.decode_bytes(self.get_neurons(layer, neuron_ids, prec), prec)
+        ids = self.check_neurons(neuron_ids)
+        out = torch.empty((ids.size, self.layout.num_bytes(prec)), dtype=torch.uint8)
+        return self.layout.decode(self.read_into(layer, prec, ids, out), prec)
 
     # ---- dense tensors and files -------------------------------------------
     def dense_names(self) -> list[str]:
@@ -182,6 +297,27 @@ class NeuronStore:
         if raw is None or (self.verify and crc32(raw) != meta["crc32"]):
             raise ChecksumError(f"dense record {name!r} is missing or fails its checksum")
         return raw
+
+    def dense_nbytes(self, name: str) -> int:
+        meta = self.manifest.dense.get(name)
+        if meta is None:
+            raise NotFound(f"no dense tensor {name!r} in {self.path}")
+        return int(np.prod(meta["shape"], dtype=np.int64)) * DTYPES[meta["dtype"]].itemsize
+
+    def iter_dense(self, name: str, chunk_bytes: int):
+        """(offset, bytes) chunks of a dense tensor of any size, verified once as a whole
+        first; a read transaction stays open while the chunks are consumed."""
+        meta = self.manifest.dense.get(name)
+        if meta is None:
+            raise NotFound(f"no dense tensor {name!r} in {self.path}")
+        with self.read_txn(buffers=True) as txn:
+            view = txn.get(dense_key(name))
+            if view is None or (self.verify and crc32(view) != meta["crc32"]):
+                raise ChecksumError(f"dense record {name!r} is missing or fails its checksum")
+            if len(view) == 0:
+                yield 0, b""
+            for offset in range(0, len(view), chunk_bytes):
+                yield offset, bytes(view[offset : offset + chunk_bytes])
 
     def get_dense(self, name: str) -> torch.Tensor:
         meta = self.manifest.dense[name] if name in self.manifest.dense else None

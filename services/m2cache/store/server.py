@@ -1,8 +1,12 @@
 """NeuronStore gRPC service: thin proto <-> domain layer over
-:class:`StoreCatalog` (LMDB reads live in reader.py and catalog.py)."""
+:class:`StoreCatalog` (the reads live in reader.py and segments.py).
+
+Streamed responses are pipelined: the next chunk is read (on a small thread
+pool, its I/O on the store's own pool) while the current one is sent."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
@@ -11,7 +15,7 @@ from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, POLICY_KEY, Precision
 from m2cache.errors import InvalidArgument, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
-from m2cache.store.catalog import StoreCatalog, check_batch, read_records
+from m2cache.store.catalog import StoreCatalog, check_batch, chunk_bounds
 from m2cache.store.config import StoreConfig
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 
@@ -33,6 +37,7 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         self.config = config
         self.catalog = catalog
         self.metrics = metrics
+        self.readers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="stream-read")
 
     def ListModels(self, request, context):
         with self.metrics.rpc.observe("ListModels"):
@@ -47,34 +52,61 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
             return common_pb2.Manifest(model=request.model, manifest_json=store.manifest.to_json().decode(),
                                        policy_json=policy.decode())
 
+    def _neuron_request(self, request):
+        store = self.catalog.get(request.model)
+        prec = Precision.parse(request.precision)
+        store.check_layer(request.layer)
+        ids = store.check_neurons(range(store.manifest.d_ffn) if request.all_neurons else request.neuron_ids)
+        return store, prec, ids
+
+    def _batch(self, request, store, prec, got, ids) -> common_pb2.NeuronBatch:
+        self.metrics.records.labels(request.model).inc(ids.size)
+        self.metrics.bytes.labels(request.model, "neurons").inc(got.payload.nbytes)
+        return common_pb2.NeuronBatch(model=request.model, layer=request.layer, precision=int(prec),
+                                      neuron_ids=ids.tolist(), record_bytes=got.record_bytes,
+                                      payload=got.payload.tobytes(), crc32c=got.crcs.tolist(),
+                                      codec=store.manifest.codec,
+                                      record_lengths=[] if got.lengths is None else got.lengths.tolist())
+
     def FetchNeurons(self, request, context):
         """Records of many neurons of one layer at one precision, one payload,
-        with the per-record crc32 recorded at conversion; bitmap stores send
+        with the per-record CRC-32C recorded at conversion; bitmap stores send
         their records as stored (compressed) with per-record lengths."""
         with self.metrics.rpc.observe("FetchNeurons"):
-            store = self.catalog.get(request.model)
-            prec = Precision.parse(request.precision)
-            store.check_layer(request.layer)
-            ids = store.check_neurons(range(store.manifest.d_ffn) if request.all_neurons else request.neuron_ids)
-            size = store.layout.num_bytes(prec)
-            check_batch(ids.size, size, self.config.max_batch_ids, self.config.max_payload_bytes)
-            payload, crcs, lengths = read_records(store, request.layer, prec, ids)
-            self.metrics.records.labels(request.model).inc(ids.size)
-            self.metrics.bytes.labels(request.model, "neurons").inc(len(payload))
-            return common_pb2.NeuronBatch(model=request.model, layer=request.layer, precision=int(prec),
-                                          neuron_ids=ids.tolist(), record_bytes=size, payload=payload,
-                                          crc32=crcs.tolist(), codec=store.manifest.codec,
-                                          record_lengths=lengths)
+            store, prec, ids = self._neuron_request(request)
+            check_batch(ids.size, store.layout.num_bytes(prec), self.config.max_batch_ids,
+                        self.config.max_payload_bytes)
+            got = store.read_stored(request.layer, prec, ids)
+            return self._batch(request, store, prec, got, ids)
+
+    def StreamNeurons(self, request, context):
+        """The same records in chunks of about ``stream_chunk_bytes`` (``first`` = a
+        chunk's request position); the next chunk is read while one is sent."""
+        with self.metrics.rpc.observe("StreamNeurons"):
+            store, prec, ids = self._neuron_request(request)
+            lengths = store.stored_lengths(request.layer, prec, ids)
+            bounds = chunk_bounds(ids.size, store.layout.num_bytes(prec), lengths, self.config.stream_chunk_bytes)
+
+            def read(lo: int, hi: int):
+                return store.read_stored(request.layer, prec, ids[lo:hi])
+
+            pending = self.readers.submit(read, *bounds[0]) if bounds else None
+            for k, (lo, hi) in enumerate(bounds):
+                got = pending.result()
+                pending = self.readers.submit(read, *bounds[k + 1]) if k + 1 < len(bounds) else None
+                batch = self._batch(request, store, prec, got, ids[lo:hi])
+                batch.first = lo
+                yield batch
 
     def FetchDense(self, request, context):
-        """Named dense tensors (all of them when ``names`` is empty)."""
+        """Named dense tensors (all of them when ``names`` is empty), up to the payload limit."""
         with self.metrics.rpc.observe("FetchDense"):
             store = self.catalog.get(request.model)
             names = list(request.names) or store.dense_names()
             total = sum(_dense_nbytes(store, n) for n in names)
             if total > self.config.max_payload_bytes:
                 raise ResourceExhausted(f"{len(names)} dense tensors total {total} B, over the "
-                                        f"{self.config.max_payload_bytes}-byte limit; request fewer names")
+                                        f"{self.config.max_payload_bytes}-byte limit; use StreamDense")
             blobs = []
             for name in names:
                 data = store.get_dense_bytes(name)
@@ -83,6 +115,20 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
                                                    crc32=meta["crc32"]))
             self.metrics.bytes.labels(request.model, "dense").inc(total)
             return common_pb2.DenseBatch(tensors=blobs)
+
+    def StreamDense(self, request, context):
+        """Dense tensors of any size in chunks of at most ``stream_chunk_bytes``."""
+        with self.metrics.rpc.observe("StreamDense"):
+            store = self.catalog.get(request.model)
+            names = list(request.names) or store.dense_names()
+            for name in names:
+                _dense_nbytes(store, name)  # unknown names fail before anything is sent
+            for name in names:
+                meta, total = store.manifest.dense[name], _dense_nbytes(store, name)
+                for offset, data in store.iter_dense(name, self.config.stream_chunk_bytes):
+                    self.metrics.bytes.labels(request.model, "dense").inc(len(data))
+                    yield common_pb2.TensorChunk(name=name, offset=offset, data=data, shape=meta["shape"],
+                                                 dtype=meta["dtype"], crc32=meta["crc32"], total_bytes=total)
 
     def FetchFile(self, request, context):
         with self.metrics.rpc.observe("FetchFile"):
@@ -103,7 +149,8 @@ def _dense_nbytes(store, name: str) -> int:
 def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
                   ) -> tuple[grpc.Server, int, StoreCatalog]:
     """A NeuronStore server bound to ``config.address`` (not started)."""
-    catalog = StoreCatalog(config.root, verify=config.verify)
+    catalog = StoreCatalog(config.root, verify=config.verify, io_threads=config.io_threads,
+                           direct_io=config.direct_io)
     registry = registry or CollectorRegistry()
     servicer = NeuronStoreServicer(config, catalog, StoreMetrics(registry))
     server, port, _health = grpc_util.create_server(

@@ -29,6 +29,11 @@ class WorkerConfig:
     queue_timeout_s: float = 30.0  # how long a request may wait for a slot
     max_context: int = 0  # 0: the model's context length
     fetch_deadline_s: float = 30.0  # one fetch, retries included
+    unavailable_s: float = 5.0  # how long an unreachable tier or store is retried before a typed UNAVAILABLE
+    store_target: str = ""  # NeuronStore address; empty = learnt from the DRAM tier (needed to start without it)
+    data_plane: bool = True  # read Redis and the store directly; false: every record through the DRAM tier
+    mac_key_file: str = ""  # the deployment's record-sealing key (as the DRAM tier's); empty = the tier's answer
+    redis_password_file: str = ""  # the DRAM tier's Redis password; empty = the tier's answer
     metrics_port: int = 0  # 0: no Prometheus endpoint
     grace_s: float = 5.0
     worker_id: str = "worker-0"
@@ -44,6 +49,8 @@ class WorkerConfig:
             raise InvalidArgument("rank_mode=remote needs --ranker-target")
         if not self.cache_fraction > 0:
             raise InvalidArgument(f"cache_fraction must be > 0, got {self.cache_fraction}")
+        if self.unavailable_s <= 0 or self.fetch_deadline_s <= 0:
+            raise InvalidArgument("unavailable_s and fetch_deadline_s must be positive")
         if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:
             raise InvalidArgument("window and max_batch must be >= 1, max_queue >= 0")
 

@@ -1,9 +1,19 @@
-"""The worker's view of the tiers below it: one DramTier client with deadlines,
-retries with backoff, and checksum verification of every record received.
+"""The worker's view of the tiers below it.
 
-Bitmap stores (codec/bitmap.py) send variable-size records; they are verified as
-received and decompressed here, so everything above (HBM cache, provider)
-sees the fixed-size dense records of the dense codec."""
+Control plane: the DramTier (manifest, where the bytes are, usage reports).
+Data plane, per fetch of one layer at one precision:
+1. one pipelined Redis MGET of the records' keys; every value's MAC is checked
+   (dram/dataplane.py) and the records land in the caller's buffer;
+2. the misses stream from the NeuronStore (StreamNeurons, large chunks);
+3. every record's CRC-32C is checked in one pass per batch;
+4. what was used and what missed is reported to the tier in the background.
+With the DramTier gone the worker keeps reading Redis and the store; with
+Redis gone it reads everything from the store; with the store gone a fetch
+fails with a typed UNAVAILABLE within ``unavailable_s``, not the deadline.
+Without a data plane (``data_plane=False``) records come through the tier's
+FetchNeurons. Bitmap stores' records are verified as received and decoded
+here, so everything above (HBM cache, provider) sees dense records.
+"""
 from __future__ import annotations
 
 import json
@@ -15,13 +25,15 @@ import grpc
 import numpy as np
 import torch
 
-from m2cache.codec import bitmap
+from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
-from m2cache.errors import ChecksumError, Unavailable
-from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
+from m2cache.dram import dataplane
+from m2cache.dram.cache import CacheUnavailable, RedisCache
+from m2cache.errors import ChecksumError, M2CacheError
+from m2cache.worker.records import Reporter, place
+from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 
 log = logging.getLogger(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass
@@ -32,12 +44,19 @@ class FetchStats:
     retries: int = 0
     seconds: float = 0.0
     decode_seconds: float = 0.0  # bitmap decompression (inside ``seconds``)
+    redis_records: int = 0       # DRAM-tier hits read from Redis
+    redis_bytes: int = 0
+    store_records: int = 0       # misses streamed from the NeuronStore
+    store_bytes: int = 0
 
 
 @dataclass
 class TierFetcher:
-    """Fetches records over a DramTier channel. ``deadline_s`` bounds one logical
-    fetch including its retries; ``backoff_s`` doubles per retry up to 1 s."""
+    """Fetches records for one model. ``deadline_s`` bounds one logical fetch;
+    UNAVAILABLE is retried with backoff from ``backoff_s`` for at most
+    ``unavailable_s``; any other status is raised at once as its typed error.
+    Secrets come from files (``mac_key_file``, ``redis_password_file``) or, when
+    those are empty, from the tier's DataPlane answer."""
 
     channel: grpc.Channel
     model: str
@@ -46,94 +65,252 @@ class TierFetcher:
     backoff_s: float = 0.05
     verify: bool = True
     stats: FetchStats = field(default_factory=FetchStats)
-    layout: RecordLayout | None = None  # set by manifest(); bitmap records need it to decode
+    layout: RecordLayout | None = None  # set by manifest()
+    unavailable_s: float = 5.0
+    store_target: str = ""              # the NeuronStore; empty: learnt from the tier
+    data_plane: bool = True             # read Redis and the store directly (else through the tier)
+    mac_key_file: str = ""
+    redis_password_file: str = ""
+    redis_timeout_s: float = 0.5
+    redis_retry_s: float = 1.0          # how long Redis stays "away" after a failure before a retry
+    pin_memory: bool = False            # page-locked destination buffers (a CUDA worker's staging)
 
     def __post_init__(self) -> None:
-        self.stub = dram_pb2_grpc.DramTierStub(self.channel)
+        self.policy = grpc_util.RetryPolicy(self.deadline_s, min(self.unavailable_s, self.deadline_s),
+                                            self.backoff_s)
+        self.rpc = grpc_util.Rpc(self.channel, dram_pb2_grpc.DramTierStub, "DRAM tier", self.policy,
+                                 on_retry=lambda *_: self._count_retry())
+        self.store: grpc_util.Rpc | None = None
+        self.redis: RedisCache | None = None
+        self.seal: dataplane.RecordSeal | None = None
+        self._redis_down_until = 0.0
+        self._plane_info = None
+        self._manifest: Manifest | None = None
+        self.reporter: Reporter | None = None
 
-    def _call(self, method, request):
-        """Unary call with retries on transient codes until the deadline passes."""
-        end = time.monotonic() + self.deadline_s
-        delay = self.backoff_s
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise Unavailable(f"DRAM tier unavailable for {self.deadline_s:.1f}s")
-            try:
-                return method(request, timeout=left)
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise
-                if time.monotonic() + delay >= end:
-                    raise Unavailable(f"DRAM tier unavailable within the {self.deadline_s:.1f}s deadline: {err.details()}") from err
-                self.stats.retries += 1
-                log.warning("DRAM tier %s (%s); retrying in %.2fs", err.code().name, err.details(), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+    @classmethod
+    def from_config(cls, config) -> "TierFetcher":
+        """The fetcher a worker with ``config`` (worker/config.py) uses."""
+        return cls(grpc_util.channel(config.dram_target), config.model, config.worker_id,
+                   deadline_s=config.fetch_deadline_s, unavailable_s=config.unavailable_s,
+                   store_target=config.store_target, data_plane=config.data_plane,
+                   mac_key_file=config.mac_key_file, redis_password_file=config.redis_password_file,
+                   pin_memory=config.device.startswith("cuda") and torch.cuda.is_available())
 
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
+
+    # ---- control plane -------------------------------------------------------------
     def manifest(self) -> tuple[Manifest, dict | None]:
-        resp = self._call(self.stub.GetManifest, common_pb2.ManifestRequest(model=self.model))
+        """The model's manifest and policy (from the tier, else the store), and the data plane set up."""
+        if self.data_plane:
+            self._connect_plane()
+        source = self.rpc
+        if self.store is not None and self._plane_info is None:
+            source = self.store  # the tier did not answer: the store has the same manifest
+        resp = source.unary("GetManifest", common_pb2.ManifestRequest(model=self.model))
         policy = json.loads(resp.policy_json) if resp.policy_json else None
         manifest = Manifest.from_json(resp.manifest_json.encode(), where=f"model {self.model}")
-        self.layout = manifest.layout
+        self.layout, self._manifest = manifest.layout, manifest
         return manifest, policy
 
+    def _connect_plane(self) -> None:
+        """Ask the tier where the bytes are; open the store channel and Redis."""
+        self._plane_info = None
+        try:
+            self._plane_info = self.rpc.unary("DataPlane", dram_pb2.DataPlaneRequest(model=self.model,
+                                                                                    caller_id=self.caller_id))
+        except M2CacheError as err:
+            if not self.store_target or err.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise
+            log.warning("DRAM tier unavailable (%s): reading the store at %s directly", err, self.store_target)
+        target = self.store_target or (self._plane_info.store_target if self._plane_info else "")
+        if target and self.store is None:
+            self.store = grpc_util.Rpc(grpc_util.channel(target), store_pb2_grpc.NeuronStoreStub, "NeuronStore",
+                                       self.policy, on_retry=lambda *_: self._count_retry())
+        if self._plane_info is not None:
+            self._open_redis(self._plane_info)
+            self.reporter = self.reporter or Reporter(self._send_report)
+
+    def _open_redis(self, info) -> None:
+        key = dataplane.env_or_file(self.mac_key_file, "MAC key") or info.mac_key
+        password = dataplane.env_or_file(self.redis_password_file, "Redis password") or info.redis_password or None
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+        if info.redis_url and key:
+            self.seal = dataplane.RecordSeal(key)
+            self.redis = RedisCache(info.redis_url, info.key_prefix, self.redis_timeout_s, password)
+
+    def _send_report(self, current_layer: int, uses: list) -> None:
+        self.rpc.stub.Report(dram_pb2.UsageReport(model=self.model, caller_id=self.caller_id,
+                                                  current_layer=current_layer, uses=uses), timeout=5.0)
+
     def dense(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Dense tensors by name (all of them when ``names`` is None)."""
-        resp = self._call(self.stub.FetchDense, common_pb2.DenseRequest(model=self.model, names=names or []))
-        out = {}
-        for blob in resp.tensors:
-            if self.verify and crc32(blob.data) != blob.crc32:
-                raise ChecksumError(f"dense tensor {blob.name!r} arrived corrupted")
-            t = torch.frombuffer(bytearray(blob.data), dtype=DTYPES[blob.dtype]) if blob.data else torch.empty(0, dtype=DTYPES[blob.dtype])
-            out[blob.name] = t.reshape(list(blob.shape))
-        return out
+        """Dense tensors by name (all of them when ``names`` is None), streamed in
+        bounded chunks (any tensor size) and checked against their crc32."""
+        source = self.store or self.rpc
+        return assemble_dense(source.stream("StreamDense", common_pb2.DenseRequest(model=self.model,
+                                                                                   names=names or [])),
+                              self.verify)
 
     def file(self, filename: str) -> bytes:
-        return self._call(self.stub.FetchFile, common_pb2.FileRequest(model=self.model, filename=filename)).data
+        source = self.store or self.rpc
+        return source.unary("FetchFile", common_pb2.FileRequest(model=self.model, filename=filename)).data
 
-    def neurons(self, layer: int, prec: Precision, ids: torch.Tensor, current_layer: int) -> torch.Tensor:
-        """Records of ``ids`` [m] -> uint8 [m, record_bytes], in ids order."""
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.redis is not None:
+            self.redis.close()
+        if self.store is not None:
+            self.store.close()
+        self.channel.close()
+
+    # ---- data plane ----------------------------------------------------------------
+    def neurons(self, layer: int, prec: Precision, ids: torch.Tensor, current_layer: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Records of ``ids`` [m] -> uint8 [m, record_bytes] (dense), in ids order;
+        into ``out`` when given (e.g. the HBM cache's pinned staging buffer)."""
         t0 = time.perf_counter()
-        req = dram_pb2.DramFetchRequest(
-            batch=common_pb2.NeuronBatchRequest(model=self.model, layer=layer, neuron_ids=ids.tolist(), precision=int(prec)),
-            current_layer=current_layer, caller_id=self.caller_id,
-        )
-        resp = self._call(self.stub.FetchNeurons, req)
-        if resp.record_lengths:
-            out = self._decode_sparse(resp, layer, prec, ids)
-        else:
-            rb = resp.record_bytes
-            recs = np.frombuffer(resp.payload, dtype=np.uint8).reshape(len(ids), rb) if len(ids) else np.empty((0, rb), np.uint8)
-            if self.verify:
-                self._verify(recs, resp, layer, prec, ids)
-            out = torch.from_numpy(recs.copy())
+        assert self.layout is not None, "manifest() comes before any fetch"
+        prec = Precision(prec)
+        rb = self.layout.num_bytes(prec)
+        m = int(ids.numel())
+        if out is None:
+            out = torch.empty((m, rb), dtype=torch.uint8, pin_memory=self.pin_memory)
+        if out.shape != (m, rb) or out.dtype != torch.uint8:
+            raise ValueError(f"out must be uint8 [{m}, {rb}], got {out.dtype} {list(out.shape)}")
+        if m:
+            ids_np = ids.cpu().numpy().astype(np.int64, copy=False)
+            if self.store is None:
+                self._through_tier(layer, prec, ids_np, current_layer, out.numpy())
+            else:
+                self._direct(layer, prec, ids_np, current_layer, out.numpy())
         self.stats.calls += 1
-        self.stats.records += len(ids)
-        self.stats.bytes += len(resp.payload)
+        self.stats.records += m
         self.stats.seconds += time.perf_counter() - t0
         return out
 
-    def _decode_sparse(self, resp, layer: int, prec: Precision, ids: torch.Tensor) -> torch.Tensor:
-        """Variable-size (bitmap store) records -> dense records uint8 [m, record_bytes]."""
-        lengths = np.asarray(resp.record_lengths, dtype=np.int64)
-        if len(lengths) != len(ids) or int(lengths.sum()) != len(resp.payload):
-            raise ChecksumError(f"layer {layer} {prec.name}: record lengths do not match the payload")
-        if self.verify:
-            view = memoryview(resp.payload)
-            ends = np.cumsum(lengths)
-            self._verify([view[e - n : e] for e, n in zip(ends.tolist(), lengths.tolist())], resp, layer, prec, ids)
-        assert self.layout is not None, "manifest() sets the layout before any fetch"
-        t0 = time.perf_counter()
-        out = bitmap.decode_bytes(resp.payload, lengths, bitmap.element_spec(self.layout, prec))
-        self.stats.decode_seconds += time.perf_counter() - t0
-        return out
+    def _direct(self, layer: int, prec: Precision, ids: np.ndarray, current_layer: int, out: np.ndarray) -> None:
+        missing = np.ones(ids.size, dtype=bool)
+        redis = self._usable_redis()
+        if redis is not None:
+            keys = redis.keys(self.model, layer, int(prec), ids.tolist())
+            try:
+                values = redis.mget(keys)  # one round trip for the whole batch
+            except CacheUnavailable as err:
+                self._redis_away(err)
+                values = []
+            if values:
+                missing &= self._place_hits(keys, values, layer, prec, ids, out)
+        miss_rows = np.flatnonzero(missing)
+        if miss_rows.size:
+            self._from_store(layer, prec, ids, miss_rows, out)
+        if self.reporter is not None:
+            self.reporter.add(current_layer, dram_pb2.LayerUse(layer=layer, precision=int(prec),
+                                                               used_ids=ids.tolist(),
+                                                               missed_ids=ids[miss_rows].tolist()))
 
-    @staticmethod
-    def _verify(recs, resp, layer: int, prec: Precision, ids: torch.Tensor) -> None:
-        """Every record (rows of an array, or byte slices) against its crc32."""
-        if len(resp.crc32) != len(recs):
-            raise ChecksumError(f"layer {layer} {prec.name}: {len(resp.crc32)} checksums for {len(recs)} records")
-        for i, (row, want) in enumerate(zip(recs, resp.crc32)):
-            if crc32(row if isinstance(row, memoryview) else row.tobytes()) != want:
-                raise ChecksumError(f"record layer {layer} neuron {int(ids[i])} {prec.name} arrived corrupted")
+    def _place_hits(self, keys, values, layer, prec, ids, out) -> np.ndarray:
+        """Open (MAC), check (CRC) and place Redis hits; returns the still-missing mask."""
+        try:
+            rows, records, crcs = dataplane.open_batch(self.seal, keys, values)
+        except ChecksumError as err:
+            raise ChecksumError(f"model {self.model} layer {layer} {prec.name}: {err}") from None
+        still = np.ones(ids.size, dtype=bool)
+        if rows.size:
+            lengths = None if self._manifest.codec == "dense" else np.asarray([len(r) for r in records], np.int64)
+            joined = b"".join(records)
+            self.stats.decode_seconds += place(out, rows, joined, lengths, crcs, self.layout, prec, ids, self.verify)
+            still[rows] = False
+            self.stats.redis_records += int(rows.size)
+            self.stats.redis_bytes += len(joined)
+            self.stats.bytes += len(joined)
+        return still
+
+    def _from_store(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Stream ``ids[rows]`` from the store into ``out[rows]``, chunk by chunk."""
+        req = common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
+                                            neuron_ids=ids[rows].tolist())
+        got = 0
+        for batch in self.store.stream("StreamNeurons", req, time.monotonic() + self.deadline_s):
+            k = len(batch.crc32c)
+            chunk_rows = rows[batch.first : batch.first + k]
+            lengths = np.asarray(batch.record_lengths, np.int64) if batch.record_lengths else None
+            self.stats.decode_seconds += place(out, chunk_rows, batch.payload, lengths,
+                                               np.asarray(batch.crc32c, np.uint32), self.layout, prec, ids,
+                                               self.verify)
+            got += k
+            self.stats.store_bytes += len(batch.payload)
+            self.stats.bytes += len(batch.payload)
+        if got != rows.size:
+            raise ChecksumError(f"layer {layer} {prec.name}: the store sent {got} of {rows.size} records")
+        self.stats.store_records += got
+
+    def _usable_redis(self) -> RedisCache | None:
+        if self.redis is None and self._plane_info is None:
+            return None
+        if time.monotonic() < self._redis_down_until:
+            return None
+        if self.redis is None:  # away earlier: ask the tier again, briefly (it may have a new Redis)
+            try:
+                info = self.rpc.stub.DataPlane(dram_pb2.DataPlaneRequest(model=self.model, caller_id=self.caller_id),
+                                               timeout=0.25)
+                self._open_redis(info)
+            except (grpc.RpcError, M2CacheError) as err:
+                log.debug("DRAM tier still away: %s", err)
+            if self.redis is None:
+                self._redis_down_until = time.monotonic() + self.redis_retry_s
+        return self.redis
+
+    def _redis_away(self, err: Exception) -> None:
+        log.warning("Redis unavailable (%s): reading the store for %.1fs", err, self.redis_retry_s)
+        self._redis_down_until = time.monotonic() + self.redis_retry_s
+        if self.redis is not None:
+            self.redis.close()
+        self.redis = None
+
+    def _through_tier(self, layer: int, prec: Precision, ids: np.ndarray, current_layer: int,
+                      out: np.ndarray) -> None:
+        """No data plane: one FetchNeurons of the tier (it reads Redis and the store)."""
+        req = dram_pb2.DramFetchRequest(
+            batch=common_pb2.NeuronBatchRequest(model=self.model, layer=layer, neuron_ids=ids.tolist(),
+                                                precision=int(prec)),
+            current_layer=current_layer, caller_id=self.caller_id)
+        resp = self.rpc.unary("FetchNeurons", req)
+        lengths = np.asarray(resp.record_lengths, np.int64) if resp.record_lengths else None
+        if len(resp.crc32c) != ids.size:
+            raise ChecksumError(f"layer {layer} {prec.name}: {len(resp.crc32c)} checksums for {ids.size} records")
+        self.stats.decode_seconds += place(out, np.arange(ids.size), resp.payload, lengths,
+                                           np.asarray(resp.crc32c, np.uint32), self.layout, prec, ids, self.verify)
+        self.stats.bytes += len(resp.payload)
+
+
+def assemble_dense(chunks, verify: bool = True) -> dict[str, torch.Tensor]:
+    """TensorChunk messages (consecutive chunks per tensor) -> name -> tensor, each
+    assembled into one preallocated buffer and checked against its crc32."""
+    out: dict[str, torch.Tensor] = {}
+    buf, meta, filled = None, None, 0
+    for chunk in chunks:
+        if chunk.offset == 0:
+            if buf is not None:
+                raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of "
+                                    f"{meta.total_bytes} B)")
+            buf, meta, filled = torch.empty(chunk.total_bytes, dtype=torch.uint8), chunk, 0
+        if meta is None or chunk.name != meta.name or chunk.offset != filled:
+            raise ChecksumError(f"dense tensor chunk {chunk.name!r} at {chunk.offset} arrived out of order")
+        n = len(chunk.data)
+        if filled + n > meta.total_bytes:
+            raise ChecksumError(f"dense tensor {meta.name!r} arrived with more than its {meta.total_bytes} B")
+        if n:
+            buf.numpy()[filled : filled + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        filled += n
+        if filled == meta.total_bytes:
+            if verify and crc32(buf.numpy()) != meta.crc32:
+                raise ChecksumError(f"dense tensor {meta.name!r} arrived corrupted")
+            out[meta.name] = buf.view(DTYPES[meta.dtype]).reshape(list(meta.shape))
+            buf, meta = None, None
+    if buf is not None:
+        raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of {meta.total_bytes} B)")
+    return out

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from m2cache import grpc_util
 from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
 from m2cache.model.config import ModelConfig
@@ -66,8 +65,7 @@ class WorkerRuntime:
     @classmethod
     def connect(cls, config: WorkerConfig, choosers: Choosers | None = None) -> "WorkerRuntime":
         """Load the model through the DramTier; ``choosers`` overrides the policy's."""
-        channel = grpc_util.channel(config.dram_target)
-        fetcher = TierFetcher(channel, config.model, config.worker_id, deadline_s=config.fetch_deadline_s)
+        fetcher = TierFetcher.from_config(config)
         manifest, policy = fetcher.manifest()
         model, streamer = _build_model(config, manifest, fetcher)
         tokenizer = _tokenizer(fetcher, manifest)
@@ -95,7 +93,7 @@ class WorkerRuntime:
         self.engine.close()
         if self.streamer is not None:
             self.streamer.close()
-        self.fetcher.channel.close()
+        self.fetcher.close()
 
     # ---- stats -----------------------------------------------------------------------
     def snapshot(self) -> tuple[int, int, int, int]:

@@ -24,37 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17m2cache/v1/common.proto\x12\nm2cache.v1\"U\n\nTensorBlob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"\x85\x01\n\x12NeuronBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nneuron_ids\x18\x03 \x03(\r\x12(\n\tprecision\x18\x04 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x13\n\x0b\x61ll_neurons\x18\x05 \x01(\x08\"\xc6\x01\n\x0bNeuronBatch\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12(\n\tprecision\x18\x03 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x12\n\nneuron_ids\x18\x04 \x03(\r\x12\x14\n\x0crecord_bytes\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x03(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x16\n\x0erecord_lengths\x18\t \x03(\r\",\n\x0c\x44\x65nseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"5\n\nDenseBatch\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.TensorBlob\" \n\x0fManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\"E\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\".\n\x0b\x46ileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"*\n\x08\x46ileBlob\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x0e\n\x0cStatsRequest*D\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x08\n\x04INT8\x10\x02\x12\x08\n\x04INT4\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17m2cache/v1/common.proto\x12\nm2cache.v1\"U\n\nTensorBlob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"\x85\x01\n\x12NeuronBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nneuron_ids\x18\x03 \x03(\r\x12(\n\tprecision\x18\x04 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x13\n\x0b\x61ll_neurons\x18\x05 \x01(\x08\"\xd6\x01\n\x0bNeuronBatch\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12(\n\tprecision\x18\x03 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x12\n\nneuron_ids\x18\x04 \x03(\r\x12\x14\n\x0crecord_bytes\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x07 \x03(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x16\n\x0erecord_lengths\x18\t \x03(\r\x12\r\n\x05\x66irst\x18\n \x01(\r\",\n\x0c\x44\x65nseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"5\n\nDenseBatch\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.TensorBlob\"{\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\" \n\x0fManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\"E\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\".\n\x0b\x46ileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"*\n\x08\x46ileBlob\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x0e\n\x0cStatsRequest*D\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x08\n\x04INT8\x10\x02\x12\x08\n\x04INT4\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'm2cache.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRECISION']._serialized_start=836
-  _globals['_PRECISION']._serialized_end=904
+  _globals['_PRECISION']._serialized_start=977
+  _globals['_PRECISION']._serialized_end=1045
   _globals['_TENSORBLOB']._serialized_start=39
   _globals['_TENSORBLOB']._serialized_end=124
   _globals['_NEURONBATCHREQUEST']._serialized_start=127
   _globals['_NEURONBATCHREQUEST']._serialized_end=260
   _globals['_NEURONBATCH']._serialized_start=263
-  _globals['_NEURONBATCH']._serialized_end=461
-  _globals['_DENSEREQUEST']._serialized_start=463
-  _globals['_DENSEREQUEST']._serialized_end=507
-  _globals['_DENSEBATCH']._serialized_start=509
-  _globals['_DENSEBATCH']._serialized_end=562
-  _globals['_MANIFESTREQUEST']._serialized_start=564
-  _globals['_MANIFESTREQUEST']._serialized_end=596
-  _globals['_MANIFEST']._serialized_start=598
-  _globals['_MANIFEST']._serialized_end=667
-  _globals['_LISTMODELSREQUEST']._serialized_start=669
-  _globals['_LISTMODELSREQUEST']._serialized_end=688
-  _globals['_LISTMODELSRESPONSE']._serialized_start=690
-  _globals['_LISTMODELSRESPONSE']._serialized_end=726
-  _globals['_FILEREQUEST']._serialized_start=728
-  _globals['_FILEREQUEST']._serialized_end=774
-  _globals['_FILEBLOB']._serialized_start=776
-  _globals['_FILEBLOB']._serialized_end=818
-  _globals['_STATSREQUEST']._serialized_start=820
-  _globals['_STATSREQUEST']._serialized_end=834
+  _globals['_NEURONBATCH']._serialized_end=477
+  _globals['_DENSEREQUEST']._serialized_start=479
+  _globals['_DENSEREQUEST']._serialized_end=523
+  _globals['_DENSEBATCH']._serialized_start=525
+  _globals['_DENSEBATCH']._serialized_end=578
+  _globals['_TENSORCHUNK']._serialized_start=580
+  _globals['_TENSORCHUNK']._serialized_end=703
+  _globals['_MANIFESTREQUEST']._serialized_start=705
+  _globals['_MANIFESTREQUEST']._serialized_end=737
+  _globals['_MANIFEST']._serialized_start=739
+  _globals['_MANIFEST']._serialized_end=808
+  _globals['_LISTMODELSREQUEST']._serialized_start=810
+  _globals['_LISTMODELSREQUEST']._serialized_end=829
+  _globals['_LISTMODELSRESPONSE']._serialized_start=831
+  _globals['_LISTMODELSRESPONSE']._serialized_end=867
+  _globals['_FILEREQUEST']._serialized_start=869
+  _globals['_FILEREQUEST']._serialized_end=915
+  _globals['_FILEBLOB']._serialized_start=917
+  _globals['_FILEBLOB']._serialized_end=959
+  _globals['_STATSREQUEST']._serialized_start=961
+  _globals['_STATSREQUEST']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

@@ -47,26 +47,28 @@ class NeuronBatchRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., all_neurons: _Optional[bool] = ...) -> None: ...
 
 class NeuronBatch(_message.Message):
-    __slots__ = ("model", "layer", "precision", "neuron_ids", "record_bytes", "payload", "crc32", "codec", "record_lengths")
+    __slots__ = ("model", "layer", "precision", "neuron_ids", "record_bytes", "payload", "crc32c", "codec", "record_lengths", "first")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     NEURON_IDS_FIELD_NUMBER: _ClassVar[int]
     RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     RECORD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer: int
     precision: Precision
     neuron_ids: _containers.RepeatedScalarFieldContainer[int]
     record_bytes: int
     payload: bytes
-    crc32: _containers.RepeatedScalarFieldContainer[int]
+    crc32c: _containers.RepeatedScalarFieldContainer[int]
     codec: str
     record_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., record_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    first: int
+    def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., neuron_ids: _Optional[_Iterable[int]] = ..., record_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., first: _Optional[int] = ...) -> None: ...
 
 class DenseRequest(_message.Message):
     __slots__ = ("model", "names")
@@ -81,6 +83,24 @@ class DenseBatch(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorBlob]
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorBlob, _Mapping]]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "offset", "data", "shape", "dtype", "crc32", "total_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    crc32: int
+    total_bytes: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class ManifestRequest(_message.Message):
     __slots__ = ("model",)

@@ -28,6 +28,9 @@ if _version_not_supported:
 
 class DramTierStub:
     """The DRAM tier: a layer-aware cache in Redis in front of the NeuronStore.
+    Control plane (DataPlane, Report): the tier decides placement, pinning and
+    preloading; workers read Redis directly and stream misses from the store.
+    FetchNeurons still serves records through the tier (clients without Redis access).
     """
 
     def __init__(self, channel):
@@ -36,6 +39,16 @@ class DramTierStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.DataPlane = channel.unary_unary(
+                '/m2cache.v1.DramTier/DataPlane',
+                request_serializer=m2cache_dot_v1_dot_dram__pb2.DataPlaneRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_dram__pb2.DataPlaneInfo.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/m2cache.v1.DramTier/Report',
+                request_serializer=m2cache_dot_v1_dot_dram__pb2.UsageReport.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_dram__pb2.ReportAck.FromString,
+                _registered_method=True)
         self.GetManifest = channel.unary_unary(
                 '/m2cache.v1.DramTier/GetManifest',
                 request_serializer=m2cache_dot_v1_dot_common__pb2.ManifestRequest.SerializeToString,
@@ -51,6 +64,11 @@ class DramTierStub:
                 request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
                 _registered_method=True)
+        self.StreamDense = channel.unary_stream(
+                '/m2cache.v1.DramTier/StreamDense',
+                request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
+                _registered_method=True)
         self.FetchFile = channel.unary_unary(
                 '/m2cache.v1.DramTier/FetchFile',
                 request_serializer=m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
@@ -65,7 +83,22 @@ class DramTierStub:
 
 class DramTierServicer:
     """The DRAM tier: a layer-aware cache in Redis in front of the NeuronStore.
+    Control plane (DataPlane, Report): the tier decides placement, pinning and
+    preloading; workers read Redis directly and stream misses from the store.
+    FetchNeurons still serves records through the tier (clients without Redis access).
     """
+
+    def DataPlane(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def GetManifest(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -85,6 +118,13 @@ class DramTierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamDense(self, request, context):
+        """Dense tensors of any size in bounded chunks (passed through from the store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchFile(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -100,6 +140,16 @@ class DramTierServicer:
 
 def add_DramTierServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'DataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.DataPlane,
+                    request_deserializer=m2cache_dot_v1_dot_dram__pb2.DataPlaneRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_dram__pb2.DataPlaneInfo.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=m2cache_dot_v1_dot_dram__pb2.UsageReport.FromString,
+                    response_serializer=m2cache_dot_v1_dot_dram__pb2.ReportAck.SerializeToString,
+            ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.ManifestRequest.FromString,
@@ -114,6 +164,11 @@ def add_DramTierServicer_to_server(servicer, server):
                     servicer.FetchDense,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.SerializeToString,
+            ),
+            'StreamDense': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDense,
+                    request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.SerializeToString,
             ),
             'FetchFile': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchFile,
@@ -135,7 +190,64 @@ def add_DramTierServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DramTier:
     """The DRAM tier: a layer-aware cache in Redis in front of the NeuronStore.
+    Control plane (DataPlane, Report): the tier decides placement, pinning and
+    preloading; workers read Redis directly and stream misses from the store.
+    FetchNeurons still serves records through the tier (clients without Redis access).
     """
+
+    @staticmethod
+    def DataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.DramTier/DataPlane',
+            m2cache_dot_v1_dot_dram__pb2.DataPlaneRequest.SerializeToString,
+            m2cache_dot_v1_dot_dram__pb2.DataPlaneInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.DramTier/Report',
+            m2cache_dot_v1_dot_dram__pb2.UsageReport.SerializeToString,
+            m2cache_dot_v1_dot_dram__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetManifest(request,
@@ -208,6 +320,33 @@ class DramTier:
             '/m2cache.v1.DramTier/FetchDense',
             m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
             m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/m2cache.v1.DramTier/StreamDense',
+            m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+            m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

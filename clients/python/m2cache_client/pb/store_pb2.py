@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto2\xe1\x02\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto2\xf1\x03\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12J\n\rStreamNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch0\x01\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'm2cache.v1.store_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NEURONSTORE']._serialized_start=64
-  _globals['_NEURONSTORE']._serialized_end=417
+  _globals['_NEURONSTORE']._serialized_end=561
 # @@protoc_insertion_point(module_scope)

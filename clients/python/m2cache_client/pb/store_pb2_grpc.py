@@ -50,10 +50,20 @@ class NeuronStoreStub:
                 request_serializer=m2cache_dot_v1_dot_common__pb2.NeuronBatchRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.NeuronBatch.FromString,
                 _registered_method=True)
+        self.StreamNeurons = channel.unary_stream(
+                '/m2cache.v1.NeuronStore/StreamNeurons',
+                request_serializer=m2cache_dot_v1_dot_common__pb2.NeuronBatchRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_common__pb2.NeuronBatch.FromString,
+                _registered_method=True)
         self.FetchDense = channel.unary_unary(
                 '/m2cache.v1.NeuronStore/FetchDense',
                 request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
+                _registered_method=True)
+        self.StreamDense = channel.unary_stream(
+                '/m2cache.v1.NeuronStore/StreamDense',
+                request_serializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
                 _registered_method=True)
         self.FetchFile = channel.unary_unary(
                 '/m2cache.v1.NeuronStore/FetchFile',
@@ -79,14 +89,30 @@ class NeuronStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchNeurons(self, request, context):
-        """Records of many neurons of one layer at one precision, as one payload.
+        """Records of many neurons of one layer at one precision, as one payload
+        (at most the server's payload limit: larger batches use StreamNeurons).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamNeurons(self, request, context):
+        """The same records streamed in chunks of at most the server's chunk size:
+        any batch, any layer, no message limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchDense(self, request, context):
-        """Non-FFN tensors (attention, norms, embeddings, head).
+        """Non-FFN tensors (attention, norms, embeddings, head), at most the payload limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamDense(self, request, context):
+        """Dense tensors of any size, streamed in bounded chunks (all when names is empty).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,10 +143,20 @@ def add_NeuronStoreServicer_to_server(servicer, server):
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.NeuronBatchRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.NeuronBatch.SerializeToString,
             ),
+            'StreamNeurons': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamNeurons,
+                    request_deserializer=m2cache_dot_v1_dot_common__pb2.NeuronBatchRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_common__pb2.NeuronBatch.SerializeToString,
+            ),
             'FetchDense': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchDense,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.DenseBatch.SerializeToString,
+            ),
+            'StreamDense': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDense,
+                    request_deserializer=m2cache_dot_v1_dot_common__pb2.DenseRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_common__pb2.TensorChunk.SerializeToString,
             ),
             'FetchFile': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchFile,
@@ -221,6 +257,33 @@ class NeuronStore:
             _registered_method=True)
 
     @staticmethod
+    def StreamNeurons(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/StreamNeurons',
+            m2cache_dot_v1_dot_common__pb2.NeuronBatchRequest.SerializeToString,
+            m2cache_dot_v1_dot_common__pb2.NeuronBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def FetchDense(request,
             target,
             options=(),
@@ -237,6 +300,33 @@ class NeuronStore:
             '/m2cache.v1.NeuronStore/FetchDense',
             m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
             m2cache_dot_v1_dot_common__pb2.DenseBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/StreamDense',
+            m2cache_dot_v1_dot_common__pb2.DenseRequest.SerializeToString,
+            m2cache_dot_v1_dot_common__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,98 @@
+"""Pieces of the worker's data plane: records placed into the caller's buffer
+(dense, or bitmap-decoded), their CRC-32C checked in one pass per batch, and
+the background reporter that tells the DramTier what this worker used.
+
+Shapes: ``out`` is uint8 [m, record_bytes] (dense records, request order);
+``rows`` are positions in it."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from m2cache.codec import bitmap, checksum
+from m2cache.codec.format import Precision, RecordLayout
+from m2cache.errors import ChecksumError
+
+log = logging.getLogger(__name__)
+
+
+def place(out: np.ndarray, rows: np.ndarray, stored: bytes | memoryview, lengths: np.ndarray | None,
+          crcs: np.ndarray, layout: RecordLayout, prec: Precision, ids: np.ndarray, verify: bool) -> float:
+    """Put records as stored (back to back in ``stored``; ``lengths`` for bitmap
+    records, None for dense) into ``out[rows]``; CRC-checked first (one hardware
+    CRC over the batch against the CRC predicted from ``crcs``). Returns the
+    seconds spent decoding bitmap records."""
+    size = layout.num_bytes(prec)
+    flat = np.frombuffer(stored, dtype=np.uint8)
+    n = rows.size
+    if lengths is None and flat.size != n * size or lengths is not None and int(lengths.sum()) != flat.size:
+        raise ChecksumError(f"layer records {prec.name}: {flat.size} bytes for {n} records")
+    if verify and checksum.crc32c(flat) != checksum.concat(crcs, size if lengths is None else lengths):
+        _name_bad(flat, lengths, size, crcs, ids[rows], prec)
+    if lengths is None:
+        out[rows] = flat.reshape(n, size)
+        return 0.0
+    t0 = time.perf_counter()
+    dense = bitmap.decode(torch.from_numpy(flat.copy()), torch.from_numpy(lengths.astype(np.int64)),
+                          bitmap.element_spec(layout, prec))
+    out[rows] = dense.numpy()
+    return time.perf_counter() - t0
+
+
+def _name_bad(flat, lengths, size, crcs, ids, prec) -> None:
+    lens = np.full(ids.size, size, np.int64) if lengths is None else lengths.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    bad = np.flatnonzero(checksum.crc32c_spans(flat, starts, lens) != crcs)
+    nid = int(ids[bad[0]]) if bad.size else int(ids[0])
+    raise ChecksumError(f"record neuron {nid} {prec.name} arrived corrupted (CRC-32C)")
+
+
+class Reporter:
+    """Sends usage reports to the DramTier from a background thread, batching what
+    queued up meanwhile; drops reports while the tier is away (it only steers caching)."""
+
+    def __init__(self, send: Callable[[int, list], None], max_queue: int = 256, backoff_s: float = 1.0):
+        self.send = send
+        self.queue: queue.Queue = queue.Queue(max_queue)
+        self.backoff_s = backoff_s
+        self.sent = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="usage-report", daemon=True)
+        self._thread.start()
+
+    def add(self, current_layer: int, use) -> None:
+        try:
+            self.queue.put_nowait((current_layer, use))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.send(batch[-1][0], [use for _, use in batch])
+                self.sent += len(batch)
+            except Exception as err:  # the tier is away: caching degrades, serving does not
+                self.dropped += len(batch)
+                log.debug("usage report dropped: %s", err)
+                self._stop.wait(self.backoff_s)

@@ -1,0 +1,227 @@
+"""The DRAM tier's data plane (issue 16) and its integrity (issue 18): workers
+read Redis directly (sealed values, one MGET per layer and precision) and
+stream misses from the store; a record edited in Redis with its CRC fixed up is
+refused as DATA_LOSS at the client, with no retries; an unknown model is
+NOT_FOUND at the client; with the DRAM tier gone workers read through to the
+store, and with the store gone too they fail with a typed UNAVAILABLE within a
+bounded time; Redis requires its password; a 7B-shape layer arrives cold."""
+from __future__ import annotations
+
+import struct
+import time
+
+import grpc
+import numpy as np
+import pytest
+import redis
+import torch
+
+from m2cache import errors
+from m2cache.codec.checksum import crc32c
+from m2cache.codec.format import Manifest, Precision
+from m2cache.convert.store_writer import StoreWriter
+from m2cache.dram.dataplane import HEADER_BYTES, TAG_BYTES
+from m2cache.dram.redis_proc import RedisProcess, find_redis_server
+from m2cache.worker.fetcher import TierFetcher
+from m2cache_client import Client, ModelNotFound
+from m2cache_client.errors import M2CacheClientError
+from tiers import DramHandle, StoreHandle, free_port, start_redis, wait_for
+from worker_stack import WorkerHandle, reference_tokens
+
+MODEL = "tinystories-656k"
+PROMPT = [1, 365, 118, 263, 431]
+FULL = Precision.FULL
+
+
+@pytest.fixture
+def tier(store_service, redis_proc):
+    """A DramTier with whole layers pinned (every record of this 2-layer model in Redis)."""
+    dram = DramHandle(store_service.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
+                      preload_precisions="full")
+    yield dram
+    dram.stop()
+
+
+def test_workers_read_redis_directly_and_report_their_use(store_service, redis_proc):
+    dram = DramHandle(store_service.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=1,
+                      preload="used", preload_precisions="full")
+    worker = WorkerHandle(dram.target, MODEL, cache_fraction=0.1, window=1)
+    try:
+        want = reference_tokens(store_service.catalog.get(MODEL), PROMPT, 12)
+        assert worker.generate(PROMPT, 12)[0] == want
+        stats = worker.runtime.fetcher.stats
+        assert stats.store_records > 0  # cold: the misses streamed from the store
+        wait_for(lambda: dram.stats().reports > 0 and not dram.tier._inflight, 10, "the tier to admit the misses")
+        before = stats.redis_records
+        assert worker.generate(PROMPT, 12)[0] == want
+        assert stats.redis_records > before  # the admitted records now come from Redis, straight
+        assert dram.stats().bytes_from_redis == 0  # ... not through the tier's FetchNeurons
+    finally:
+        worker.stop()
+        dram.stop()
+
+
+def test_a_record_forged_in_redis_is_data_loss_at_the_client_without_retries(tier, store_service):
+    tier.wait_idle()
+    key = tier.tier.cache.keys(MODEL, 1, int(FULL), [5])[0]
+    value = bytearray(tier.tier.cache.client.get(key))
+    record = bytearray(value[HEADER_BYTES:])
+    record[7] ^= 0x55  # an edit ...
+    value[TAG_BYTES:HEADER_BYTES] = struct.pack("<I", crc32c(bytes(record)))  # ... with its CRC made to match
+    value[HEADER_BYTES:] = record
+    tier.tier.cache.client.set(key, bytes(value))
+    worker = WorkerHandle(tier.target, MODEL)
+    try:
+        with Client([worker.target], model=MODEL, timeout_s=30) as client:
+            with pytest.raises(M2CacheClientError) as info:
+                client.generate(prompt_token_ids=PROMPT, max_new_tokens=4)
+        assert info.value.code == grpc.StatusCode.DATA_LOSS
+        assert "fails its MAC" in info.value.details and "layer 1" in info.value.details
+        assert worker.runtime.fetcher.stats.retries == 0
+    finally:
+        worker.stop()
+
+
+def test_an_unknown_model_is_not_found_at_the_client(tier, store_service):
+    worker = WorkerHandle(tier.target, MODEL)
+    try:
+        with Client([worker.target], model="no-such-model", timeout_s=30) as client:
+            with pytest.raises(ModelNotFound):
+                client.generate(prompt_token_ids=PROMPT, max_new_tokens=4)
+    finally:
+        worker.stop()
+    fetcher = TierFetcher(tier.channel, "no-such-model", "w")
+    with pytest.raises(errors.NotFound, match="no-such-model"):
+        fetcher.manifest()
+
+
+def test_tier_gone_reads_through_and_store_gone_fails_fast(store_root, redis_proc):
+    store = StoreHandle(store_root)
+    dram = DramHandle(store.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
+                      preload_precisions="full")
+    worker = WorkerHandle(dram.target, MODEL, cache_fraction=0.1, window=1, fetch_deadline_s=30.0,
+                          unavailable_s=1.0)
+    try:
+        want = reference_tokens(store.catalog.get(MODEL), PROMPT, 10)
+        assert worker.generate(PROMPT, 10)[0] == want
+        dram.stop()  # the DRAM tier is gone (its Redis stays): cache loss is survivable
+        assert worker.generate(PROMPT, 10)[0] == want
+        redis_proc.kill()  # Redis gone too: everything from the store
+        assert worker.generate(PROMPT, 10)[0] == want
+        store.stop()  # and the store: a typed error within unavailable_s, never the 30 s deadline
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            worker.generate(PROMPT, 10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 10
+    finally:
+        worker.stop()
+
+
+def test_redis_requires_its_password_and_the_stack_uses_it(store_service, tmp_path):
+    secret = tmp_path / "redis.pass"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    key_file = tmp_path / "mac.key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
+    key_file.chmod(0o600)
+    proc = RedisProcess(find_redis_server(), free_port(), password=b"correct horse battery staple").start()
+    try:
+        with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
+            redis.Redis.from_url(proc.url, socket_timeout=2).set("x", b"1")
+        dram = DramHandle(store_service.target, proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
+                          preload_precisions="full", redis_password_file=str(secret), mac_key_file=str(key_file))
+        try:
+            info = dram.tier_plane()
+            assert info.redis_password == b"" and info.mac_key == b""  # shared by file, never sent
+            assert "horse" not in info.redis_url
+            worker = WorkerHandle(dram.target, MODEL, redis_password_file=str(secret), mac_key_file=str(key_file))
+            try:
+                dram.wait_idle()
+                assert worker.generate(PROMPT, 6)[0] == reference_tokens(store_service.catalog.get(MODEL), PROMPT, 6)
+                assert worker.runtime.fetcher.stats.redis_records > 0
+            finally:
+                worker.stop()
+        finally:
+            dram.stop()
+    finally:
+        proc.stop()
+
+
+def test_pooled_workers_share_one_tier(tier, store_service):
+    import threading
+
+    tier.wait_idle()
+    want = reference_tokens(store_service.catalog.get(MODEL), PROMPT, 16)
+    workers = [WorkerHandle(tier.target, MODEL, worker_id=f"pool-{i}", cache_fraction=0.1) for i in range(3)]
+    got, errs = {}, []
+
+    def run(i):
+        try:
+            got[i] = workers[i].generate(PROMPT, 16)[0]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errs.append(err)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errs and all(got[i] == want for i in range(3))
+        assert all(w.runtime.fetcher.stats.redis_records > 0 for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _seven_b_store(path) -> int:
+    """One layer of Llama-2-7B's FFN shape: 11008 neurons x (3 x 4096) fp16 = 270 MB at FULL."""
+    manifest = Manifest(family="llama", hf_config={}, dtype="float16", num_layers=1, d_model=4096, d_ffn=11008,
+                        ffn_kind="swiglu", int4_group=32, source="synthetic")
+    rb = manifest.layout.num_bytes(FULL)
+    writer = StoreWriter(path, 64 << 20)
+    try:
+        seg = writer.begin_segment(0, FULL)
+        rng = np.random.default_rng(0)
+        block = rng.integers(0, 256, size=(512, rb), dtype=np.uint8)
+        for lo in range(0, 11008, 512):
+            rows = block[: min(512, 11008 - lo)].copy()
+            rows[:, :8] = np.arange(lo, lo + rows.shape[0], dtype=np.int64).reshape(-1, 1).view(np.uint8)
+            writer.add_rows(seg, rows)
+        writer.end_segment(seg)
+        writer.finish(manifest)
+    finally:
+        writer.close()
+    return rb
+
+
+def test_a_7b_shape_layer_arrives_cold_through_the_stack(tmp_path, redis_proc):
+    rb = _seven_b_store(tmp_path / "root" / "seven-b")
+    store = StoreHandle(tmp_path / "root")
+    dram = DramHandle(store.target, redis_proc.url, budget_bytes=0, num_pinned_layers=0, preload="used")
+    fetcher = TierFetcher(dram.channel, "seven-b", "w-7b", deadline_s=120)
+    try:
+        manifest, _ = fetcher.manifest()
+        assert manifest.d_ffn * rb == 11008 * 24576 > 256 << 20  # over the old unary payload limit
+        out = torch.empty((11008, rb), dtype=torch.uint8)
+        got = fetcher.neurons(0, FULL, torch.arange(11008), 0, out=out)
+        assert got is out and fetcher.stats.store_records == 11008 and fetcher.stats.retries == 0
+        stamps = out[:, :8].contiguous().view(torch.int64).reshape(-1)
+        assert torch.equal(stamps, torch.arange(11008))
+        want = np.empty((64, rb), np.uint8)
+        store.catalog.get("seven-b").read_into(0, FULL, np.arange(5000, 5064), want)
+        assert np.array_equal(out[5000:5064].numpy(), want)
+        # through the tier's unary FetchNeurons the layer is over the payload limit: a
+        # deterministic refusal, raised at once as its typed error and never retried
+        proxy = TierFetcher(dram.channel, "seven-b", "w-proxy", deadline_s=60, data_plane=False)
+        proxy.manifest()
+        start = time.monotonic()
+        with pytest.raises(errors.ResourceExhausted, match="payload limit"):
+            proxy.neurons(0, FULL, torch.arange(11008), 0)
+        assert proxy.stats.retries == 0 and time.monotonic() - start < 10
+    finally:
+        fetcher.close()
+        dram.stop()
+        store.stop()
+

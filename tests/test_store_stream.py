@@ -1,0 +1,160 @@
+"""Store format 2's read path: ``read_into`` (sorted fast path straight into the
+caller's buffer, unsorted and duplicate ids, torch buffers), streamed
+``StreamNeurons`` responses in chunks (dense and bitmap stores) equal to the
+unary ones, a synthetic layer larger than 512 MiB through the real gRPC service,
+and corrupt / truncated records named over the wire."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from m2cache.codec.checksum import crc32c
+from m2cache.codec.format import RECORDS_FILE, Manifest, Precision
+from m2cache.convert.store_writer import StoreWriter
+from m2cache.store.reader import NeuronStore
+from m2cache_client.pb import common_pb2
+from tiers import StoreHandle, status_of
+
+FULL = Precision.FULL
+
+
+def _request(model, layer, ids=(), prec=FULL, all_neurons=False):
+    return common_pb2.NeuronBatchRequest(model=model, layer=layer, neuron_ids=list(ids), precision=int(prec),
+                                         all_neurons=all_neurons)
+
+
+def _assemble(stream) -> tuple[bytes, list[int], list[int], list[int]]:
+    payload, crcs, lengths, firsts = bytearray(), [], [], []
+    for msg in stream:
+        firsts.append(msg.first)
+        payload += msg.payload
+        crcs += list(msg.crc32c)
+        lengths += list(msg.record_lengths)
+    return bytes(payload), crcs, lengths, firsts
+
+
+def test_read_into_fills_the_callers_buffer(store_service):
+    store = store_service.catalog.get("tinystories-656k")
+    rb = store.layout.num_bytes(Precision.INT8)
+    layer = store.get_layer(1, Precision.INT8)
+    want = lambda ids: b"".join(layer[i * rb : (i + 1) * rb] for i in ids)  # noqa: E731
+    ids = np.sort(np.random.default_rng(0).choice(store.manifest.d_ffn, 50, replace=False))
+    out = np.full((ids.size, rb), 7, dtype=np.uint8)
+    assert store.read_into(1, Precision.INT8, ids, out) is out and out.tobytes() == want(ids)
+    messy = [9, 3, 3, 200, 0, 9]
+    pinned_like = torch.empty((len(messy), rb), dtype=torch.uint8)
+    assert store.read_into(1, Precision.INT8, messy, pinned_like) is pinned_like
+    assert pinned_like.numpy().tobytes() == want(messy)
+    with pytest.raises(Exception, match="contiguous uint8"):
+        store.read_into(1, Precision.INT8, ids, np.empty((ids.size, rb + 1), np.uint8))
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "stories260k"])
+def test_streamed_records_equal_the_unary_ones_in_small_chunks(store_root, model):
+    handle = StoreHandle(store_root, stream_chunk_bytes=3000)  # a few records per message
+    try:
+        store = handle.catalog.get(model)
+        for prec in Precision:
+            ids = [int(i) for i in np.random.default_rng(int(prec)).choice(store.manifest.d_ffn, 40)]
+            unary = handle.stub.FetchNeurons(_request(model, 1, ids, prec), timeout=30)
+            payload, crcs, _, firsts = _assemble(handle.stub.StreamNeurons(_request(model, 1, ids, prec), timeout=30))
+            assert len(firsts) > 1 and firsts == sorted(firsts) and firsts[0] == 0
+            assert (payload, crcs) == (unary.payload, list(unary.crc32c))
+            assert payload == store.get_neurons(1, ids, prec)
+    finally:
+        handle.stop()
+
+
+def test_streamed_bitmap_records_keep_their_lengths(tmp_path, store_root):
+    from checkpoints import make_tiny_checkpoint
+    from m2cache.convert.prune import PruneSpec
+    from m2cache.convert.writer import convert
+
+    root = tmp_path / "root"
+    convert(make_tiny_checkpoint("opt", tmp_path / "hf"), root / "opt-p40", progress=False, prune=PruneSpec(0.4))
+    handle = StoreHandle(root, stream_chunk_bytes=2000)
+    try:
+        store = handle.catalog.get("opt-p40")
+        got = _assemble(handle.stub.StreamNeurons(_request("opt-p40", 2, all_neurons=True, prec=Precision.INT4),
+                                                  timeout=30))
+        want_payload, want_lengths = store.get_records(2, range(store.manifest.d_ffn), Precision.INT4)
+        assert len(got[3]) > 1 and got[0] == want_payload and got[2] == want_lengths.tolist()
+        assert got[1] == store.crc_table(2, Precision.INT4).tolist()
+    finally:
+        handle.stop()
+
+
+def _big_store(path, num_neurons: int, d_model: int) -> int:
+    """One layer of distinct FULL fp16 SwiGLU records (row i starts with i as int64); returns record bytes."""
+    manifest = Manifest(family="llama", hf_config={}, dtype="float16", num_layers=1, d_model=d_model,
+                        d_ffn=num_neurons, ffn_kind="swiglu", int4_group=32, source="synthetic")
+    rb = manifest.layout.num_bytes(FULL)
+    writer = StoreWriter(path, 64 << 20)
+    try:
+        seg = writer.begin_segment(0, FULL)
+        base = np.random.default_rng(0).integers(0, 256, size=rb, dtype=np.uint8)
+        for lo in range(0, num_neurons, 256):
+            ids = np.arange(lo, min(lo + 256, num_neurons), dtype=np.int64)
+            rows = np.tile(base, (ids.size, 1))
+            rows[:, :8] = ids.reshape(-1, 1).view(np.uint8)
+            writer.add_rows(seg, rows)
+        writer.end_segment(seg)
+        writer.finish(manifest)
+    finally:
+        writer.close()
+    return rb
+
+
+def test_a_layer_over_512_mib_streams_through_the_service(tmp_path):
+    num, d_model = 2800, 32768  # 2800 x 192 KiB = 550 MB > 512 MiB, in one layer at one precision
+    rb = _big_store(tmp_path / "root" / "big", num, d_model)
+    assert num * rb > 512 << 20
+    handle = StoreHandle(tmp_path / "root")
+    try:
+        code, details = status_of(lambda: handle.stub.FetchNeurons(_request("big", 0, all_neurons=True), timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "payload limit" in details
+        total, count, ok = 0, 0, True
+        for msg in handle.stub.StreamNeurons(_request("big", 0, all_neurons=True), timeout=120):
+            assert len(msg.payload) <= handle.config.stream_chunk_bytes + rb
+            rows = np.frombuffer(msg.payload, dtype=np.uint8).reshape(-1, rb)
+            ok &= bool(np.array_equal(rows[:, :8].copy().view(np.int64).ravel(),
+                                      np.arange(msg.first, msg.first + rows.shape[0])))
+            ok &= [crc32c(r) for r in rows[:: max(1, rows.shape[0] - 1)]] == list(msg.crc32c)[:: max(1, rows.shape[0] - 1)]
+            total += len(msg.payload)
+            count += 1
+        assert ok and total == num * rb and count > 100
+    finally:
+        handle.stop()
+
+
+def test_corrupt_and_truncated_records_are_named_over_the_wire(store_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(store_root / "tiny-llama", root / "tiny-llama")
+    reader = NeuronStore(root / "tiny-llama")
+    try:
+        (bad_at,), _ = reader.record_spans(0, Precision.INT8, np.asarray([17]))
+        (cut_at,), _ = reader.record_spans(2, Precision.INT4, np.asarray([50]))
+    finally:
+        reader.close()
+    with open(root / "tiny-llama" / RECORDS_FILE, "r+b") as f:
+        f.seek(int(bad_at) + 5)
+        byte = f.read(1)[0]
+        f.seek(int(bad_at) + 5)
+        f.write(bytes([byte ^ 0x40]))
+    os.truncate(root / "tiny-llama" / RECORDS_FILE, int(cut_at) + 1)
+    handle = StoreHandle(root)
+    try:
+        for call in (handle.stub.FetchNeurons, lambda r, timeout: list(handle.stub.StreamNeurons(r, timeout=timeout))):
+            code, details = status_of(lambda: call(_request("tiny-llama", 0, range(10, 30), Precision.INT8),
+                                                   timeout=30))
+            assert code == grpc.StatusCode.DATA_LOSS and "layer 0 neuron 17 INT8 fails its checksum" in details
+            code, details = status_of(lambda: call(_request("tiny-llama", 2, [3, 50], Precision.INT4), timeout=30))
+            assert code == grpc.StatusCode.DATA_LOSS and "layer 2 neuron 50 INT4 is missing or truncated" in details
+        assert handle.stub.FetchNeurons(_request("tiny-llama", 0, [16, 18], Precision.INT8), timeout=30).payload
+    finally:
+        handle.stop()
