@@ -20,13 +20,11 @@ log = logging.getLogger(__name__)
 
 CERT_NAMES = ("store", "dram", "ranker", "worker", "gateway", "client")
 
-# Data-plane secrets, by the config field that takes the file's path. The DramTier's
-# and workers' flags for these come from the data-plane work (branch ssd-tier):
-# TODO(ssd-tier): confirm these field names once DramConfig/WorkerConfig/StoreConfig
-# have them. A field a service's config does not have is skipped (and reported by
-# ``unused_data_plane_secrets``), so adding the flag there is all that is needed here.
+# Data-plane secrets, by the config field that takes the file's path (DramConfig and
+# WorkerConfig: ``--mac-key-file``, ``--redis-password-file``). A field a service's config
+# does not have is skipped (and reported by ``unused_data_plane_secrets``).
 DATA_PLANE_SECRETS = {
-    "mac_key_file": "mac_key",              # keyed MAC (e.g. BLAKE2b) over every record in Redis / the DramTier
+    "mac_key_file": "mac_key",              # HMAC-SHA256 key sealing every record in Redis (dram/dataplane.py)
     "redis_password_file": "redis_password",  # Redis AUTH password (the stack's Redis gets it via requirepass)
 }
 
