@@ -109,12 +109,12 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 def write_gguf(path: Path, model, arch: str = "llama", qtype: str = "Q8_0", *, name: str = "tiny test model",
                tokenizer: bool = True, skip: tuple[str, ...] = (), extra_tensors: dict | None = None,
-               kv: dict | None = None, seed: int = 0, embed_qtype: str | None = None) -> Path:
+               kv: dict | None = None, seed: int = 0, embed_qtype: str | None = None, encoder=None) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2 model) as a GGUF file.
 
     ``arch``: the GGUF architecture string (Mistral models use "llama", as llama.cpp does);
     ``skip``: GGUF tensor names left out; ``extra_tensors``: GGUF name -> float32 array
-    added; ``kv``: extra string/int metadata (overrides)."""
+    added; ``kv``: extra string/int metadata (overrides); ``encoder``: replaces ``encode``."""
     import gguf
 
     qt = gguf.GGMLQuantizationType[qtype]
@@ -124,6 +124,7 @@ def write_gguf(path: Path, model, arch: str = "llama", qtype: str = "Q8_0", *, n
     head_dim = c.hidden_size // c.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
+    w.add_vocab_size(c.vocab_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -148,7 +149,7 @@ def write_gguf(path: Path, model, arch: str = "llama", qtype: str = "Q8_0", *, n
             arr = llamacpp_permute(arr, c.num_attention_heads)
         elif arch == "llama" and ".k_proj." in hf:
             arr = llamacpp_permute(arr, c.num_key_value_heads)
-        data, raw = encode(arr, eqt if name_ in ("token_embd.weight", "output.weight") else qt, rng)
+        data, raw = (encoder or encode)(arr, eqt if name_ in ("token_embd.weight", "output.weight") else qt, rng)
         w.add_tensor(name_, data, raw_dtype=raw)
     for name_, arr in (extra_tensors or {}).items():
         w.add_tensor(name_, np.asarray(arr, dtype=np.float32))

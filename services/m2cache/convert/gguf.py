@@ -223,7 +223,6 @@ class GGUFCheckpoint(Checkpoint):
         code, self._torch_dtype = OUT_DTYPES[self.dtype]
         reader = _open_reader(self.path)
         self.meta = Metadata(reader, self.path)
-        self._raw = {}
         size = self.path.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
@@ -233,12 +232,11 @@ class GGUFCheckpoint(Checkpoint):
                 raise CheckpointError(f"{self.path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which "
                                       "the gguf package cannot dequantise (supported: F32, F16, BF16, Q4_0, Q4_1, "
                                       "Q5_0, Q5_1, Q8_0 and the K-quants)")
-            self._raw[hf_name(t.name)] = t
-        embed = self._raw.get("model.embed_tokens.weight")
-        if embed is None:
+        by_name = {t.name: t for t in reader.tensors}
+        if "token_embd.weight" not in by_name:
             raise CheckpointError(f"{self.path}: no token_embd.weight tensor")
-        gguf_names = {t.name for t in reader.tensors}
-        self.config = hf_config(self.meta, gguf_names, int(embed.shape[-1]))
+        self.config = hf_config(self.meta, set(by_name), int(by_name["token_embd.weight"].shape[-1]))
+        self._raw = {hf_name(name): t for name, t in by_name.items()}
         self.config["torch_dtype"] = self.dtype
         self.arch = Architecture.from_config(self.config)
         self._permute = self.config["model_type"] in ("llama", "mistral")
