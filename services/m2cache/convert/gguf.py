@@ -87,7 +87,8 @@ def _reader_class():
     return _Reader
 
 
-def _open_reader(path: Path):
+def open_reader(path: Path):
+    """A GGUFReader over ``path``; CheckpointError for a file that is not (or no longer) GGUF."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -221,7 +222,7 @@ class GGUFCheckpoint(Checkpoint):
         self.path = Path(path)
         self.dtype = parse_dtype(dtype)
         code, self._torch_dtype = OUT_DTYPES[self.dtype]
-        reader = _open_reader(self.path)
+        reader = open_reader(self.path)
         self.meta = Metadata(reader, self.path)
         size = self.path.stat().st_size
         for t in reader.tensors:
