@@ -69,6 +69,12 @@ def run_spec(spec: dict, group) -> list[dict]:
 
 def _llamacpp(spec, group) -> list[dict]:
     """Each GGUF of the model (F16, the shipped quantisation) in turn, same prompt and limit."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:  # an optional peer: say so in its row
+        return [{**_label(spec, "llama.cpp", 1.0, None), "policy": f"gguf-{label.lower()}",
+                 "error": "llama-cpp-python is not installed (optional peer; docs/BENCHMARKS.md says how to build it)"}
+                for label in spec["ggufs"]]
     from bench.harness.systems_llamacpp import LlamaCpp
 
     out = []

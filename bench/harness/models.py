@@ -39,10 +39,21 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def synthetic(shape: SynthShape, out_dir: Path) -> BenchModel:
+def synthetic(shape: SynthShape, out_dir: Path, llamacpp: bool = False) -> BenchModel:
+    """The synthetic checkpoint and store; with ``llamacpp`` also its F16 GGUF and llama.cpp's
+    own Q4_1 quantisation of it (when llama-cpp-python is installed)."""
+    import importlib.util
+
     hf = build_checkpoint(shape, out_dir / "models" / shape.name)
     build_store(hf, out_dir / "stores" / shape.name)
-    return BenchModel(shape.name, hf)
+    ggufs = {}
+    if llamacpp and importlib.util.find_spec("llama_cpp") is not None:
+        from bench.harness.gguf_export import f16_from_hf, q4_1_with_llamacpp
+
+        print(f"  GGUF copies of {shape.name} for llama.cpp", flush=True)
+        ggufs["F16"] = f16_from_hf(hf, out_dir / "models" / f"{shape.name}.F16.gguf")
+        ggufs["Q4_1"] = q4_1_with_llamacpp(ggufs["F16"], out_dir / "models" / f"{shape.name}.Q4_1.gguf")
+    return BenchModel(shape.name, hf, ggufs=ggufs)
 
 
 def fidelity(name: str, shared_models: Path, out_dir: Path) -> BenchModel | None:

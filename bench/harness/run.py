@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ("dense-reference", "transformers-dense", "accelerate-offload", "naive-streaming",
            "m2cache-inprocess", "m2cache-stack", "llama.cpp")
+POLICIES = ("full", "mixed", "oracle", "trace-driven")
 WIKITEXT = REPO.parent / "shared" / "corpora" / "wikitext2" / "wiki.test.raw"
 
 
@@ -52,6 +53,7 @@ class BenchConfig:
     trace_chooser: str = "oracle"  # or "predictor" (the store's trained one)
     trace_tokens: int = 256
     llamacpp_threads: int = 2
+    policies: tuple[str, ...] = POLICIES  # m2cache policies run where they apply (see policies_for)
     extra: dict = field(default_factory=dict)
 
 
@@ -101,15 +103,15 @@ def _base_spec(cfg: BenchConfig, model: str, hf_dir: Path | None, prompt: list[i
             "log_dir": str(cfg.out_dir / "logs"), "offload_dir": str(cfg.out_dir / "offload"), "policy": "full"}
 
 
-def policies_for(kind: str, model: BenchModel, trace: Path | None) -> list[str]:
-    """m2cache's policies beyond "full": mixed always; the oracle on real models (in-process);
-    the trace-driven replay on the synthetic model when a trace was recorded."""
-    out = ["mixed"]
+def policies_for(cfg: BenchConfig, kind: str, model: BenchModel, trace: Path | None) -> list[str]:
+    """m2cache's policies (of cfg.policies) that apply: full and mixed always; the oracle on
+    real models (in-process); the trace-driven replay on the synthetic model when a trace was recorded."""
+    out = ["full", "mixed"]
     if model.real and kind == "m2cache-inprocess":
         out.append("oracle")
     if trace is not None and not model.real:
         out.append("trace-driven")
-    return out
+    return [p for p in out if p in cfg.policies]
 
 
 def specs_for(cfg: BenchConfig, model: BenchModel, prompt: list[int], trace: Path | None = None) -> list[dict]:
@@ -124,24 +126,30 @@ def specs_for(cfg: BenchConfig, model: BenchModel, prompt: list[int], trace: Pat
         if kind in ("transformers-dense", "accelerate-offload") and model.hf_dir is None:
             continue
         if kind == "llama.cpp":
-            if model.ggufs:
-                out.append({**base, "kind": kind, "ssd": True, "ggufs": {k: str(v) for k, v in model.ggufs.items()},
-                            "threads": cfg.llamacpp_threads})
+            # GGUF models and the synthetic one (exported); without llama-cpp-python the
+            # synthetic model has no GGUF copies and its rows say the peer is not installed
+            ggufs = {k: str(v) for k, v in model.ggufs.items()} or ({} if model.real else {"F16": "", "Q4_1": ""})
+            if ggufs and not fidelity:
+                out.append({**base, "kind": kind, "ssd": True, "ggufs": ggufs, "threads": cfg.llamacpp_threads})
             continue
         ssd = kind not in ("dense-reference", "transformers-dense")
         spec = {**base, "kind": kind, "ssd": ssd, "fractions": fractions}
         if kind == "accelerate-offload":
             spec["fractions"] = list(cfg.accelerate_fractions)
-        out.append(spec)
-        if kind in ("m2cache-inprocess", "m2cache-stack") and not fidelity:
+        if kind not in ("m2cache-inprocess", "m2cache-stack"):
+            out.append(spec)
+        elif fidelity:
+            out.append(spec)  # 100% FULL only
+        else:
             out += [{**spec, "policy": p, "trace": str(trace) if trace else None}
-                    for p in policies_for(kind, model, trace)]
+                    for p in policies_for(cfg, kind, model, trace)]
     return out
 
 
 def prepare_models(cfg: BenchConfig) -> list[BenchModel]:
     """The main model first (the synthetic one, or --model), then the real tiny ones (fidelity only)."""
-    main = models.checkpoint(cfg.model, cfg.out_dir) if cfg.model else models.synthetic(cfg.shape, cfg.out_dir)
+    main = models.checkpoint(cfg.model, cfg.out_dir) if cfg.model else \
+        models.synthetic(cfg.shape, cfg.out_dir, llamacpp="llama.cpp" in cfg.systems)
     extra = [models.fidelity(name, cfg.shared_models, cfg.out_dir) for name in cfg.fidelity_models]
     return [main] + [m for m in extra if m is not None]
 
@@ -150,7 +158,7 @@ def perplexity(cfg: BenchConfig, model: BenchModel, work: Path) -> list[dict]:
     """Held-out perplexity per policy (real models only), in its own child process."""
     spec = {**_base_spec(cfg, model.name, model.hf_dir, []), "kind": "perplexity", "cgroup": False,
             "text": str(cfg.text), "num_tokens": cfg.ppl_tokens, "context": cfg.ppl_context,
-            "policies": ["full", "int8", "int4", "mixed", "oracle"]}
+            "policies": ["full", "int8", "int4"] + [p for p in ("mixed", "oracle") if p in cfg.policies]}
     return run_child(spec, work, cfg.child_timeout_s)
 
 
