@@ -127,6 +127,12 @@ def test_trace_policy_maps_layers_neurons_and_tokens_proportionally():
     assert odd.wide_ids(torch.tensor([0, 1])).tolist() == [0, 1, 2, 3, 4]
     stats = overlap_stats(_hand_trace(), window=1)
     assert stats["kept_fraction"] == 3 / 8 and stats["reuse_in_window"] == pytest.approx(2 / 6)
+    assert stats["same_band_reuse_in_window"] == pytest.approx(2 / 6)  # FULL 1 repeats; INT4 7, 6, 5 never do
+    moved = _hand_trace()
+    moved.steps[1] = [{int(Precision.FULL): torch.tensor([7], dtype=torch.int32),
+                       int(Precision.INT4): torch.tensor([0, 1], dtype=torch.int32)} for _ in range(2)]
+    stats = overlap_stats(moved, window=1)  # token 1 keeps token 0's neurons, each in the other band
+    assert stats["reuse_in_window"] == pytest.approx(5 / 6) and stats["same_band_reuse_in_window"] == 0
 
 
 def test_record_trace_keeps_every_layers_band_choice(tmp_path, tiny_gguf):

@@ -129,7 +129,9 @@ def trace_lines(doc: dict) -> str:
             f"{t['text']} (band ratios {t['ratios']}, its perplexity under them {t['perplexity']:.3f}), replayed on "
             f"the synthetic model with layers and neuron ids mapped proportionally. In the trace, "
             f"{loc['reuse_in_window']:.1%} of a token's kept neurons were kept by one of the previous "
-            f"{loc['window']} tokens ({loc['kept_fraction']:.0%} of each layer kept).")
+            f"{loc['window']} tokens ({loc['kept_fraction']:.0%} of each layer kept)"
+            + (f", {loc['same_band_reuse_in_window']:.1%} in the same precision band" if
+               "same_band_reuse_in_window" in loc else "") + ".")
 
 
 def plots(doc: dict, model: str, out_dir: Path) -> list[Path]:

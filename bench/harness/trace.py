@@ -146,18 +146,28 @@ class TracePolicy:
 
 
 def overlap_stats(trace: Trace, window: int = 4) -> dict:
-    """Mean fraction of a token's kept neurons (any band) that one of the previous
-    ``window`` tokens also kept, and the kept fraction of the layer: the locality
-    the HBM cache can use."""
-    hits = total = 0
+    """The locality the HBM cache can use, per layer and token averaged over the trace:
+
+    - ``reuse_in_window``: fraction of a token's kept neurons (any band) that one of the
+      previous ``window`` tokens also kept;
+    - ``same_band_reuse_in_window``: the same, counting a neuron only if it was kept in the
+      same precision band (the cache keeps one slot set per precision, so a neuron moving
+      between bands is a miss);
+    - ``kept_fraction``: the fraction of each layer a token keeps."""
+    hits = same = total = 0
     for t in range(window, len(trace.steps)):
         for layer in range(trace.num_layers):
-            now = _kept(trace.steps[t][layer])
-            recent = torch.unique(torch.cat([_kept(trace.steps[t - k][layer]) for k in range(1, window + 1)]))
-            hits += int(torch.isin(now, recent).sum())
-            total += now.numel()
+            now = trace.steps[t][layer]
+            past = [trace.steps[t - k][layer] for k in range(1, window + 1)]
+            recent = torch.unique(torch.cat([_kept(c) for c in past]))
+            hits += int(torch.isin(_kept(now), recent).sum())
+            for p, ids in now.items():
+                band = torch.cat([c[p].long() for c in past if p in c] or [torch.zeros(0, dtype=torch.long)])
+                same += int(torch.isin(ids.long(), band).sum())
+            total += _kept(now).numel()
     kept = sum(_kept(s).numel() for s in trace.steps[0]) / (trace.num_layers * trace.d_ffn)
-    return {"window": window, "reuse_in_window": hits / total if total else math.nan, "kept_fraction": kept}
+    return {"window": window, "reuse_in_window": hits / total if total else math.nan,
+            "same_band_reuse_in_window": same / total if total else math.nan, "kept_fraction": kept}
 
 
 def _kept(choice: dict) -> torch.Tensor:

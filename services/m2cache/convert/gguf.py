@@ -72,6 +72,7 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+@cache
 def _reader_class():
     from gguf import GGUFReader
 
