@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_tiny_checkpoint, real_model_dir
+from smollm2 import convert_smollm2
 from m2cache.convert.writer import convert
 from tiers import DramHandle, StoreHandle, start_redis
 
@@ -27,6 +28,12 @@ def store_root(tmp_path_factory) -> Path:
     for name, source in STORE_SOURCES.items():
         convert(source(tmp), root / name, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted (fp16) once per session: ``<root>/smollm2-135m-instruct``."""
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="session")

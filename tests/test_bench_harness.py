@@ -1,6 +1,7 @@
 """`m2cache bench` end to end on a tiny synthetic model with tiny token counts:
 every system runs in its own process and the JSON has sane fields. No timing
-assertions (the figures are for docs/BENCHMARKS.md, not for CI)."""
+assertions (the figures are for docs/BENCHMARKS.md, not for CI). The optional
+llama.cpp peer is covered by tests/test_bench_real_model.py."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ def test_bench_runs_every_system(tmp_path):
     code = cli.main(["bench", "--out-dir", str(out), "--layers", "2", "--hidden", "64", "--ffn", "128",
                      "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--tokens", "1", "--warmup", "0",
                      "--prompt-len", "4", "--fractions", "1.0", "--accelerate-fractions", "0.5",
-                     "--headroom-mb", "128", "--fidelity-models"])
+                     "--headroom-mb", "128", "--fidelity-models", "--systems", *sorted(SYSTEMS)])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     results = doc["results"]

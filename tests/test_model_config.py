@@ -43,10 +43,10 @@ def test_kv_cache_slots_are_allocated_freed_and_reused():
     a, b = cache.allocate(), cache.allocate()
     with pytest.raises(ResourceExhausted):
         cache.allocate()
-    cache.advance(torch.tensor([a]), 3)
+    cache.advance([a], 3)
     with pytest.raises(ResourceExhausted):
-        cache.positions(torch.tensor([a, b]), 2)  # row a would reach length 5 > 4
-    assert cache.positions(torch.tensor([a, b]), 1).tolist() == [[3], [0]]
+        cache.step([a, b], 2, None)  # row a would reach length 5 > 4
+    assert cache.step([a, b], 1, None).positions.tolist() == [[3], [0]]
     cache.free(a)
     with pytest.raises(InvalidArgument):
         cache.free(a)

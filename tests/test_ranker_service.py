@@ -56,13 +56,18 @@ def eval_inputs(root):
 
 
 @pytest.fixture(scope="module")
-def stub(root):
+def channel(root):
     server, port, _ = create_server(RankerConfig(root=root, address="127.0.0.1:0"))
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield ranker_pb2_grpc.RankerStub(channel)
+    yield channel
     channel.close()
     server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return ranker_pb2_grpc.RankerStub(channel)
 
 
 def test_predictor_beats_random_on_held_out_text(root, eval_inputs):
@@ -203,10 +208,11 @@ def test_train_predictor_streams_progress_and_ends_with_a_version(root, stub):
     assert list(resp.tensors[0].shape) == [64, 8] and resp.tensors[0].dtype == "float16"
 
 
-def test_worker_pulls_the_predictor_it_is_served(root, stub):
+def test_worker_pulls_the_predictor_it_is_served(root, channel):
     """worker/choosers.pull_predictor rebuilds the stored kind from the named tensors."""
+    from m2cache import grpc_util
     from m2cache.worker.choosers import pull_predictor
-    pulled = pull_predictor(stub, "trained", TIMEOUT)
+    pulled = pull_predictor(grpc_util.Rpc(channel, ranker_pb2_grpc.RankerStub, "Ranker"), "trained", TIMEOUT)
     stored = storage.load_predictor(root / "trained")
     assert pulled.version == stored.version and pulled.kinds == stored.kinds
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))

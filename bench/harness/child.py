@@ -72,7 +72,7 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
         system = build()
         pids = io_pids(system) if io_pids else [os.getpid()]
         reset_peak_rss()
-        files = [Path(spec["store_root"]) / spec["model"] / "data.mdb"]
+        files = [Path(spec["store_root"]) / spec["model"] / "data.mdb", *map(Path, spec.get("cache_files", []))]
         result["page_cache"] = honest.drop_caches(files)
         if group is not None and spec.get("ssd"):
             result["cgroup_limit_bytes"] = honest.cap_page_cache(group, pids[0], spec["headroom_bytes"])

@@ -1,5 +1,7 @@
 """What each child runs: ``run_spec(spec, group)`` builds every configuration
-of one system kind (budgets x policy) and measures each with child.run_config."""
+of one system kind (budgets x policy) and measures each with child.run_config;
+two kinds are not systems but measurements in their own process: "perplexity"
+(bench/harness/quality.py) and "record-trace" (bench/harness/trace.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +10,7 @@ from m2cache.codec.format import Precision
 from m2cache.predictors.bands import BandRatios
 
 from bench.harness.child import run_config
-from bench.harness.policy import load_mixed_policy
+from bench.harness.policy import load_policy
 
 
 def _paths(spec: dict) -> tuple[Path, Path]:
@@ -26,9 +28,9 @@ def _manifest(store_path: Path):
 
 
 def _mixed(spec: dict, store_path: Path):
-    if spec["policy"] != "mixed":
-        return None
-    return load_mixed_policy(store_path, _manifest(store_path), BandRatios(*spec["ratios"]))
+    """The policy object of spec["policy"] (None for "full"): mixed, oracle or trace-driven."""
+    return load_policy(spec["policy"], store_path, _manifest(store_path), BandRatios(*spec["ratios"]),
+                       spec.get("trace"))
 
 
 def _label(spec: dict, system: str, fraction, mixed) -> dict:
@@ -54,7 +56,51 @@ def run_spec(spec: dict, group) -> list[dict]:
         return _inprocess(spec, store_path, group)
     if kind == "m2cache-stack":
         return _stack(spec, store_path, group)
+    if kind == "llama.cpp":
+        return _llamacpp(spec, group)
+    if kind == "perplexity":
+        from bench.harness.quality import perplexities
+        return perplexities(store_path, Path(spec["text"]), spec["num_tokens"], spec["context"],
+                            BandRatios(*spec["ratios"]), tuple(spec["policies"]))
+    if kind == "record-trace":
+        return [_record_trace(spec, store_path)]
     raise ValueError(f"unknown system kind {kind!r}")
+
+
+def _llamacpp(spec, group) -> list[dict]:
+    """Each GGUF of the model (F16, the shipped quantisation) in turn, same prompt and limit."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:  # an optional peer: say so in its row
+        return [{**_label(spec, "llama.cpp", 1.0, None), "policy": f"gguf-{label.lower()}",
+                 "error": "llama-cpp-python is not installed (optional peer; docs/BENCHMARKS.md says how to build it)"}
+                for label in spec["ggufs"]]
+    from bench.harness.systems_llamacpp import LlamaCpp
+
+    out = []
+    n_ctx = len(spec["prompt_ids"]) + 1 + spec["warmup"] + spec["tokens"] + 8
+    for label, path in spec["ggufs"].items():
+        build = lambda path=path: LlamaCpp(Path(path), spec["threads"], n_ctx, spec.get("stop_at_eos", True))
+        label_ = {**_label(spec, "llama.cpp", 1.0, None), "policy": f"gguf-{label.lower()}"}
+        out.append(run_config({**spec, "cache_files": [path]}, label_, build, group))
+    return out
+
+
+def _record_trace(spec, store_path) -> dict:
+    from m2cache.local.loader import load_tokenizer
+    from m2cache.store.reader import NeuronStore
+
+    from bench.harness.quality import text_ids
+    from bench.harness.trace import overlap_stats, record
+
+    store = NeuronStore(store_path)
+    try:
+        ids = text_ids(load_tokenizer(store), Path(spec["text"]), spec["num_tokens"])
+    finally:
+        store.close()
+    trace = record(store_path, ids, spec["chooser"], BandRatios(*spec["ratios"]), Path(spec["text"]).name)
+    trace.save(Path(spec["trace_out"]))
+    return {**trace.meta(), "path": spec["trace_out"], "locality": overlap_stats(trace, spec["window"])}
 
 
 def _accelerate(spec, hf_dir, store_path, group) -> list[dict]:

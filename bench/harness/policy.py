@@ -1,7 +1,13 @@
-"""The mixed-precision policy the benchmark runs m2cache with: the store's
-trained predictor and policy when the ranker has written them, else a fixed
-random low-rank predictor (deterministic, input-dependent, untrained) and the
-flag's band ratios. ``describe`` says which, for the report."""
+"""The precision policies the benchmark runs m2cache with (each object has
+``choose()``, ``ratios`` and ``source``, the label the report prints):
+
+- "mixed": the store's trained predictor and policy when the ranker has written
+  them, else a fixed random low-rank predictor (deterministic, input-dependent,
+  untrained) and the flag's band ratios;
+- "oracle": bands by the true activation magnitudes (every FULL neuron decoded
+  and resident to compute them): an upper bound for any predictor's choices,
+  hit rate and bytes, not a deployable system (its tok/s includes the oracle);
+- "trace-driven": a real model's recorded choices replayed (bench/harness/trace.py)."""
 from __future__ import annotations
 
 import logging
@@ -54,3 +60,45 @@ def load_mixed_policy(store_path: Path, manifest: Manifest, ratios: BandRatios) 
     except Exception as err:  # no predictor yet (or the ranker's storage API moved): say so
         log.info("no trained predictor in %s (%s): using a random one", store_path, err)
         return MixedPolicy(random_predictor(manifest), ratios, "random rank-16 predictor (none trained in the store)")
+
+
+@dataclass
+class OraclePolicy:
+    bank: object
+    ffn_kind: str
+    ratios: BandRatios
+    source: str = "oracle (true activation magnitudes; an upper bound, not a system)"
+    store: object = None  # kept open: the bank decodes from it
+
+    def choose(self):
+        from m2cache.predictors.ranking import oracle_choose
+
+        return oracle_choose(self.bank, self.ffn_kind, self.ratios)
+
+
+def load_oracle_policy(store_path: Path, ratios: BandRatios) -> OraclePolicy:
+    """Every layer's FULL neurons decoded now (before any timing), kept for the run."""
+    from m2cache.codec.format import Precision
+    from m2cache.model.providers import WeightBank
+    from m2cache.store.reader import NeuronStore
+
+    store = NeuronStore(store_path)
+    bank = WeightBank.from_store(store)
+    for layer in range(store.manifest.num_layers):
+        bank.vectors(layer, Precision.FULL)
+    return OraclePolicy(bank, store.manifest.ffn_kind, ratios, store=store)
+
+
+def load_policy(name: str, store_path: Path, manifest: Manifest, ratios: BandRatios, trace_path: str | None = None):
+    """The policy object for ``name`` (None for "full": every neuron at FULL)."""
+    if name == "full":
+        return None
+    if name == "mixed":
+        return load_mixed_policy(store_path, manifest, ratios)
+    if name == "oracle":
+        return load_oracle_policy(store_path, ratios)
+    if name == "trace-driven":
+        from bench.harness.trace import Trace, TracePolicy
+
+        return TracePolicy(Trace.load(Path(trace_path)), manifest.num_layers, manifest.d_ffn)
+    raise ValueError(f"unknown policy {name!r}")

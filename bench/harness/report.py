@@ -1,5 +1,6 @@
 """Human-readable output of one run: the markdown table (docs/BENCHMARKS.md),
-the target lines, and two PNG plots (tokens/s vs budget; bytes per token per tier)."""
+the perplexity table and trace line (real models / trace-driven mode), the
+target lines, and two PNG plots (tokens/s vs budget; bytes per token per tier)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,8 @@ def _budget(r: dict) -> str:
         return "100% (resident)"
     if r["system"] == "naive-streaming":
         return "0% (none)"
+    if r["system"] == "llama.cpp":
+        return "100% (mmap'd GGUF)"
     return f"{100 * r['fraction']:.0f}%"
 
 
@@ -58,16 +61,77 @@ def bandwidth_lines(doc: dict) -> str:
     ])
 
 
+def quant_note(weights: str) -> str:
+    """Next to every fidelity figure: a GGUF source's weights already are low-bit values."""
+    if weights.startswith(("Q4", "IQ4", "Q3", "Q2", "IQ3", "IQ2")):
+        return (f"its weights are dequantised {weights} values (about 4 bits or fewer), so INT4 is nearly free on "
+                "it: INT4 and mixed-precision fidelity look better here than on a model with full-precision weights")
+    if weights.startswith(("Q8", "Q6", "Q5")):
+        return f"its weights are dequantised {weights} values, so INT8 is nearly free on it"
+    return ""
+
+
 def target_lines(doc: dict) -> str:
     lines = []
     for t in doc["targets"]:
-        verdict = "met" if t["met"] else f"MISSED by {t['goal'] / t['value']:.1f}x" if t["value"] > 0 else "MISSED"
-        lines.append(f"- [{t['policy']}] {t['target']} at 25%: {t['value']:.3g} (target >= {t['goal']:g}): {verdict}")
+        op = ">=" if t.get("at_least", True) else "<="
+        if t["met"]:
+            verdict = "met"
+        elif t.get("at_least", True):
+            verdict = f"MISSED by {t['goal'] / t['value']:.1f}x" if t["value"] > 0 else "MISSED"
+        else:
+            verdict = f"MISSED by {t['value'] / t['goal']:.1f}x"
+        lines.append(f"- [{t['policy']}] {t['target']} at 25%: {t['value']:.3g} (target {op} {t['goal']:g}): {verdict}")
+    note = quant_note(doc.get("main_model_weights") or "")
     for f in doc["fidelity"]:
-        lines.append(f"- fidelity {f['model']} {f['system']} (100% FULL): "
+        lines.append(f"- fidelity {f['model']} {f['system']} ({f.get('policy', 'full')}, 100%): "
                      + ("tokens identical to the dense reference" if f["identical"]
-                        else f"differs from the dense reference at token {f['first_mismatch']}"))
+                        else f"differs from the dense reference at token {f['first_mismatch']}")
+                     + (f" ({note})" if note and f["model"] == doc.get("main_model") else ""))
     return "\n".join(lines)
+
+
+def perplexity_table(doc: dict) -> str:
+    rows = doc.get("perplexity") or []
+    if not rows:
+        return ""
+    note = quant_note(doc.get("main_model_weights") or "")
+    out = [f"Held-out perplexity of {doc['main_model']} per policy (same at every budget: caches never change "
+           f"results){'; ' + note if note else ''}:", "",
+           "| policy | neurons kept | perplexity | tokens (context) | chosen by |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('policy', '?')} | - | failed: {r['error'][:80]} | - | - |")
+            continue
+        out.append(f"| {r['policy']} | {r['kept_fraction']:.0%} | {r['perplexity']:.3f} | "
+                   f"{r['tokens']} ({r['context']}) | {r['chooser']} |")
+    return "\n".join(out)
+
+
+def policy_lines(doc: dict, model: str) -> str:
+    """Who chose the neurons in each m2cache policy of the table."""
+    seen = {}
+    for r in doc["results"]:
+        if r["model"] == model and r.get("predictor") and r.get("policy") not in seen:
+            seen[r["policy"]] = r["predictor"]
+    return "Policies: full = every neuron at FULL precision" + "".join(
+        f"; {p} = {src}" for p, src in seen.items()) + "."
+
+
+def trace_lines(doc: dict) -> str:
+    t = doc.get("trace")
+    if not t:
+        return ""
+    if "error" in t:
+        return f"Trace-driven mode: recording failed: {t['error']}"
+    loc = t["locality"]
+    return (f"Trace-driven policy: {t['chooser']} choices of {t['source']} recorded on {t['tokens']} tokens of "
+            f"{t['text']} (band ratios {t['ratios']}, its perplexity under them {t['perplexity']:.3f}), replayed on "
+            f"the synthetic model with layers and neuron ids mapped proportionally. In the trace, "
+            f"{loc['reuse_in_window']:.1%} of a token's kept neurons were kept by one of the previous "
+            f"{loc['window']} tokens ({loc['kept_fraction']:.0%} of each layer kept)"
+            + (f", {loc['same_band_reuse_in_window']:.1%} in the same precision band" if
+               "same_band_reuse_in_window" in loc else "") + ".")
 
 
 def plots(doc: dict, model: str, out_dir: Path) -> list[Path]:
@@ -80,13 +144,14 @@ def plots(doc: dict, model: str, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
     series: dict[str, list] = {}
     for r in rs:
-        name = r["system"] + ("" if r["policy"] == "full" else " (mixed)")
+        name = r["system"] + ("" if r["policy"] == "full" else f" ({r['policy']})")
         series.setdefault(name, []).append((100 * (r.get("fraction") or 0), r["decode_tok_s"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         xs, ys = zip(*pts)
-        if len(pts) == 1 and name.startswith(("dense", "transformers")):
-            ax.axhline(ys[0], ls="--", lw=1, label=f"{name} (resident)", color="gray" if name.startswith("dense") else "black")
+        if len(pts) == 1 and name.startswith(("dense", "transformers", "llama.cpp")):
+            ax.axhline(ys[0], ls="--" if not name.startswith("llama") else ":", lw=1, label=f"{name} (resident)",
+                       color={"d": "gray", "t": "black", "l": "tab:purple"}[name[0]])
         else:
             ax.plot(xs, ys, marker="o", label=name)
     ax.set_yscale("log")
@@ -103,8 +168,9 @@ def plots(doc: dict, model: str, out_dir: Path) -> list[Path]:
 
 
 def _bytes_plot(rs: list[dict], model: str, out_dir: Path, plt) -> Path:
-    labels = [f"{r['system'].replace('m2cache-', 'm2c-')}{'' if r['policy'] == 'full' else '+mx'} {_budget(r).split()[0]}"
-              for r in rs]
+    short = {"full": "", "mixed": "+mx", "oracle": "+oracle", "trace-driven": "+trace"}
+    labels = [f"{r['system'].replace('m2cache-', 'm2c-')}{short.get(r['policy'], ' ' + r['policy'])} "
+              f"{_budget(r).split()[0]}" for r in rs]
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     bottom = [0.0] * len(rs)
     for tier, color in (("hbm", "tab:green"), ("dram", "tab:orange"), ("ssd", "tab:red")):
@@ -123,10 +189,14 @@ def _bytes_plot(rs: list[dict], model: str, out_dir: Path, plt) -> Path:
 
 
 def markdown(doc: dict) -> str:
-    model = doc["results"][0]["model"] if doc["results"] else ""
+    model = doc.get("main_model") or (doc["results"][0]["model"] if doc["results"] else "")
     others = sorted({r["model"] for r in doc["results"]} - {model})
-    parts = [table(doc, model), "", "Tier bandwidths measured in the same run:", bandwidth_lines(doc), "",
-             "Targets and fidelity:", target_lines(doc)]
+    parts = [table(doc, model), "", policy_lines(doc, model), ""]
+    for extra in (trace_lines(doc), perplexity_table(doc)):
+        if extra:
+            parts += [extra, ""]
+    parts += ["Tier bandwidths measured in the same run:", bandwidth_lines(doc), "",
+              "Targets and fidelity:", target_lines(doc)]
     for name in others:
         parts += ["", f"Fidelity model {name}:", "", table(doc, name)]
     la = doc["load_avg"]
@@ -137,6 +207,6 @@ def markdown(doc: dict) -> str:
 def write_all(doc: dict, out_dir: Path) -> None:
     text = markdown(doc)
     (out_dir / "results.md").write_text(text + "\n")
-    model = doc["results"][0]["model"] if doc["results"] else ""
+    model = doc.get("main_model") or (doc["results"][0]["model"] if doc["results"] else "")
     doc["plots"] = [str(p) for p in plots(doc, model, out_dir)] if model else []
     print(text)

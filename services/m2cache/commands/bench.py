@@ -1,8 +1,12 @@
 """``m2cache bench``: this system against the peers a user would pick instead
-(dense, Accelerate offload, naive layer streaming), m2cache in-process and
-through the full service stack, on one model and one prompt, with honest
-tiers. The harness lives in the checkout's ``bench/harness`` (imported lazily:
-matplotlib, accelerate and the benchmark code load only for this command)."""
+(dense, transformers, Accelerate offload, naive layer streaming, llama.cpp on
+GGUF models), m2cache in-process and through the full service stack, on one
+model and one prompt, with honest tiers. The model is the synthetic wide one
+by default, or any checkpoint (``--model DIR_OR_GGUF``: adds held-out
+perplexity per policy and the oracle policy); ``--trace-from`` replays a real
+model's neuron choices on the synthetic one ("trace-driven"). The harness lives
+in the checkout's ``bench/harness`` (imported lazily: matplotlib, accelerate,
+llama-cpp-python and the benchmark code load only for this command)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +16,7 @@ from pathlib import Path
 from m2cache.errors import FailedPrecondition
 
 SYSTEMS = ("dense-reference", "transformers-dense", "accelerate-offload", "naive-streaming",
-           "m2cache-inprocess", "m2cache-stack")
+           "m2cache-inprocess", "m2cache-stack", "llama.cpp")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +38,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="memory above a process's anonymous memory under the cgroup limit (default 512)")
     p.add_argument("--dram-fraction", type=float, default=0.5,
                    help="DramTier budget as a fraction of the preloaded precisions' FFN bytes (default 0.5)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run (default all)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                   help="systems to run (default all; llama.cpp runs on GGUF models only)")
+    p.add_argument("--model", type=Path, default=None, metavar="DIR_OR_GGUF",
+                   help="benchmark this checkpoint (HF directory or .gguf) instead of the synthetic model")
+    p.add_argument("--text", type=Path, default=None,
+                   help="held-out text for perplexity and traces (default ../shared/corpora/wikitext2/wiki.test.raw)")
+    p.add_argument("--ppl-tokens", type=int, default=256, help="tokens scored per policy (default 256)")
+    p.add_argument("--ppl-context", type=int, default=128, help="perplexity context length (default 128)")
+    p.add_argument("--trace-from", type=Path, default=None, metavar="DIR_OR_GGUF",
+                   help="record this real model's neuron choices on --text and replay them on the synthetic model "
+                        "(policy 'trace-driven')")
+    p.add_argument("--trace-chooser", choices=("oracle", "predictor"), default="oracle",
+                   help="whose choices the trace records (default oracle; predictor needs one trained in its store)")
+    p.add_argument("--trace-tokens", type=int, default=256, help="tokens recorded (default 256)")
+    p.add_argument("--policies", nargs="+", choices=("full", "mixed", "oracle", "trace-driven"),
+                   default=["full", "mixed", "oracle", "trace-driven"],
+                   help="m2cache policies, each where it applies (oracle: real models; trace-driven: with "
+                        "--trace-from) (default all)")
+    p.add_argument("--llamacpp-threads", type=int, default=2, help="llama.cpp threads (default 2)")
     p.add_argument("--layers", type=int, default=16, help="synthetic model layers (default 16)")
     p.add_argument("--hidden", type=int, default=2048, help="synthetic model hidden size (default 2048)")
     p.add_argument("--ffn", type=int, default=5632, help="synthetic model FFN width (default 5632)")
@@ -67,9 +89,12 @@ def build_config(args: argparse.Namespace):
                   fractions=tuple(args.fractions), accelerate_fractions=tuple(args.accelerate_fractions),
                   ratios=tuple(args.ratios), window=args.window, headroom_mb=args.headroom_mb,
                   dram_fraction=args.dram_fraction, systems=tuple(args.systems),
-                  fidelity_models=tuple(args.fidelity_models))
-    if args.out_dir is not None:
-        kwargs["out_dir"] = args.out_dir.resolve()
+                  fidelity_models=tuple(args.fidelity_models), ppl_tokens=args.ppl_tokens,
+                  ppl_context=args.ppl_context, trace_chooser=args.trace_chooser, trace_tokens=args.trace_tokens,
+                  llamacpp_threads=args.llamacpp_threads, policies=tuple(args.policies))
+    for name in ("out_dir", "model", "text", "trace_from"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name).resolve()
     return run, run.BenchConfig(**kwargs)
 
 
@@ -77,6 +102,10 @@ def main(args: argparse.Namespace) -> int:
     """Run every system, write results.json / results.md / plots under --out-dir."""
     if args.tokens < 1 or args.warmup < 0 or args.prompt_len < 1:
         raise FailedPrecondition("--tokens and --prompt-len must be >= 1, --warmup >= 0")
+    for name in ("model", "trace_from", "text"):
+        path = getattr(args, name)
+        if path is not None and not path.exists():
+            raise FailedPrecondition(f"--{name.replace('_', '-')} {path}: no such file or directory")
     run, config = build_config(args)
     doc = run.run(config)
     if args.docs:

@@ -51,7 +51,7 @@ def calibration_ids(ckpt: Checkpoint, text: str | Path, max_tokens: int) -> list
     import transformers  # heavy; only needed here
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir), local_files_only=True)
     except Exception as err:  # transformers raises many types for a missing tokenizer
         raise InvalidArgument(f"wanda calibration needs the checkpoint's tokenizer in {ckpt.path}: {err}") from err
     ids = tokenizer(Path(text).read_text()).input_ids[:max_tokens]

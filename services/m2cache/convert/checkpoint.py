@@ -1,4 +1,5 @@
-"""Read side of a Hugging Face checkpoint directory, for the converter.
+"""Read side of a Hugging Face checkpoint directory, for the converter
+(``open_checkpoint`` also opens GGUF files: convert/gguf.py).
 
 Opening a :class:`Checkpoint` reads ``config.json``, detects the model family and
 reads every safetensors header (single file or sharded via
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from m2cache.errors import CheckpointError, UnsupportedArchitecture
+from m2cache.errors import CheckpointError, InvalidArgument, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +236,20 @@ class Checkpoint:
     def aux_files(self) -> list[Path]:
         """Tokenizer and config files present in the directory."""
         return [self.path / n for n in AUX_FILES if (self.path / n).is_file()]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Directory transformers can load the checkpoint's tokenizer from."""
+        return self.path
+
+
+def open_checkpoint(source: str | os.PathLike, dtype: str | None = None, progress: bool = False) -> Checkpoint:
+    """A Hugging Face checkpoint directory, or a GGUF file (dequantised to ``dtype``, default float16)."""
+    path = Path(source)
+    if path.is_file():
+        from m2cache.convert.gguf import GGUFCheckpoint  # gguf and numpy dequantisation load only here
+
+        return GGUFCheckpoint(path, dtype, progress)
+    if dtype is not None:
+        raise InvalidArgument("--dtype applies to GGUF files; a Hugging Face checkpoint keeps its own dtype")
+    return Checkpoint(path)

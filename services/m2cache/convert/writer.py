@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from m2cache.codec import bitmap
-from m2cache.convert.checkpoint import Checkpoint
+from m2cache.convert.checkpoint import Checkpoint, open_checkpoint
 from m2cache.codec.format import CODECS, DTYPES, Manifest, Precision, RecordLayout, crc32, int4_group_size
 from m2cache.convert.prune import PruneSpec, prune_vectors
 from m2cache.convert.store_writer import Segment, StoreWriter
@@ -42,14 +42,15 @@ _PAGE = 4096
 
 def convert(hf_dir: str | os.PathLike, store_dir: str | os.PathLike, *, force: bool = False,
             progress: bool = True, chunk_neurons: int = DEFAULT_CHUNK_NEURONS, prune: PruneSpec | None = None,
-            codec: str | None = None) -> Manifest:
-    """Convert the checkpoint at ``hf_dir`` into a new store at ``store_dir``.
+            codec: str | None = None, dtype: str | None = None) -> Manifest:
+    """Convert the checkpoint at ``hf_dir`` (an HF directory or a GGUF file) into a new store at ``store_dir``.
 
     Raises CheckpointError / UnsupportedArchitecture for bad input (before
     anything is written) and FailedPrecondition if ``store_dir`` exists and
     ``force`` is false. With ``force`` an existing store is replaced only once
     the new one is complete. ``prune`` prunes the FFN neurons; ``codec`` is
-    "dense" or "bitmap" (default: bitmap when pruning, else dense).
+    "dense" or "bitmap" (default: bitmap when pruning, else dense). ``dtype``
+    (GGUF only): float16 (default), bfloat16 or float32.
     """
     if chunk_neurons < 1:
         raise InvalidArgument(f"chunk_neurons must be >= 1, got {chunk_neurons}")
@@ -57,7 +58,7 @@ def convert(hf_dir: str | os.PathLike, store_dir: str | os.PathLike, *, force: b
     if codec not in CODECS:
         raise InvalidArgument(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     start = time.monotonic()
-    ckpt = Checkpoint(hf_dir)
+    ckpt = open_checkpoint(hf_dir, dtype, progress)
     target = Path(store_dir)
     if target.exists() and not force:
         raise FailedPrecondition(f"{target} already exists; use --force (force=True) to replace it")

@@ -68,6 +68,11 @@ def redis_keys(prefix: bytes, model: str, layer: int, prec: int, neuron_ids: Seq
     return [base + neuron_key(layer, prec, nid) for nid in neuron_ids]
 
 
+class BadSeal(ChecksumError):
+    """A Redis value whose tag does not match under this key (edited, forged, or sealed
+    under a key the DRAM tier has since replaced)."""
+
+
 class RecordSeal:
     """Seals records for Redis and opens sealed values, with one deployment key."""
 
@@ -93,7 +98,7 @@ class RecordSeal:
         view = memoryview(value)
         if len(view) <= HEADER_BYTES or not hmac.compare_digest(
                 view[:TAG_BYTES], self._tag(rkey, view[TAG_BYTES:HEADER_BYTES], view[HEADER_BYTES:])):
-            raise ChecksumError(f"Redis value {rkey!r} fails its MAC: refused (edited or forged)")
+            raise BadSeal(f"Redis value {rkey!r} fails its MAC: refused (edited or forged)")
         return view[HEADER_BYTES:], struct.unpack_from("<I", view, TAG_BYTES)[0]
 
 

@@ -49,8 +49,8 @@ def child_specs(c: StackConfig, log_dir: Path, secrets: Secrets | None) -> list[
         if secrets:
             sec = secrets.service_security(service)
             argv += config_argv(sec, [f for f in sec.__dataclass_fields__ if getattr(sec, f)])
-            for name, path in secrets.data_plane_args(SERVICE_CONFIGS[service]).items():
-                argv += ["--" + name.replace("_", "-"), path]
+            for field, path in secrets.data_plane_args(SERVICE_CONFIGS[service]).items():
+                argv += ["--" + field.replace("_", "-"), path]
         cmd = (sys.executable, "-m", "m2cache.cli", "--log-level", c.log_level, "serve", service, *argv)
         if service == "gateway":
             ready = gateway_ready(f"{'https' if secrets else 'http'}://{config.address}", client)

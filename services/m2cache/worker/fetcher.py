@@ -203,7 +203,13 @@ class TierFetcher:
                 self._redis_away(err)
                 values = []
             if values:
-                missing &= self._place_hits(keys, values, layer, prec, ids, out)
+                try:
+                    missing &= self._place_hits(keys, values, layer, prec, ids, out)
+                except dataplane.BadSeal:
+                    if not self._key_rotated():
+                        raise
+                    # a restarted tier (new key, Redis emptied by it): these values are stale, and
+                    # the store has every record; the next batches read Redis under the new key
         miss_rows = np.flatnonzero(missing)
         if miss_rows.size:
             self._from_store(layer, prec, ids, miss_rows, out)
@@ -212,12 +218,29 @@ class TierFetcher:
                                                                used_ids=ids.tolist(),
                                                                missed_ids=ids[miss_rows].tolist()))
 
+    def _key_rotated(self) -> bool:
+        """Ask the tier for the data plane again after a value failed its MAC: True when the
+        sealing key changed (a DRAM tier restarted without a key file), so the failure was
+        staleness, not forgery. A key from --mac-key-file never rotates."""
+        if self.mac_key_file or self._plane_info is None:
+            return False
+        try:
+            info = self.rpc.unary("DataPlane", dram_pb2.DataPlaneRequest(model=self.model, caller_id=self.caller_id))
+        except M2CacheError:
+            return False
+        if info.mac_key == self._plane_info.mac_key:
+            return False
+        log.warning("the DRAM tier's record key changed (tier restarted): re-reading under the new key")
+        self._plane_info = info
+        self._open_redis(info)
+        return True
+
     def _place_hits(self, keys, values, layer, prec, ids, out) -> np.ndarray:
         """Open (MAC), check (CRC) and place Redis hits; returns the still-missing mask."""
         try:
             rows, records, crcs = dataplane.open_batch(self.seal, keys, values)
         except ChecksumError as err:
-            raise ChecksumError(f"model {self.model} layer {layer} {prec.name}: {err}") from None
+            raise type(err)(f"model {self.model} layer {layer} {prec.name}: {err}") from None
         still = np.ones(ids.size, dtype=bool)
         if rows.size:
             lengths = None if self._manifest.codec == "dense" else np.asarray([len(r) for r in records], np.int64)

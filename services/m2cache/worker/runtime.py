@@ -97,9 +97,13 @@ class WorkerRuntime:
 
     # ---- stats -----------------------------------------------------------------------
     def snapshot(self) -> tuple[int, int, int, int]:
+        """(HBM hits, misses, bytes hit, bytes fetched) so far, in neurons and bytes; the
+        dense path holds every neuron: each step hits all of them."""
+        if isinstance(self.provider, DenseProvider):
+            steps, m = self.provider.steps, self.manifest
+            return steps * m.num_layers * m.d_ffn, 0, steps * self.provider.num_bytes, 0
         c = self.cache.stats
-        fetched = self.provider.stats.bytes_fetched if isinstance(self.provider, CachedProvider) else 0
-        return c.hits, c.misses, c.bytes_hit, fetched
+        return c.hits, c.misses, c.bytes_hit, self.provider.stats.bytes_fetched
 
     def stats_for(self, seq: Sequence, before: tuple[int, int, int, int]) -> worker_pb2.GenerationStats:
         """Stats over the sequence's lifetime (tier bytes are the worker's, shared by a batch)."""
