@@ -28,6 +28,7 @@ class StackConfig:
     base_port: int = 50060  # store +1, dram +2, ranker +3, redis +9, workers +10.., gateway +80
     gateway: bool = True
     dram_budget_bytes: int = 1 << 30
+    numa_node: int = -1  # bind the DRAM tier's Redis memory to this NUMA node (a CXL expander); -1 = off
     cache_fraction: float = 0.25
     window: int = 4
     device: str = "cpu"
@@ -60,7 +61,8 @@ def service_specs(c: StackConfig) -> list[ServiceSpec]:
     specs = [
         ServiceSpec("store", serve + ("store", "--root", root, "--address", c.addr(1)), c.addr(1), "m2cache.v1.NeuronStore"),
         ServiceSpec("dram", serve + ("dram", "--store-target", c.addr(1), "--address", c.addr(2),
-                                     "--redis-port", str(c.base_port + 9), "--budget-bytes", str(c.dram_budget_bytes)),
+                                     "--redis-port", str(c.base_port + 9), "--budget-bytes", str(c.dram_budget_bytes),
+                                     "--numa-node", str(c.numa_node)),
                     c.addr(2), "m2cache.v1.DramTier"),
         ServiceSpec("ranker", serve + ("ranker", "--root", root, "--address", c.addr(3), "--device", c.device),
                     c.addr(3), "m2cache.v1.Ranker"),

@@ -20,6 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "redis +9, workers +10.., gateway +80 (default 50060)")
     p.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
     p.add_argument("--dram-budget-bytes", type=int, default=1 << 30)
+    p.add_argument("--numa-node", type=int, default=-1,
+                   help="bind the DRAM tier's Redis to this NUMA node, e.g. a CXL expander (default -1: off)")
     p.add_argument("--cache-fraction", type=float, default=0.25, help="HBM cache budget, fraction of FFN bytes")
     p.add_argument("--window", type=int, default=4, help="tokens a used neuron stays in the HBM cache")
     p.add_argument("--device", default="cpu", help="worker device: cpu or cuda")
@@ -34,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     config = StackConfig(
         store_root=args.store_root, model=args.model, num_workers=args.workers, base_port=args.base_port,
-        gateway=not args.no_gateway, dram_budget_bytes=args.dram_budget_bytes, cache_fraction=args.cache_fraction,
+        gateway=not args.no_gateway, dram_budget_bytes=args.dram_budget_bytes, numa_node=args.numa_node,
+        cache_fraction=args.cache_fraction,
         window=args.window, device=args.device, log_dir=args.log_dir, state_file=args.state_file,
     )
     stop = threading.Event()

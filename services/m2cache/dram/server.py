@@ -111,7 +111,8 @@ def serve(config: DramConfig) -> None:
     SIGTERM/SIGINT, then drain, stop preloading and stop Redis (by PID)."""
     redis_proc = None
     if not config.redis_url:
-        redis_proc = RedisProcess(find_redis_server(config.redis_server), config.redis_port).start()
+        redis_proc = RedisProcess(find_redis_server(config.redis_server), config.redis_port,
+                                  numa_node=config.numa_node).start()
     registry = CollectorRegistry()
     try:
         server, port, tier = create_server(config, config.redis_url or redis_proc.url, registry)

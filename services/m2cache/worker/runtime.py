@@ -15,6 +15,7 @@ from m2cache.model.model import CausalLM, attention_names
 from m2cache.worker.choosers import Choosers
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.dense_stream import AttentionStreamer, plan_resident
+from m2cache.worker import energy
 from m2cache.worker.engine import Engine, Request, Sequence
 from m2cache.worker.fetcher import TierFetcher
 from m2cache.worker.neuron_cache import NeuronCache
@@ -53,6 +54,7 @@ class WorkerRuntime:
                                        prefetch=config.prefetch, device=config.device, layer_hooks=streamer)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
                              config.queue_timeout_s, config.max_context)
+        self.energy = energy.for_engine(self.engine, config.hardware, config.grid_gco2_per_kwh)
 
     @classmethod
     def connect(cls, config: WorkerConfig, choosers: Choosers | None = None) -> "WorkerRuntime":
@@ -103,7 +105,7 @@ class WorkerRuntime:
             tokens_per_s=(len(seq.generated) - 1) / decode_s if len(seq.generated) > 1 else 0.0,
             bytes=worker_pb2.TierBytes(hbm=b_hbm, dram=b_fetch),
             hbm_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-            finish_reason=seq.finish_reason,
+            finish_reason=seq.finish_reason, **self.energy.request_fields(seq),
         )
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
