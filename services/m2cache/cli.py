@@ -23,6 +23,7 @@ COMMANDS = (
     "generate",
     "status",
     "bench",
+    "plan",
 )
 
 

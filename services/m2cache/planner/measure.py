@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -27,9 +28,14 @@ import torch
 
 from m2cache.codec.format import Precision
 from m2cache.errors import FailedPrecondition
+from m2cache.planner import profiles
+from m2cache.planner.profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
+# Today's engine does not hide tier reads behind compute on this box: its prefetch
+# thread and the compute share two busy cores and the GIL (docs/PLANNING.md).
+OVERLAP = False
 
 
 def harness():
@@ -76,9 +82,33 @@ def _step_seconds(model, prompt: list[int], ffn, tokens: int, before_step=lambda
     return statistics.median(steps)
 
 
-def probe_engine(store_path: Path, probe_layers: int = 2, tokens: int = 3, prompt: list[int] | None = None,
-                 mixed=None) -> dict:
-    """The engine's per-token costs on this machine for the store's model (warm page cache)."""
+VARIANTS = ("resident", "full", "int8", "int4", "miss")
+
+
+def _memo_choose(choose, layers: frozenset[int]):
+    """``choose`` on ``layers`` with each layer's first answer repeated (a fixed mixed
+    choice: every later step hits the cache), nothing elsewhere."""
+    first: dict[int, dict] = {}
+
+    def fixed(layer: int, x: torch.Tensor) -> dict:
+        if layer not in layers:
+            return {}
+        if layer not in first:
+            first[layer] = choose(layer, x)
+        return first[layer]
+
+    return fixed
+
+
+def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tokens: int = 5,
+                 prompt: list[int] | None = None, mixed=None) -> dict:
+    """The engine's per-token costs on this machine for the store's model (warm page cache).
+
+    ``variants``: which steps to time besides the empty one: "resident" (FullProvider),
+    "full"/"int8"/"int4" (every neuron of the probe layers at that precision, cache hits),
+    "miss" (FULL records with no cache: read from the warm store every step); with
+    ``mixed`` (the benchmark's policy object) also the policy's own choice on the
+    probe layers, as hits ("mixed") and as misses ("mixed_miss")."""
     harness()
     from bench.harness.systems_local import build_cache, store_fetch
     from m2cache.model.loader import load_model
@@ -96,34 +126,44 @@ def probe_engine(store_path: Path, probe_layers: int = 2, tokens: int = 3, promp
         layers = frozenset(range(k))
         fetch = store_fetch(store)
 
-        def cached(prec: Precision | None, fraction: float):
-            ratios = {(prec or Precision.FULL).name.lower(): 1.0}
-            cache = build_cache(m, fraction, ratios, 1)
-            provider = CachedProvider(cache, layout, fetch, m.num_layers)
-            choose = _choose_on(layers, prec, m.d_ffn)
+        def cached(prec: Precision | None, fraction: float, choose=None, ratios=None):
+            ratios = ratios or {(prec or Precision.FULL).name.lower(): 1.0}
+            provider = CachedProvider(build_cache(m, fraction, ratios, 1), layout, fetch, m.num_layers)
+            choose = choose or _choose_on(layers, prec, m.d_ffn)
             return provider, (lambda: provider.begin_step([choose]))
 
-        def timed(prec: Precision | None, fraction: float) -> float:
-            provider, before = cached(prec, fraction)
+        def timed(prec: Precision | None, fraction: float, choose=None, ratios=None) -> float:
+            provider, before = cached(prec, fraction, choose, ratios)
             try:
                 return _step_seconds(model, prompt, provider, tokens, before)
             finally:
                 provider.close()
 
-        empty, before_empty = cached(None, 1.0)
-        out = {"probe_layers": k, "tokens": tokens, "load_avg_start": os.getloadavg()}
-        out["empty_s"] = _step_seconds(model, prompt, empty, tokens, before_empty)
-        full = _Restricted(FullProvider(bank), empty, layers)
-        out["resident_s"] = _step_seconds(model, prompt, full, tokens, before_empty)
-        out["resident_bytes"] = k * m.d_ffn * layout.nvec * m.d_model * 4
+        out = {"probe_layers": k, "tokens": tokens, "num_layers": m.num_layers, "load_avg_start": os.getloadavg()}
+        t0 = time.perf_counter()
+        out["empty_s"] = timed(None, 1.0)
+        if "resident" in variants:  # float32 GEMVs are quick: more layers for a steadier difference
+            wide = frozenset(range(max(k, m.num_layers // 4)))
+            empty, before_empty = cached(None, 1.0)
+            full = _Restricted(FullProvider(bank), empty, wide)
+            out["resident_s"] = _step_seconds(model, prompt, full, tokens, before_empty)
+            out["resident_bytes"] = len(wide) * m.d_ffn * layout.nvec * m.d_model * 4
+            empty.close()
         for prec in Precision:
             name = prec.name.lower()
-            out[f"hit_{name}_s"] = timed(prec, 1.0)
             out[f"{name}_bytes"] = k * m.d_ffn * layout.num_bytes(prec)
-        out["miss_full_s"] = timed(Precision.FULL, 1e-9)
+            if name in variants:
+                out[f"hit_{name}_s"] = timed(prec, 1.0)
+        if "miss" in variants:
+            out["miss_full_s"] = timed(Precision.FULL, 1e-9)
         if mixed is not None:
+            ratios = mixed.ratios.to_dict()
+            probe_choose = _memo_choose(mixed.choose(), layers)
+            out["mixed_s"] = timed(None, 1.0, probe_choose, ratios)
+            out["mixed_miss_s"] = timed(None, 1e-9, _memo_choose(mixed.choose(), layers), ratios)
+            out["mixed_bytes"] = k * sum(n * layout.num_bytes(p) for p, n in zip(Precision, mixed.ratios.counts(m.d_ffn)))
             out["choose_s_per_layer"] = _choose_seconds(mixed.choose(), m.num_layers, m.d_model)
-        empty.close()
+        out["wall_s"] = time.perf_counter() - t0
         out["load_avg_end"] = os.getloadavg()
         return out
     finally:
@@ -135,18 +175,117 @@ def _choose_seconds(choose, num_layers: int, d_model: int, reps: int = 3) -> flo
     x = torch.randn(1, 1, d_model)
     choose(0, x)  # warm
     t0 = time.perf_counter()
-    for r in range(reps):
+    for _ in range(reps):
         for layer in range(num_layers):
             choose(layer, x)
     return (time.perf_counter() - t0) / (reps * num_layers)
 
 
-def engine_from_probe(p: dict, num_layers: int, dense_fp32_bytes: float) -> dict:
-    """Engine coefficients from a probe: the compute rate (float32 weights resident),
+def engine_coefficients(p: dict, shape) -> dict:
+    """Engine figures from a probe: the compute rate (float32 weights resident, bytes/s),
     the fixed cost per layer, and seconds per record byte by path."""
-    gemv_bw = p["resident_bytes"] / max(p["resident_s"] - p["empty_s"], 1e-9)
-    per_layer = max(p["empty_s"] - dense_fp32_bytes / gemv_bw, 0.0) / num_layers
-    per_byte = {f"record_{n}": max(p[f"hit_{n}_s"] - p["empty_s"], 0.0) / p[f"{n}_bytes"] for n in ("full", "int8", "int4")}
-    per_byte["miss"] = max(p["miss_full_s"] - p["hit_full_s"], 0.0) / p["full_bytes"]
-    return {"hbm_bandwidth": gemv_bw, "per_layer_s": per_layer, "per_byte_s": per_byte,
-            "choose_s_per_layer": p.get("choose_s_per_layer", 0.0)}
+    out: dict = {"per_byte_s": {}, "choose_s_per_layer": p.get("choose_s_per_layer", 0.0)}
+    step = lambda key: max(p[key] - p["empty_s"], 1e-9)
+    if "resident_s" in p:
+        out["hbm_bandwidth"] = p["resident_bytes"] / step("resident_s")
+        dense_s = shape.decode_dense_params * 4 / out["hbm_bandwidth"]
+        out["per_layer_s"] = max(p["empty_s"] - dense_s, 0.0) / p["num_layers"]
+        out["dense_s"] = dense_s
+    out["empty_s"] = p["empty_s"]
+    for name in ("full", "int8", "int4"):
+        if f"hit_{name}_s" in p:
+            out["per_byte_s"][f"record_{name}"] = step(f"hit_{name}_s") / p[f"{name}_bytes"]
+    if "miss_full_s" in p and "hit_full_s" in p:
+        out["per_byte_s"]["miss"] = max(p["miss_full_s"] - p["hit_full_s"], 0.0) / p["full_bytes"]
+    if "mixed_s" in p:  # the policy's own mix (scattered ids, three precisions): replaces the per-precision figures
+        out["per_byte_s"]["record_mixed"] = step("mixed_s") / p["mixed_bytes"]
+        out["per_byte_s"]["miss_mixed"] = max(p["mixed_miss_s"] - p["mixed_s"], 0.0) / p["mixed_bytes"]
+    return out
+
+
+def probe_stack(store_path: Path, log_dir: Path, fraction: float = 0.25) -> dict:
+    """Seconds per record byte through the service stack (bench/harness/systems_stack.py's
+    ServiceStack: NeuronStore + DramTier + Redis processes), as the worker's fetch sees
+    them: a quarter of the last layer read through from the cold store, then again from Redis."""
+    harness()
+    import numpy as np
+
+    from bench.harness.honest import drop_caches
+    from bench.harness.systems_stack import ServiceStack
+    from m2cache import grpc_util
+    from m2cache.store.reader import NeuronStore
+    from m2cache.worker.fetcher import TierFetcher
+
+    store_path = Path(store_path).resolve()
+    store = NeuronStore(store_path)
+    m = store.manifest
+    store.close()
+    rb = m.layout.num_bytes(Precision.FULL)
+    layer = m.num_layers - 1
+    ids = torch.from_numpy(np.sort(np.random.default_rng(0).choice(m.d_ffn, max(1, int(fraction * m.d_ffn)),
+                                                                    replace=False)))
+    stack = ServiceStack(store_path.parent, m.num_layers * m.d_ffn * rb, "full", log_dir, None)
+    try:
+        fetcher = TierFetcher(grpc_util.channel(stack.dram_target), store_path.name, "probe", deadline_s=600.0)
+        fetcher.manifest()
+        spare = torch.tensor([int(np.setdiff1d(np.arange(m.d_ffn), ids.numpy())[0])])
+        fetcher.neurons(layer, Precision.FULL, spare, layer)  # first-call costs (store handle, crc table) off the clock
+        drop_caches([store_path / "data.mdb"])
+        t0 = time.perf_counter()
+        fetcher.neurons(layer, Precision.FULL, ids, layer)  # read through from the store
+        t1 = time.perf_counter()
+        fetcher.neurons(layer, Precision.FULL, ids, layer)  # admitted on the way: Redis hits now
+        t2 = time.perf_counter()
+        hits = stack.dram_stats().bytes_from_redis
+        fetcher.channel.close()
+    finally:
+        stack.close()
+    nbytes = len(ids) * rb
+    return {"through_s_per_byte": (t1 - t0) / nbytes, "redis_s_per_byte": (t2 - t1) / nbytes, "bytes": nbytes,
+            "second_pass_from_redis": hits / nbytes}
+
+
+def probe_tiers(store_path: Path) -> dict:
+    """The benchmark's tier bandwidths (bench/harness/bandwidth.py) plus the store's
+    cold record reads over whole layers (contiguous runs)."""
+    harness()
+    from bench.harness import bandwidth
+
+    out = bandwidth.measure_all(store_path)
+    out["ssd_records_contiguous"] = bandwidth.ssd_records(store_path, layers=(1, 2), fraction=1.0)
+    return out
+
+
+def local_profile(engine: dict, tiers: dict, name: str = "this-machine", price_per_hour_usd: float = 0.10,
+                  when: str = "") -> HardwareProfile:
+    """A profile of this machine from measured figures (power: RAPL when present, else assumed)."""
+    import psutil
+
+    mem = psutil.virtual_memory().total
+    disk = shutil.disk_usage(REPO).free
+    cores = os.cpu_count() or 1
+    gb = 1e9
+    raw = {
+        "name": name, "measured": True, "device": "cpu",
+        "description": f"this machine: {cores} CPU cores, {mem / 2**30:.0f} GiB RAM, measured by m2cache plan {when}",
+        "compute": {"flops": engine.get("flops", 2e10 * cores), "efficiency": 1.0},
+        "power": {"device_active_w": engine.get("active_w", 10.0 * cores), "device_idle_w": 2.0 * cores,
+                  "host_w": 10.0},
+        "cost": {"price_per_hour_usd": price_per_hour_usd, "includes_energy": True,
+                 "embodied_kgco2": 50.0 * cores / 64 * 20, "lifetime_years": 4},
+        "engine": {"per_token_s": 0.0, "per_layer_s": engine["per_layer_s"], "per_byte_s": engine["per_byte_s"],
+                   "per_layer_choose_s": engine.get("choose_s_per_layer", 0.0),
+                   "overlap": OVERLAP, "source": f"measured {when}"},
+        "tiers": [
+            {"name": "memory", "kind": "hbm", "capacity_gb": mem / gb, "bandwidth_gbs": engine["hbm_bandwidth"] / gb,
+             "power_w_per_gb": 0.1016, "source": "float32 weights through the model's matmuls (engine probe)"},
+            {"name": "redis", "kind": "dram", "capacity_gb": mem / gb,
+             "bandwidth_gbs": tiers["dram"]["bytes_per_s"] / gb, "source": "Redis MGET of FULL records (bench probe)"},
+            {"name": "ssd", "kind": "ssd", "capacity_gb": disk / gb, "bandwidth_gbs": tiers["ssd_records"]["bytes_per_s"] / gb,
+             "sequential_gbs": tiers["ssd_records_contiguous"]["bytes_per_s"] / gb, "power_w": 2,
+             "source": "store record reads, cold: random 25% of a layer / whole layers (bench probe)"},
+        ],
+        "sources": {"power": engine.get("power_source", "assumed: ~10 W per busy core, 2 W idle (no RAPL here)"),
+                    "price": "assumed: small cloud VM class", "embodied": "assumed: core share of a server"},
+    }
+    return profiles.from_dict(raw, name)

@@ -121,6 +121,7 @@ def traffic_for(shape: ModelShape, placement: Placement, opts: Options) -> tr.Tr
     if placement.cache_bytes >= copy:  # the device holds every record the policy can use
         used = tr.used_bytes(shape, placement.ratios)
         return tr.Traffic(used=used, hbm=float(sum(used.values())), dense=float(shape.dense_bytes),
+                          ranked=placement.policy == "mixed",
                           dense_streamed=placement.dense_streamed_bytes,
                           neuron_fraction=sum(placement.ratios.values()), source="cache model (all resident)",
                           extra={"hbm_hit_rate": 1.0})

@@ -30,6 +30,7 @@ class Tier:
     capacity_bytes: float
     bandwidth: float  # bytes/s into the compute device
     power_w: float = 0.0  # static power of the tier as installed
+    sequential_bandwidth: float = 0.0  # for long contiguous runs (whole layers), when it differs; 0 = bandwidth
     numa_node: int | None = None  # for a CXL expander: the CPU-less NUMA node it appears as
     source: str = ""
 
@@ -43,7 +44,8 @@ class Engine:
 
     per_token_s: float = 0.0
     per_layer_s: float = 0.0
-    per_byte_s: dict = field(default_factory=dict)  # path -> s/B: "hit", "miss", "dense", "fetch_dram", ...
+    per_byte_s: dict = field(default_factory=dict)  # path -> s/B: "record_full", ..., "miss", "fetch_dram"
+    per_layer_choose_s: float = 0.0  # ranking a layer's neurons (mixed policies)
     overlap: bool = True
     source: str = "assumed"
 
@@ -94,8 +96,9 @@ def _tier(raw: dict, profile: str) -> Tier:
     try:
         bw = min(float(raw[k]) for k in ("bandwidth_gbs", "link_gbs") if k in raw) * GB
         power = float(raw.get("power_w", 0.0)) + float(raw.get("power_w_per_gb", 0.0)) * float(raw["capacity_gb"])
+        seq = float(raw.get("sequential_gbs", 0.0)) * GB
         return Tier(name=str(raw.get("name", raw["kind"])), kind=str(raw["kind"]),
-                    capacity_bytes=float(raw["capacity_gb"]) * GB, bandwidth=bw, power_w=power,
+                    capacity_bytes=float(raw["capacity_gb"]) * GB, bandwidth=bw, power_w=power, sequential_bandwidth=seq,
                     numa_node=raw.get("numa_node"), source=str(raw.get("source", "")))
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidArgument(f"profile {profile}: tier {raw!r}: {err} (needs kind, capacity_gb, bandwidth_gbs)") from None
@@ -109,6 +112,7 @@ def from_dict(raw: dict, where: str = "profile") -> HardwareProfile:
         eng = raw.get("engine") or {}
         engine = Engine(per_token_s=float(eng.get("per_token_s", 0.0)), per_layer_s=float(eng.get("per_layer_s", 0.0)),
                         per_byte_s={k: float(v) for k, v in (eng.get("per_byte_s") or {}).items()},
+                        per_layer_choose_s=float(eng.get("per_layer_choose_s", 0.0)),
                         overlap=bool(eng.get("overlap", True)), source=str(eng.get("source", "assumed")))
         return HardwareProfile(
             name=name, description=str(raw.get("description", "")), device=str(raw["device"]),
@@ -156,9 +160,11 @@ def to_dict(p: HardwareProfile) -> dict:
                  "embodied_kgco2": p.embodied_kgco2,
                  "lifetime_years": p.lifetime_years},
         "engine": {"per_token_s": p.engine.per_token_s, "per_layer_s": p.engine.per_layer_s,
-                   "per_byte_s": dict(p.engine.per_byte_s), "overlap": p.engine.overlap, "source": p.engine.source},
+                   "per_byte_s": dict(p.engine.per_byte_s), "per_layer_choose_s": p.engine.per_layer_choose_s,
+                   "overlap": p.engine.overlap, "source": p.engine.source},
         "tiers": [{"name": t.name, "kind": t.kind, "capacity_gb": t.capacity_bytes / GB, "bandwidth_gbs": t.bandwidth / GB,
                    "power_w": t.power_w, **({"numa_node": t.numa_node} if t.numa_node is not None else {}),
+                   **({"sequential_gbs": t.sequential_bandwidth / GB} if t.sequential_bandwidth else {}),
                    "source": t.source} for t in p.tiers],
         "sources": dict(p.sources),
     }

@@ -55,18 +55,29 @@ def engine_bytes_s(profile: HardwareProfile, traffic: Traffic) -> float:
     c = profile.engine.per_byte_s
     if not c or traffic.resident_fp32:
         return 0.0
-    t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items())
-    return t + traffic.miss_bytes * c.get("miss", 0.0) + traffic.dram * c.get("fetch_dram", 0.0) \
-        + traffic.ssd * c.get("fetch_ssd", 0.0)
+    if traffic.ranked and "record_mixed" in c:  # measured on the policy's own mix of precisions
+        t = traffic.used_bytes * c["record_mixed"] + traffic.miss_bytes * c.get("miss_mixed", 0.0)
+    else:
+        t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items()) + traffic.miss_bytes * c.get("miss", 0.0)
+    if "fetch_dram" in c:  # misses fetched over the DRAM tier's RPC, measured through the service stack
+        t += (traffic.dram + traffic.through) * c["fetch_dram"] + traffic.through * c.get("fetch_through", 0.0)
+    return t
 
 
 def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
+    """Seconds of each lower tier's reads at its bandwidth (whole-layer runs at its sequential
+    bandwidth). Bytes a measured engine already costs per byte on its fetch path are left out."""
+    fetch_path = "fetch_dram" in profile.engine.per_byte_s
+    dram = 0.0 if fetch_path else traffic.dram
+    ssd = [(traffic.ssd - traffic.through, True), (0.0 if fetch_path else traffic.through, traffic.sequential)]
     out = {}
-    for kind, nbytes in (("dram", traffic.dram + traffic.dense_streamed), ("cxl", traffic.cxl), ("ssd", traffic.ssd)):
-        if nbytes <= 0:
-            continue
+    for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
+                        ("ssd", ssd)):
         tier = profile.tier(kind) or _next_slower(profile, kind)
-        out[kind] = nbytes / tier.bandwidth
+        seconds = sum(n / (tier.sequential_bandwidth if seq and tier.sequential_bandwidth else tier.bandwidth)
+                      for n, seq in parts if n > 0)
+        if seconds > 0:
+            out[kind] = seconds
     return out
 
 
@@ -83,7 +94,8 @@ def predict(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, promp
     """Decode seconds per token and time to first token for ``traffic`` on ``profile``."""
     eng = profile.engine
     hbm = profile.tiers[0]
-    terms = {"fixed": eng.per_token_s + shape.num_layers * eng.per_layer_s,
+    per_layer = eng.per_layer_s + (eng.per_layer_choose_s if traffic.ranked else 0.0)
+    terms = {"fixed": eng.per_token_s + shape.num_layers * per_layer,
              "compute": shape.flops_per_token(traffic.neuron_fraction) / (profile.flops * profile.efficiency),
              "hbm": compute_bytes(profile, shape, traffic) / hbm.bandwidth,
              "engine": engine_bytes_s(profile, traffic)}

@@ -45,6 +45,9 @@ class Traffic:
     dense_streamed: float = 0.0
     neuron_fraction: float = 1.0
     resident_fp32: bool = False  # FFN kept decoded (the dense reference): no record decode per token
+    sequential: bool = False  # lower-tier reads are long contiguous runs (whole layers, all-FULL misses)
+    ranked: bool = False  # a predictor ranks every layer's neurons each token (mixed policies)
+    through: float = 0.0  # of ``ssd``, bytes read through on a fetch (the rest: whole-layer preloads into DRAM)
     source: str = "cache model"
     extra: dict = field(default_factory=dict)
 
@@ -116,6 +119,7 @@ def cache_model(shape: ModelShape, ratios: dict, hbm_fraction: float, lower: dic
         served[kind] = misses * share
         left -= share
     return Traffic(used=used, hbm=total * h, dram=served["dram"], cxl=served["cxl"], ssd=misses * left,
+                   through=misses * left, sequential=all_full, ranked=not all_full,
                    dense=float(shape.dense_bytes), dense_streamed=dense_streamed,
                    neuron_fraction=sum(ratios.values()), source="cache model",
                    extra={"hbm_hit_rate": h, "reuse": reuse, "window": window})
@@ -132,9 +136,15 @@ def from_bench(shape: ModelShape, result: dict) -> Traffic:
     system = result["system"]
     if system == "naive-streaming":  # every layer read whole at FULL: nothing cached
         used = {"full": float(shape.ffn_bytes)}
-    return Traffic(used=used, hbm=float(bpt.get("hbm", 0.0)), dram=float(bpt.get("dram", 0.0)),
-                   ssd=float(bpt.get("ssd", 0.0)), dense=float(shape.dense_bytes),
+    dram, ssd = float(bpt.get("dram", 0.0)), float(bpt.get("ssd", 0.0))
+    through = ssd  # in-process: every SSD byte is a miss read on the fetch path
+    if system == "m2cache-stack":  # the DramTier serves misses from Redis or reads them through; it also preloads
+        h = result.get("dram_hit_rate")
+        misses = max(sum(used.values()) - float(bpt.get("hbm", 0.0)), 0.0)
+        through = min(ssd, misses - dram if h is None else dram * (1.0 / h - 1.0) if h > 0 else misses)
+    return Traffic(used=used, hbm=float(bpt.get("hbm", 0.0)), dram=dram, ssd=ssd, through=max(through, 0.0),
+                   dense=float(shape.dense_bytes),
                    neuron_fraction=sum(ratios.values()), resident_fp32=system == "dense-reference",
-                   source="m2cache bench",
+                   sequential=ratios.get("full", 0) >= 1.0, ranked=ratios.get("full", 0) < 1.0, source="m2cache bench",
                    extra={"device_read_bytes": float(result.get("device_read_bytes_per_token", 0.0)),
                           "system": system})

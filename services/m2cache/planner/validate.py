@@ -1,0 +1,186 @@
+"""``m2cache plan --validate``: the planner's predictions against ``m2cache bench``'s
+measurements on this machine, side by side.
+
+For every configuration the benchmark runs on a store (the dense reference, naive
+layer streaming, m2cache in-process and through the full service stack, each
+policy and fast-memory budget), in its own child process exactly as ``m2cache
+bench`` runs it (bench/harness/run.py ``run_child``, configs.py, child.py):
+
+1. just before the child, measure this machine: the engine probes the
+   configuration needs (planner/measure.py) and the benchmark's tier bandwidths;
+   the machine is shared, so figures are only compared with figures measured
+   minutes apart;
+2. run the configuration;
+3. predict its decode tok/s from the profile just measured and the bytes per
+   token per tier the benchmark counted (planner/roofline.py).
+
+Needs a source checkout (bench/harness).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from m2cache.errors import InvalidArgument
+from m2cache.planner import measure, profiles, roofline, shapes, traffic as tr
+
+log = logging.getLogger(__name__)
+STORE_SYSTEMS = ("dense-reference", "naive-streaming", "m2cache-inprocess", "m2cache-stack")
+
+
+@dataclass(frozen=True, slots=True)
+class ValidateConfig:
+    store: Path
+    out_dir: Path
+    systems: tuple[str, ...] = STORE_SYSTEMS
+    fractions: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    ratios: tuple[float, float, float] = (0.2, 0.25, 0.25)
+    tokens: int = 4
+    warmup: int = 1
+    prompt_len: int = 8
+    window: int = 4
+    headroom_mb: int = 512
+    dram_fraction: float = 0.5
+    probe_layers: int = 2
+    tolerance: float = 0.25
+    child_timeout_s: float = 1800.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (Path(self.store) / "data.mdb").is_file():
+            raise InvalidArgument(f"--validate needs a converted store (no data.mdb in {self.store})")
+        bad = [s for s in self.systems if s not in STORE_SYSTEMS]
+        if bad:
+            raise InvalidArgument(f"cannot validate {bad}: the planner predicts {', '.join(STORE_SYSTEMS)}")
+
+
+def specs(cfg: ValidateConfig, prompt: list[int]) -> list[dict]:
+    """One child spec per configuration, as ``m2cache bench`` builds them (bench/harness/run.py)."""
+    from bench.harness import run as hrun
+
+    store = Path(cfg.store).resolve()
+    bcfg = hrun.BenchConfig(out_dir=Path(cfg.out_dir), tokens=cfg.tokens, warmup=cfg.warmup,
+                            prompt_len=cfg.prompt_len, fractions=tuple(cfg.fractions), ratios=tuple(cfg.ratios),
+                            window=cfg.window, headroom_mb=cfg.headroom_mb, dram_fraction=cfg.dram_fraction,
+                            systems=tuple(cfg.systems), fidelity_models=())
+    out = []
+    for spec in hrun.specs_for(bcfg, store.name, store, prompt, fidelity=False):
+        spec["store_root"] = str(store.parent)
+        if spec["kind"] in ("dense-reference", "naive-streaming"):  # one configuration each
+            out.append(spec)
+            continue
+        for f in spec["fractions"]:  # one child per budget: measured right after its own probes
+            out.append({**spec, "fractions": [f]})
+    return out
+
+
+def _variants(spec: dict) -> tuple[str, ...]:
+    if spec["kind"] == "dense-reference":
+        return ("resident",)
+    if spec.get("policy") == "mixed":
+        return ("resident", "full", "int8", "int4", "miss")
+    return ("resident", "full", "miss")
+
+
+def predict_result(result: dict, shape: shapes.ModelShape, profile: profiles.HardwareProfile,
+                   prompt_len: int) -> dict:
+    """The planner's figures for one benchmark result, from its counted bytes per token."""
+    traffic = tr.from_bench(shape, result)
+    pred = roofline.predict(profile, shape, traffic, prompt_len)
+    measured = result["decode_tok_s"]
+    return {"predicted_tok_s": pred.tok_s, "measured_tok_s": measured, "error": pred.tok_s / measured - 1.0,
+            "predicted_ttft_s": pred.ttft_s, "measured_ttft_s": result["ttft_s"], "bound": pred.bound,
+            "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"]}
+
+
+def _label(r: dict) -> dict:
+    return {k: r.get(k) for k in ("system", "policy", "fraction")}
+
+
+def run(cfg: ValidateConfig) -> dict:
+    """Measure, run and compare every configuration; writes ``out_dir/validate.json``."""
+    measure.harness()
+    from bench.harness import run as hrun
+    from bench.harness.policy import load_mixed_policy
+    from m2cache.ranker.bands import BandRatios
+
+    t_start = time.monotonic()
+    store = Path(cfg.store).resolve()
+    shape = shapes.from_store(store)
+    work = Path(cfg.out_dir) / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    prompt = hrun.prompt_ids(store, cfg.prompt_len, shape.vocab)
+    load_start = os.getloadavg()
+    print(f"m2cache plan --validate: {store.name}, load average {load_start[0]:.2f} {load_start[1]:.2f} "
+          f"{load_start[2]:.2f}", flush=True)
+    rows, probes = [], []
+    todo = specs(cfg, prompt)
+    for i, spec in enumerate(todo, 1):
+        mixed = None
+        if spec.get("policy") == "mixed":
+            from bench.harness.configs import _manifest
+
+            mixed = load_mixed_policy(store, _manifest(store), BandRatios(*cfg.ratios))
+        print(f"[{i}/{len(todo)}] {spec['kind']} {spec.get('policy')} {spec['fractions'][0]:g}: measuring the machine",
+              flush=True)
+        engine_probe = measure.probe_engine(store, _variants(spec), cfg.probe_layers, prompt=prompt, mixed=mixed)
+        tiers = measure.probe_tiers(store)
+        coeffs = measure.engine_coefficients(engine_probe, shape)
+        if spec["kind"] == "m2cache-stack":
+            stack = measure.probe_stack(store, work / "probe-stack")
+            engine_probe["stack"] = stack
+            coeffs["per_byte_s"]["fetch_dram"] = stack["redis_s_per_byte"]
+            coeffs["per_byte_s"]["fetch_through"] = max(stack["through_s_per_byte"] - stack["redis_s_per_byte"], 0.0)
+        profile = measure.local_profile(coeffs, tiers, when=time.strftime("%Y-%m-%d %H:%M"))
+        probes.append({"engine": engine_probe, "coefficients": coeffs, "tiers": _bw(tiers)})
+        for r in hrun.run_child(spec, work, cfg.child_timeout_s):
+            row = {**_label(r), "load_avg_probe": engine_probe["load_avg_start"], "load_avg_run": r.get("load_avg_start")}
+            if "error" in r:
+                row["failed"] = r["error"]
+            else:
+                row.update(predict_result(r, shape, profile, cfg.prompt_len))
+                row["within_tolerance"] = abs(row["error"]) <= cfg.tolerance
+                row["profile"] = profiles.to_dict(profile)
+            rows.append(row)
+            print("   " + line(row), flush=True)
+    ok = [r for r in rows if "failed" not in r]
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "store": str(store), "shape": asdict(shape),
+           "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+           "tolerance": cfg.tolerance, "configurations": rows, "probes": probes,
+           "all_within_tolerance": bool(ok) and len(ok) == len(rows) and all(r["within_tolerance"] for r in ok),
+           "load_avg": {"start": load_start, "end": os.getloadavg()}, "wall_s": time.monotonic() - t_start}
+    (Path(cfg.out_dir) / "validate.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def _bw(tiers: dict) -> dict:
+    return {k: v["bytes_per_s"] for k, v in tiers.items()}
+
+
+def line(row: dict) -> str:
+    label = f"{row['system']:<18} {row.get('policy') or '':<5} {100 * (row.get('fraction') or 0):>4.0f}%"
+    if "failed" in row:
+        return f"{label}  failed: {row['failed'][:100]}"
+    mark = "ok" if row["within_tolerance"] else "OFF"
+    return (f"{label}  predicted {row['predicted_tok_s']:7.3f}  measured {row['measured_tok_s']:7.3f} tok/s  "
+            f"({100 * row['error']:+5.0f}%, {mark}; bound {row['bound']})")
+
+
+def table(doc: dict) -> str:
+    """Markdown: predicted vs measured per configuration."""
+    head = ("| system | policy | budget | predicted tok/s | measured tok/s | error | bound | predicted TTFT s "
+            "| measured TTFT s | load (probe / run) |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in doc["configurations"]:
+        budget = f"{100 * (r.get('fraction') or 0):.0f}%"
+        if "failed" in r:
+            out.append(f"| {r['system']} | {r.get('policy')} | {budget} | failed: {r['failed'][:60]} | | | | | | |")
+            continue
+        out.append(f"| {r['system']} | {r['policy']} | {budget} | {r['predicted_tok_s']:.3f} | {r['measured_tok_s']:.3f} "
+                   f"| {100 * r['error']:+.0f}% | {r['bound']} | {r['predicted_ttft_s']:.1f} | {r['measured_ttft_s']:.1f} "
+                   f"| {r['load_avg_probe'][0]:.1f} / {r['load_avg_run'][0]:.1f} |")
+    return "\n".join(out)
