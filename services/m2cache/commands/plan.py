@@ -157,6 +157,8 @@ def _validate(args) -> int:
         kwargs["ratios"] = tuple(args.ratios)
     if args.systems:
         kwargs["systems"] = tuple(args.systems)
+    if args.policy != "both":
+        kwargs["policies"] = (args.policy,)
     doc = validate.run(validate.ValidateConfig(**kwargs))
     print(validate.table(doc))
     plot = report.validation_plot(doc, args.plot or args.out_dir / "validate.png")

@@ -82,7 +82,7 @@ def _step_seconds(model, prompt: list[int], ffn, tokens: int, before_step=lambda
     return statistics.median(steps)
 
 
-VARIANTS = ("resident", "full", "int8", "int4", "miss")
+VARIANTS = ("resident", "full", "int8", "int4", "miss", "stream", "mixed")
 
 
 def _memo_choose(choose, layers: frozenset[int]):
@@ -101,14 +101,17 @@ def _memo_choose(choose, layers: frozenset[int]):
 
 
 def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tokens: int = 5,
-                 prompt: list[int] | None = None, mixed=None) -> dict:
+                 prompt: list[int] | None = None, mixed=None, before=lambda: None) -> dict:
     """The engine's per-token costs on this machine for the store's model (warm page cache).
 
     ``variants``: which steps to time besides the empty one: "resident" (FullProvider),
     "full"/"int8"/"int4" (every neuron of the probe layers at that precision, cache hits),
-    "miss" (FULL records with no cache: read from the warm store every step); with
-    ``mixed`` (the benchmark's policy object) also the policy's own choice on the
-    probe layers, as hits ("mixed") and as misses ("mixed_miss")."""
+    "miss" (FULL records with no cache: read from the warm store every step), "stream"
+    (whole layers read and decoded every step, as naive streaming does); with
+    ``mixed`` (the benchmark's policy object) and "mixed", the policy's own choice on the
+    probe layers, as hits ("mixed") and as misses ("mixed_miss"). ``before()`` runs once the
+    model is loaded, before the first timed step (the child uses it to drop the page cache and
+    cap it as the benchmark's configurations are)."""
     harness()
     from bench.harness.systems_local import build_cache, store_fetch
     from m2cache.model.loader import load_model
@@ -139,6 +142,10 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
             finally:
                 provider.close()
 
+        if "resident" in variants:  # decode the resident layers before isolation, as DenseReference does
+            for layer in range(max(k, m.num_layers // 4)):
+                bank.vectors(layer, Precision.FULL)
+        before()
         out = {"probe_layers": k, "tokens": tokens, "num_layers": m.num_layers, "load_avg_start": os.getloadavg()}
         t0 = time.perf_counter()
         out["empty_s"] = timed(None, 1.0)
@@ -156,7 +163,17 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
                 out[f"hit_{name}_s"] = timed(prec, 1.0)
         if "miss" in variants:
             out["miss_full_s"] = timed(Precision.FULL, 1e-9)
-        if mixed is not None:
+        if "stream" in variants:  # the benchmark's naive streaming: whole layers read and decoded every step
+            from bench.harness.systems_local import NaiveStreaming
+
+            empty, before_empty = cached(None, 1.0)
+            naive = NaiveStreaming(store_path)
+            try:
+                out["stream_s"] = _step_seconds(model, prompt, _Restricted(naive, empty, layers), tokens, before_empty)
+            finally:
+                naive.close()
+                empty.close()
+        if mixed is not None and "mixed" in variants:
             ratios = mixed.ratios.to_dict()
             probe_choose = _memo_choose(mixed.choose(), layers)
             out["mixed_s"] = timed(None, 1.0, probe_choose, ratios)
@@ -181,20 +198,27 @@ def _choose_seconds(choose, num_layers: int, d_model: int, reps: int = 3) -> flo
     return (time.perf_counter() - t0) / (reps * num_layers)
 
 
-def engine_coefficients(p: dict, shape) -> dict:
-    """Engine figures from a probe: the compute rate (float32 weights resident, bytes/s),
-    the fixed cost per layer, and seconds per record byte by path."""
+def engine_coefficients(p: dict, shape, memory_bandwidth: float | None = None) -> dict:
+    """Engine figures from a probe: the compute rate (float32 weights resident, bytes/s;
+    else ``memory_bandwidth``, the benchmark's memory probe), the fixed cost per layer
+    (what an empty step leaves after the dense weights' GEMVs), and seconds per record
+    byte by path."""
     out: dict = {"per_byte_s": {}, "choose_s_per_layer": p.get("choose_s_per_layer", 0.0)}
     step = lambda key: max(p[key] - p["empty_s"], 1e-9)
     if "resident_s" in p:
         out["hbm_bandwidth"] = p["resident_bytes"] / step("resident_s")
-        dense_s = shape.decode_dense_params * 4 / out["hbm_bandwidth"]
-        out["per_layer_s"] = max(p["empty_s"] - dense_s, 0.0) / p["num_layers"]
-        out["dense_s"] = dense_s
+    elif memory_bandwidth:
+        out["hbm_bandwidth"] = memory_bandwidth
+    else:
+        raise ValueError("no compute rate: probe 'resident' or give the memory bandwidth")
+    out["dense_s"] = shape.decode_dense_params * 4 / out["hbm_bandwidth"]
+    out["per_layer_s"] = max(p["empty_s"] - out["dense_s"], 0.0) / p["num_layers"]
     out["empty_s"] = p["empty_s"]
     for name in ("full", "int8", "int4"):
         if f"hit_{name}_s" in p:
             out["per_byte_s"][f"record_{name}"] = step(f"hit_{name}_s") / p[f"{name}_bytes"]
+    if "stream_s" in p:
+        out["per_byte_s"]["record_stream"] = step("stream_s") / p["full_bytes"]
     if "miss_full_s" in p and "hit_full_s" in p:
         out["per_byte_s"]["miss"] = max(p["miss_full_s"] - p["hit_full_s"], 0.0) / p["full_bytes"]
     if "mixed_s" in p:  # the policy's own mix (scattered ids, three precisions): replaces the per-precision figures
@@ -289,3 +313,67 @@ def local_profile(engine: dict, tiers: dict, name: str = "this-machine", price_p
                     "price": "assumed: small cloud VM class", "embodied": "assumed: core share of a server"},
     }
     return profiles.from_dict(raw, name)
+
+
+def probe_in_child(store_path: Path, variants, work: Path, headroom_bytes: int | None = None,
+                   probe_layers: int = 2, tokens: int = 5, prompt: list[int] | None = None, ratios=None,
+                   timeout_s: float = 1800.0) -> dict:
+    """``probe_engine`` in its own process, as the benchmark runs a configuration: with the
+    page cache dropped and, given ``headroom_bytes``, under the same cgroup memory limit
+    (anonymous memory + headroom) when the machine allows one."""
+    import json
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"store": str(store_path), "variants": list(variants), "headroom_bytes": headroom_bytes,
+            "probe_layers": probe_layers, "tokens": tokens, "prompt": prompt, "ratios": ratios}
+    spec_path, out_path = work / "probe.spec.json", work / "probe.result.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), str(REPO),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    with open(work / "probe.log", "w") as log_file:
+        proc = subprocess.run([sys.executable, "-m", "m2cache.planner.measure", str(spec_path), str(out_path)],
+                              env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if proc.returncode != 0 or not out_path.is_file():
+        raise RuntimeError(f"engine probe failed (exit {proc.returncode}; log {work / 'probe.log'})")
+    return json.loads(out_path.read_text())
+
+
+def _child(spec_path: str, out_path: str) -> None:
+    import json
+
+    harness()
+    from bench.harness import honest
+
+    spec = json.loads(Path(spec_path).read_text())
+    group = None
+    if spec.get("headroom_bytes") and honest.MemoryLimit.available():
+        group = honest.MemoryLimit(f"m2c-plan-probe-{os.getpid()}")
+        group.add(os.getpid())
+    mixed = None
+    if spec.get("ratios"):
+        from bench.harness.configs import _manifest
+        from bench.harness.policy import load_mixed_policy
+        from m2cache.ranker.bands import BandRatios
+
+        mixed = load_mixed_policy(Path(spec["store"]), _manifest(Path(spec["store"])), BandRatios(*spec["ratios"]))
+    try:
+        def isolate():
+            honest.drop_caches([Path(spec["store"]) / "data.mdb"])
+            if group is not None:
+                honest.cap_page_cache(group, os.getpid(), spec["headroom_bytes"])
+
+        out = probe_engine(Path(spec["store"]), tuple(spec["variants"]), spec["probe_layers"], spec["tokens"],
+                           spec.get("prompt"), mixed, before=isolate)
+        out["isolation"] = "cgroup limit" if group is not None else "none"
+    finally:
+        if group is not None:
+            group.set_limit(-1)
+            group.close()
+    Path(out_path).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("M2CACHE_BENCH_LOG", "WARNING"))
+    _child(sys.argv[1], sys.argv[2])

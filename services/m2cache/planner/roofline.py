@@ -55,12 +55,15 @@ def engine_bytes_s(profile: HardwareProfile, traffic: Traffic) -> float:
     c = profile.engine.per_byte_s
     if not c or traffic.resident_fp32:
         return 0.0
+    if traffic.streamed and "record_stream" in c:  # whole layers, no cache: its own read-and-decode path
+        return traffic.used_bytes * c["record_stream"]
     if traffic.ranked and "record_mixed" in c:  # measured on the policy's own mix of precisions
         t = traffic.used_bytes * c["record_mixed"] + traffic.miss_bytes * c.get("miss_mixed", 0.0)
     else:
         t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items()) + traffic.miss_bytes * c.get("miss", 0.0)
     if "fetch_dram" in c:  # misses fetched over the DRAM tier's RPC, measured through the service stack
-        t += (traffic.dram + traffic.through) * c["fetch_dram"] + traffic.through * c.get("fetch_through", 0.0)
+        t += (traffic.dram + traffic.through) * c["fetch_dram"] \
+            + traffic.through * (1.0 - traffic.page_cached) * c.get("fetch_through", 0.0)
     return t
 
 
@@ -69,7 +72,9 @@ def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     bandwidth). Bytes a measured engine already costs per byte on its fetch path are left out."""
     fetch_path = "fetch_dram" in profile.engine.per_byte_s
     dram = 0.0 if fetch_path else traffic.dram
-    ssd = [(traffic.ssd - traffic.through, True), (0.0 if fetch_path else traffic.through, traffic.sequential)]
+    cold = 1.0 - traffic.page_cached
+    ssd = [((traffic.ssd - traffic.through) * cold, True),
+           (0.0 if fetch_path else traffic.through * cold, traffic.sequential)]
     out = {}
     for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
                         ("ssd", ssd)):

@@ -48,6 +48,8 @@ class Traffic:
     sequential: bool = False  # lower-tier reads are long contiguous runs (whole layers, all-FULL misses)
     ranked: bool = False  # a predictor ranks every layer's neurons each token (mixed policies)
     through: float = 0.0  # of ``ssd``, bytes read through on a fetch (the rest: whole-layer preloads into DRAM)
+    streamed: bool = False  # whole layers read and decoded every token, nothing cached (naive streaming)
+    page_cached: float = 0.0  # share of the SSD reads the OS page cache serves (measured runs)
     source: str = "cache model"
     extra: dict = field(default_factory=dict)
 
@@ -145,6 +147,7 @@ def from_bench(shape: ModelShape, result: dict) -> Traffic:
     return Traffic(used=used, hbm=float(bpt.get("hbm", 0.0)), dram=dram, ssd=ssd, through=max(through, 0.0),
                    dense=float(shape.dense_bytes),
                    neuron_fraction=sum(ratios.values()), resident_fp32=system == "dense-reference",
-                   sequential=ratios.get("full", 0) >= 1.0, ranked=ratios.get("full", 0) < 1.0, source="m2cache bench",
+                   sequential=ratios.get("full", 0) >= 1.0, ranked=ratios.get("full", 0) < 1.0,
+                   streamed=system == "naive-streaming", source="m2cache bench",
                    extra={"device_read_bytes": float(result.get("device_read_bytes_per_token", 0.0)),
                           "system": system})

@@ -18,6 +18,7 @@ Needs a source checkout (bench/harness).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from m2cache.planner import measure, profiles, roofline, shapes, traffic as tr
 
 log = logging.getLogger(__name__)
 STORE_SYSTEMS = ("dense-reference", "naive-streaming", "m2cache-inprocess", "m2cache-stack")
+PAGE_ROUNDING = 4 / 3  # a 12,288-byte FULL record (d 2048, fp16) takes four 4 KiB pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class ValidateConfig:
     store: Path
     out_dir: Path
     systems: tuple[str, ...] = STORE_SYSTEMS
+    policies: tuple[str, ...] = ("full", "mixed")
     fractions: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     ratios: tuple[float, float, float] = (0.2, 0.25, 0.25)
     tokens: int = 4
@@ -45,7 +48,8 @@ class ValidateConfig:
     window: int = 4
     headroom_mb: int = 512
     dram_fraction: float = 0.5
-    probe_layers: int = 2
+    probe_layers: int = 4
+    probe_tokens: int = 3
     tolerance: float = 0.25
     child_timeout_s: float = 1800.0
     extra: dict = field(default_factory=dict)
@@ -70,6 +74,8 @@ def specs(cfg: ValidateConfig, prompt: list[int]) -> list[dict]:
     out = []
     for spec in hrun.specs_for(bcfg, store.name, store, prompt, fidelity=False):
         spec["store_root"] = str(store.parent)
+        if spec.get("policy", "full") not in cfg.policies:
+            continue
         if spec["kind"] in ("dense-reference", "naive-streaming"):  # one configuration each
             out.append(spec)
             continue
@@ -79,22 +85,39 @@ def specs(cfg: ValidateConfig, prompt: list[int]) -> list[dict]:
 
 
 def _variants(spec: dict) -> tuple[str, ...]:
+    """The engine probes a configuration's prediction uses (each a few decode steps)."""
     if spec["kind"] == "dense-reference":
         return ("resident",)
+    if spec["kind"] == "naive-streaming":
+        return ("stream",)
     if spec.get("policy") == "mixed":
-        return ("resident", "full", "int8", "int4", "miss")
-    return ("resident", "full", "miss")
+        return ("mixed",)
+    return ("full", "miss")
+
+
+def page_cached_fraction(result: dict, traffic: tr.Traffic, headroom: int) -> float:
+    """Share of the SSD tier's reads the page cache serves in a configuration. The benchmark
+    caps the page cache of the processes reading the store (cgroup: anonymous memory +
+    headroom); records re-read every token stay cached when they fit in the headroom (LMDB
+    keeps a record in whole 4 KiB pages), and an LRU cycled by a larger set keeps nothing."""
+    limit = result.get("cgroup_limit_bytes")
+    if not limit or traffic.ssd <= 0:
+        return 0.0 if limit else 1.0  # no cap: the store stays in the (ample) page cache after the first token
+    return 1.0 if traffic.ssd * PAGE_ROUNDING <= headroom else 0.0
 
 
 def predict_result(result: dict, shape: shapes.ModelShape, profile: profiles.HardwareProfile,
-                   prompt_len: int) -> dict:
+                   prompt_len: int, headroom: int = 512 << 20) -> dict:
     """The planner's figures for one benchmark result, from its counted bytes per token."""
     traffic = tr.from_bench(shape, result)
+    cached = page_cached_fraction(result, traffic, headroom)
+    if cached:
+        traffic = dataclasses.replace(traffic, page_cached=cached)
     pred = roofline.predict(profile, shape, traffic, prompt_len)
     measured = result["decode_tok_s"]
     return {"predicted_tok_s": pred.tok_s, "measured_tok_s": measured, "error": pred.tok_s / measured - 1.0,
             "predicted_ttft_s": pred.ttft_s, "measured_ttft_s": result["ttft_s"], "bound": pred.bound,
-            "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"]}
+            "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"], "page_cached": traffic.page_cached}
 
 
 def _label(r: dict) -> dict:
@@ -105,8 +128,6 @@ def run(cfg: ValidateConfig) -> dict:
     """Measure, run and compare every configuration; writes ``out_dir/validate.json``."""
     measure.harness()
     from bench.harness import run as hrun
-    from bench.harness.policy import load_mixed_policy
-    from m2cache.ranker.bands import BandRatios
 
     t_start = time.monotonic()
     store = Path(cfg.store).resolve()
@@ -120,16 +141,13 @@ def run(cfg: ValidateConfig) -> dict:
     rows, probes = [], []
     todo = specs(cfg, prompt)
     for i, spec in enumerate(todo, 1):
-        mixed = None
-        if spec.get("policy") == "mixed":
-            from bench.harness.configs import _manifest
-
-            mixed = load_mixed_policy(store, _manifest(store), BandRatios(*cfg.ratios))
         print(f"[{i}/{len(todo)}] {spec['kind']} {spec.get('policy')} {spec['fractions'][0]:g}: measuring the machine",
               flush=True)
-        engine_probe = measure.probe_engine(store, _variants(spec), cfg.probe_layers, prompt=prompt, mixed=mixed)
         tiers = measure.probe_tiers(store)
-        coeffs = measure.engine_coefficients(engine_probe, shape)
+        engine_probe = measure.probe_in_child(
+            store, _variants(spec), work / "probe", spec["headroom_bytes"] if spec.get("ssd") else None,
+            cfg.probe_layers, cfg.probe_tokens, prompt, list(cfg.ratios) if spec.get("policy") == "mixed" else None)
+        coeffs = measure.engine_coefficients(engine_probe, shape, tiers["hbm"]["bytes_per_s"])
         if spec["kind"] == "m2cache-stack":
             stack = measure.probe_stack(store, work / "probe-stack")
             engine_probe["stack"] = stack
@@ -142,7 +160,7 @@ def run(cfg: ValidateConfig) -> dict:
             if "error" in r:
                 row["failed"] = r["error"]
             else:
-                row.update(predict_result(r, shape, profile, cfg.prompt_len))
+                row.update(predict_result(r, shape, profile, cfg.prompt_len, spec["headroom_bytes"]))
                 row["within_tolerance"] = abs(row["error"]) <= cfg.tolerance
                 row["profile"] = profiles.to_dict(profile)
             rows.append(row)
