@@ -145,6 +145,11 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
         if "resident" in variants:  # decode the resident layers before isolation, as DenseReference does
             for layer in range(max(k, m.num_layers // 4)):
                 bank.vectors(layer, Precision.FULL)
+        naive = None
+        if "stream" in variants:  # the benchmark's naive streaming (its own model: loaded before isolation)
+            from bench.harness.systems_local import NaiveStreaming
+
+            naive = NaiveStreaming(store_path)
         before()
         out = {"probe_layers": k, "tokens": tokens, "num_layers": m.num_layers, "load_avg_start": os.getloadavg()}
         t0 = time.perf_counter()
@@ -163,11 +168,8 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
                 out[f"hit_{name}_s"] = timed(prec, 1.0)
         if "miss" in variants:
             out["miss_full_s"] = timed(Precision.FULL, 1e-9)
-        if "stream" in variants:  # the benchmark's naive streaming: whole layers read and decoded every step
-            from bench.harness.systems_local import NaiveStreaming
-
+        if naive is not None:  # whole layers read and decoded every step
             empty, before_empty = cached(None, 1.0)
-            naive = NaiveStreaming(store_path)
             try:
                 out["stream_s"] = _step_seconds(model, prompt, _Restricted(naive, empty, layers), tokens, before_empty)
             finally:
@@ -313,6 +315,26 @@ def local_profile(engine: dict, tiers: dict, name: str = "this-machine", price_p
                     "price": "assumed: small cloud VM class", "embodied": "assumed: core share of a server"},
     }
     return profiles.from_dict(raw, name)
+
+
+def calibrate(reps: int = 5) -> float:
+    """Seconds of a fixed reference workload (float32 GEMVs on the torch threads plus a
+    Python loop, like a decode step's mix), median of ``reps``. On a shared machine the
+    CPU available changes minute to minute; the ratio of this figure next to a probe and
+    next to a configuration says by how much (validate.py scales by it)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 8192, generator=g)  # 64 MiB: out of cache, like weights
+    x = torch.randn(1, 2048, generator=g)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            x @ w
+        acc = 0
+        for i in range(20000):
+            acc += i & 7
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def probe_in_child(store_path: Path, variants, work: Path, headroom_bytes: int | None = None,

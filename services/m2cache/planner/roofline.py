@@ -95,8 +95,10 @@ def _next_slower(profile: HardwareProfile, kind: str):
     return profile.tiers[-1]
 
 
-def predict(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, prompt_len: int = 128) -> Prediction:
-    """Decode seconds per token and time to first token for ``traffic`` on ``profile``."""
+def predict(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, prompt_len: int = 128,
+            cold_start: bool = False) -> Prediction:
+    """Decode seconds per token and time to first token for ``traffic`` on ``profile``
+    (TTFT on a warm cache, or of a fresh worker with ``cold_start``)."""
     eng = profile.engine
     hbm = profile.tiers[0]
     per_layer = eng.per_layer_s + (eng.per_layer_choose_s if traffic.ranked else 0.0)
@@ -111,17 +113,19 @@ def predict(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, promp
     bound = max((k for k in terms if k != "fixed"), key=lambda k: terms[k])
     if terms["fixed"] > max(work, io):
         bound = "fixed"
-    return Prediction(seconds_per_token=t, ttft_s=ttft(profile, shape, traffic, terms, prompt_len), bound=bound,
+    return Prediction(seconds_per_token=t, ttft_s=ttft(profile, shape, traffic, terms, prompt_len, cold_start),
+                      bound=bound,
                       terms=terms)
 
 
-def ttft(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, terms: dict, prompt_len: int) -> float:
+def ttft(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, terms: dict, prompt_len: int,
+         cold_start: bool = False) -> float:
     """Prefill of ``prompt_len`` tokens: one step whose compute grows with the prompt
-    (its neuron bands are shared by the prompt's rows, so its bytes are one token's)
-    and whose every record comes from below the HBM cache (it starts empty)."""
+    (its neuron bands are shared by the prompt's rows, so its bytes are one token's);
+    on a fresh worker (``cold_start``) every record comes from below the empty HBM cache."""
     compute = terms["compute"] * prompt_len
     cold = {k: v for k, v in terms.items() if k in ("dram", "cxl", "ssd")}
-    if traffic.hbm and not traffic.resident_fp32:  # the hits of a warm token are misses at first
+    if cold_start and traffic.hbm and not traffic.resident_fp32:  # the hits of a warm token are misses at first
         tier = profile.tier("dram") or profile.tiers[-1]
         cold["dram"] = cold.get("dram", 0.0) + traffic.hbm / tier.bandwidth
     work = max(compute, terms["hbm"]) + terms["engine"]

@@ -11,7 +11,8 @@ Cache model (batch 1, one token):
   recent token (1 for all-FULL, where every token uses every neuron; ~0.8 for a
   trained predictor per M2Cache). The window's working set is
   ``need * (1 + (1 - reuse) * (window - 1))`` and the hit rate
-  ``reuse * min(1, f / working_set)``;
+  ``reuse * min(1, f / working_set)``, or the share of all the policy's records
+  the cache can hold if that is more;
 - misses come from the DRAM tier, then a CXL tier, in proportion to the share of
   the records outside the HBM cache (of the policy precisions' copies) each holds;
   the rest from the SSD.
@@ -112,9 +113,12 @@ def cache_model(shape: ModelShape, ratios: dict, hbm_fraction: float, lower: dic
     total = sum(used.values())
     all_full = ratios.get("full", 0) >= 1.0
     reuse = 1.0 if all_full else (DEFAULT_REUSE if reuse is None else reuse)
-    h = hit_rate(total / shape.ffn_bytes, hbm_fraction, reuse, window)
+    copy = policy_copy_bytes(shape, ratios)
+    held = min(hbm_fraction * shape.ffn_bytes, copy)
+    # at least the share of all the policy's records the cache can hold, whatever the reuse
+    h = max(hit_rate(total / shape.ffn_bytes, hbm_fraction, reuse, window), held / copy if copy else 1.0)
     misses = total * (1.0 - h)
-    rest = policy_copy_bytes(shape, ratios) - min(hbm_fraction * shape.ffn_bytes, policy_copy_bytes(shape, ratios))
+    rest = copy - held
     served, left = {}, 1.0
     for kind in ("dram", "cxl"):  # misses are records outside the HBM cache: share of those each tier holds
         share = min(left, lower.get(kind, 0.0) / rest) if rest > 0 else 0.0

@@ -8,8 +8,9 @@ bench`` runs it (bench/harness/run.py ``run_child``, configs.py, child.py):
 
 1. just before the child, measure this machine: the engine probes the
    configuration needs (planner/measure.py) and the benchmark's tier bandwidths;
-   the machine is shared, so figures are only compared with figures measured
-   minutes apart;
+   the machine is shared, so a fixed reference workload is timed next to the
+   probes and next to the run (before and after it), and the prediction is
+   scaled by the ratio (``drift``: the machine's speed, never the run's own time);
 2. run the configuration;
 3. predict its decode tok/s from the profile just measured and the bytes per
    token per tier the benchmark counted (planner/roofline.py).
@@ -107,16 +108,18 @@ def page_cached_fraction(result: dict, traffic: tr.Traffic, headroom: int) -> fl
 
 
 def predict_result(result: dict, shape: shapes.ModelShape, profile: profiles.HardwareProfile,
-                   prompt_len: int, headroom: int = 512 << 20) -> dict:
-    """The planner's figures for one benchmark result, from its counted bytes per token."""
+                   prompt_len: int, headroom: int = 512 << 20, drift: float = 1.0) -> dict:
+    """The planner's figures for one benchmark result, from its counted bytes per token;
+    ``drift``: how much slower the machine ran during the result than during the probes."""
     traffic = tr.from_bench(shape, result)
     cached = page_cached_fraction(result, traffic, headroom)
     if cached:
         traffic = dataclasses.replace(traffic, page_cached=cached)
-    pred = roofline.predict(profile, shape, traffic, prompt_len)
+    pred = roofline.predict(profile, shape, traffic, prompt_len, cold_start=True)
     measured = result["decode_tok_s"]
-    return {"predicted_tok_s": pred.tok_s, "measured_tok_s": measured, "error": pred.tok_s / measured - 1.0,
-            "predicted_ttft_s": pred.ttft_s, "measured_ttft_s": result["ttft_s"], "bound": pred.bound,
+    tok_s = pred.tok_s / drift
+    return {"predicted_tok_s": tok_s, "measured_tok_s": measured, "error": tok_s / measured - 1.0,
+            "predicted_at_probe_tok_s": pred.tok_s, "predicted_ttft_s": pred.ttft_s * drift, "measured_ttft_s": result["ttft_s"], "bound": pred.bound,
             "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"], "page_cached": traffic.page_cached}
 
 
@@ -144,6 +147,7 @@ def run(cfg: ValidateConfig) -> dict:
         print(f"[{i}/{len(todo)}] {spec['kind']} {spec.get('policy')} {spec['fractions'][0]:g}: measuring the machine",
               flush=True)
         tiers = measure.probe_tiers(store)
+        cal_probe = measure.calibrate()
         engine_probe = measure.probe_in_child(
             store, _variants(spec), work / "probe", spec["headroom_bytes"] if spec.get("ssd") else None,
             cfg.probe_layers, cfg.probe_tokens, prompt, list(cfg.ratios) if spec.get("policy") == "mixed" else None)
@@ -155,12 +159,19 @@ def run(cfg: ValidateConfig) -> dict:
             coeffs["per_byte_s"]["fetch_through"] = max(stack["through_s_per_byte"] - stack["redis_s_per_byte"], 0.0)
         profile = measure.local_profile(coeffs, tiers, when=time.strftime("%Y-%m-%d %H:%M"))
         probes.append({"engine": engine_probe, "coefficients": coeffs, "tiers": _bw(tiers)})
-        for r in hrun.run_child(spec, work, cfg.child_timeout_s):
-            row = {**_label(r), "load_avg_probe": engine_probe["load_avg_start"], "load_avg_run": r.get("load_avg_start")}
+        cal_before = measure.calibrate()
+        results = hrun.run_child(spec, work, cfg.child_timeout_s)
+        cal_after = measure.calibrate()
+        # the machine's speed during the run relative to during the probe (shared CPUs)
+        drift = (cal_before + cal_after) / 2 / cal_probe
+        for r in results:
+            row = {**_label(r), "load_avg_probe": engine_probe["load_avg_start"], "load_avg_run": r.get("load_avg_start"),
+                   "calibration_s": {"probe": cal_probe, "before_run": cal_before, "after_run": cal_after},
+                   "drift": drift}
             if "error" in r:
                 row["failed"] = r["error"]
             else:
-                row.update(predict_result(r, shape, profile, cfg.prompt_len, spec["headroom_bytes"]))
+                row.update(predict_result(r, shape, profile, cfg.prompt_len, spec["headroom_bytes"], drift))
                 row["within_tolerance"] = abs(row["error"]) <= cfg.tolerance
                 row["profile"] = profiles.to_dict(profile)
             rows.append(row)
