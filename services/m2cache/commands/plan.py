@@ -135,13 +135,14 @@ def _measure(args) -> int:
 
     import yaml
 
-    from m2cache.planner import measure, profiles, shapes
+    from m2cache.planner import measure, probes, profiles, shapes
 
     store = _store(args)
     shape = shapes.from_store(store)
     print(f"measuring this machine on {store} ...", flush=True)
-    probe = measure.probe_engine(store)
-    coeffs = measure.engine_coefficients(probe, shape)
+    probe = probes.probe_in_child(store, ("resident", "full", "int8", "int4", "miss", "stream"),
+                                  args.out_dir.resolve() / "probe", probe_layers=2, tokens=3)
+    coeffs = probes.engine_coefficients(probe, shape)
     profile = measure.local_profile(coeffs, measure.probe_tiers(store), when=time.strftime("%Y-%m-%d %H:%M"))
     args.measure_profile.write_text(yaml.safe_dump(profiles.to_dict(profile), sort_keys=False))
     print(f"profile: {args.measure_profile} (load average {probe['load_avg_start'][0]:.2f})")

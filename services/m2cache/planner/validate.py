@@ -7,7 +7,7 @@ policy and fast-memory budget), in its own child process exactly as ``m2cache
 bench`` runs it (bench/harness/run.py ``run_child``, configs.py, child.py):
 
 1. just before the child, measure this machine: the engine probes the
-   configuration needs (planner/measure.py) and the benchmark's tier bandwidths;
+   configuration needs (planner/probes.py) and the benchmark's tier bandwidths;
    the machine is shared, so a fixed reference workload is timed next to the
    probes and next to the run (before and after it), and the prediction is
    scaled by the ratio (``drift``: the machine's speed, never the run's own time);
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from m2cache.errors import InvalidArgument
-from m2cache.planner import measure, profiles, roofline, shapes, traffic as tr
+from m2cache.planner import measure, probes, profiles, roofline, shapes, traffic as tr
 
 log = logging.getLogger(__name__)
 STORE_SYSTEMS = ("dense-reference", "naive-streaming", "m2cache-inprocess", "m2cache-stack")
@@ -141,24 +141,24 @@ def run(cfg: ValidateConfig) -> dict:
     load_start = os.getloadavg()
     print(f"m2cache plan --validate: {store.name}, load average {load_start[0]:.2f} {load_start[1]:.2f} "
           f"{load_start[2]:.2f}", flush=True)
-    rows, probes = [], []
+    rows, probe_log = [], []
     todo = specs(cfg, prompt)
     for i, spec in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {spec['kind']} {spec.get('policy')} {spec['fractions'][0]:g}: measuring the machine",
               flush=True)
         tiers = measure.probe_tiers(store)
         cal_probe = measure.calibrate()
-        engine_probe = measure.probe_in_child(
+        engine_probe = probes.probe_in_child(
             store, _variants(spec), work / "probe", spec["headroom_bytes"] if spec.get("ssd") else None,
             cfg.probe_layers, cfg.probe_tokens, prompt, list(cfg.ratios) if spec.get("policy") == "mixed" else None)
-        coeffs = measure.engine_coefficients(engine_probe, shape, tiers["hbm"]["bytes_per_s"])
+        coeffs = probes.engine_coefficients(engine_probe, shape, tiers["hbm"]["bytes_per_s"])
         if spec["kind"] == "m2cache-stack":
-            stack = measure.probe_stack(store, work / "probe-stack")
+            stack = probes.probe_stack(store, work / "probe-stack")
             engine_probe["stack"] = stack
             coeffs["per_byte_s"]["fetch_dram"] = stack["redis_s_per_byte"]
             coeffs["per_byte_s"]["fetch_through"] = max(stack["through_s_per_byte"] - stack["redis_s_per_byte"], 0.0)
         profile = measure.local_profile(coeffs, tiers, when=time.strftime("%Y-%m-%d %H:%M"))
-        probes.append({"engine": engine_probe, "coefficients": coeffs, "tiers": _bw(tiers)})
+        probe_log.append({"engine": engine_probe, "coefficients": coeffs, "tiers": _bw(tiers)})
         cal_before = measure.calibrate()
         results = hrun.run_child(spec, work, cfg.child_timeout_s)
         cal_after = measure.calibrate()
@@ -179,7 +179,7 @@ def run(cfg: ValidateConfig) -> dict:
     ok = [r for r in rows if "failed" not in r]
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "store": str(store), "shape": asdict(shape),
            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-           "tolerance": cfg.tolerance, "configurations": rows, "probes": probes,
+           "tolerance": cfg.tolerance, "configurations": rows, "probes": probe_log,
            "all_within_tolerance": bool(ok) and len(ok) == len(rows) and all(r["within_tolerance"] for r in ok),
            "load_avg": {"start": load_start, "end": os.getloadavg()}, "wall_s": time.monotonic() - t_start}
     (Path(cfg.out_dir) / "validate.json").write_text(json.dumps(doc, indent=1))

@@ -103,9 +103,11 @@ class ModelledMeter:
         return self._j
 
 
-def open_meter(profile: profiles.HardwareProfile, busy: Callable[[], bool], powercap: Path = POWERCAP):
-    """RAPL, else NVML, else the profile's model."""
-    for make in (lambda: RaplMeter(powercap), NvmlMeter):
+def open_meter(profile: profiles.HardwareProfile, busy: Callable[[], bool], powercap: Path = POWERCAP,
+               nvml: bool = True):
+    """RAPL, else NVML (unless ``nvml`` is false), else the profile's model."""
+    makers = [lambda: RaplMeter(powercap)] + ([NvmlMeter] if nvml else [])
+    for make in makers:
         try:
             return make()
         except Exception as err:  # absent or unreadable: try the next source
