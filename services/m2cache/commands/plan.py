@@ -103,7 +103,8 @@ def _plan(args) -> int:
         for profile in _hardware(args):
             if bench:
                 for label, traffic in bench:
-                    plan = placement.plan(profile, shape, traffic.extra["policy"], opts, traffic)
+                    plan = placement.plan(profile, shape, traffic.extra["policy"], opts, traffic,
+                                          cache_fraction=traffic.extra["fraction"])
                     rows.append({**plan.row(), "bench_config": label})
                 continue
             for policy in policies:

@@ -108,3 +108,37 @@ def calibrate(reps: int = 5) -> float:
             acc += i & 7
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class Speedometer:
+    """``calibrate`` sampled at a low duty cycle (one 5-rep sample every ``period_s``) on a
+    thread while something else runs, so the machine's speed is known *during* it: on a
+    shared box the load changes within a run. Use as a context manager; ``seconds`` is
+    the median sample (the reference workload's time), None if none was taken."""
+
+    def __init__(self, period_s: float = 3.0):
+        import threading
+
+        self.period_s = period_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="speedometer", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.samples.append(calibrate(reps=1))
+
+    def __enter__(self) -> "Speedometer":
+        self.samples.append(calibrate(reps=3))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(calibrate(reps=3))
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+

@@ -13,6 +13,7 @@ there and is not used (a CXL expander still is).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from m2cache.codec.format import Precision
@@ -130,9 +131,13 @@ def traffic_for(shape: ModelShape, placement: Placement, opts: Options) -> tr.Tr
 
 
 def plan(profile: HardwareProfile, shape: ModelShape, policy: str, opts: Options = Options(),
-         traffic: tr.Traffic | None = None) -> Plan:
-    """Placement, traffic (the cache model's unless given), prediction and costs."""
+         traffic: tr.Traffic | None = None, cache_fraction: float | None = None) -> Plan:
+    """Placement, traffic (the cache model's unless given), prediction and costs;
+    ``cache_fraction`` fixes the HBM cache budget (a benchmark configuration's)."""
     placement = place(profile, shape, policy, opts)
+    if cache_fraction is not None:
+        placement = dataclasses.replace(placement, cache_fraction=cache_fraction,
+                                        cache_bytes=cache_fraction * shape.ffn_bytes)
     traffic = traffic or traffic_for(shape, placement, opts)
     pred = roofline.predict(profile, shape, traffic, opts.prompt_len)
     cost = power.token_cost(profile, pred.seconds_per_token, opts.tariff)

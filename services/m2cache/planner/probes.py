@@ -258,6 +258,7 @@ def probe_in_child(store_path: Path, variants, work: Path, headroom_bytes: int |
     import json
     import subprocess
 
+    harness()
     work.mkdir(parents=True, exist_ok=True)
     spec = {"store": str(store_path), "variants": list(variants), "headroom_bytes": headroom_bytes,
             "probe_layers": probe_layers, "tokens": tokens, "prompt": prompt, "ratios": ratios}
@@ -267,11 +268,33 @@ def probe_in_child(store_path: Path, variants, work: Path, headroom_bytes: int |
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), str(REPO),
                                                         os.environ.get("PYTHONPATH", "")])}
     with open(work / "probe.log", "w") as log_file:
-        proc = subprocess.run([sys.executable, "-m", "m2cache.planner.probes", str(spec_path), str(out_path)],
-                              env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s)
-    if proc.returncode != 0 or not out_path.is_file():
-        raise RuntimeError(f"engine probe failed (exit {proc.returncode}; log {work / 'probe.log'})")
+        proc = subprocess.Popen([sys.executable, "-m", "m2cache.planner.probes", str(spec_path), str(out_path)],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        finally:
+            _remove_group(_group_name(proc.pid))  # left behind when the child was killed (OOM, timeout)
+    if code != 0 or not out_path.is_file():
+        raise RuntimeError(f"engine probe failed (exit {code}; log {work / 'probe.log'})")
     return json.loads(out_path.read_text())
+
+
+def _group_name(pid: int) -> str:
+    return f"m2c-plan-probe-{pid}"
+
+
+def _remove_group(name: str) -> None:
+    from bench.harness import honest
+
+    parent = honest._own_memory_group() if honest.MemoryLimit.available() else None
+    if parent is not None and (parent / name).is_dir():
+        try:
+            (parent / name).rmdir()
+        except OSError as err:
+            log.warning("could not remove cgroup %s: %s", parent / name, err)
 
 
 def _child(spec_path: str, out_path: str) -> None:
@@ -283,7 +306,7 @@ def _child(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     group = None
     if spec.get("headroom_bytes") and honest.MemoryLimit.available():
-        group = honest.MemoryLimit(f"m2c-plan-probe-{os.getpid()}")
+        group = honest.MemoryLimit(_group_name(os.getpid()))
         group.add(os.getpid())
     mixed = None
     if spec.get("ratios"):

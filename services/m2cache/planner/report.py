@@ -12,15 +12,16 @@ def _g(v: float, digits: int = 3) -> str:
 
 def plan_table(rows: list[dict]) -> str:
     """Markdown, one row per plan (``Plan.row()``)."""
-    head = ("| hardware | model | policy | HBM cache GB (hit) | DRAM / CXL GB | decode tok/s | TTFT s | bound | W "
-            "| tok/J | gCO2/token | tok/$ |")
+    bench = any("bench_config" in r for r in rows)
+    head = ("| hardware | model | policy | " + ("bench configuration (bytes/token shares) | " if bench else "")
+            + "HBM cache GB (hit) | DRAM / CXL GB | decode tok/s | TTFT s | bound | W | tok/J | gCO2/token | tok/$ |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pl = r["placement"]
         lower = pl["lower_bytes"]
         hit = r["hbm_hit_rate"]
         out.append(" | ".join([
-            f"| {r['profile']}", r["model"], r["policy"],
+            f"| {r['profile']}", r["model"], r["policy"], *([r.get("bench_config", "")] if bench else []),
             f"{pl['cache_bytes'] / GB:.1f} ({'-' if hit is None else f'{hit:.0%}'})",
             f"{lower.get('dram', 0) / GB:.0f} / {lower.get('cxl', 0) / GB:.0f}",
             _g(r["tok_s"]), _g(r["ttft_s"], 2), r["bound"], f"{r['power_w']:.0f}", _g(r["tok_per_joule"]),

@@ -8,9 +8,10 @@ bench`` runs it (bench/harness/run.py ``run_child``, configs.py, child.py):
 
 1. just before the child, measure this machine: the engine probes the
    configuration needs (planner/probes.py) and the benchmark's tier bandwidths;
-   the machine is shared, so a fixed reference workload is timed next to the
-   probes and next to the run (before and after it), and the prediction is
-   scaled by the ratio (``drift``: the machine's speed, never the run's own time);
+   the machine is shared, so a fixed reference workload is timed at a low duty
+   cycle while the probes run and while the configuration runs
+   (measure.Speedometer), and the prediction is scaled by the ratio of the
+   medians (``drift``: the machine's speed, never the run's own time);
 2. run the configuration;
 3. predict its decode tok/s from the profile just measured and the bytes per
    token per tier the benchmark counted (planner/roofline.py).
@@ -147,10 +148,10 @@ def run(cfg: ValidateConfig) -> dict:
         print(f"[{i}/{len(todo)}] {spec['kind']} {spec.get('policy')} {spec['fractions'][0]:g}: measuring the machine",
               flush=True)
         tiers = measure.probe_tiers(store)
-        cal_probe = measure.calibrate()
-        engine_probe = probes.probe_in_child(
-            store, _variants(spec), work / "probe", spec["headroom_bytes"] if spec.get("ssd") else None,
-            cfg.probe_layers, cfg.probe_tokens, prompt, list(cfg.ratios) if spec.get("policy") == "mixed" else None)
+        with measure.Speedometer() as during_probe:
+            engine_probe = probes.probe_in_child(
+                store, _variants(spec), work / "probe", spec["headroom_bytes"] if spec.get("ssd") else None,
+                cfg.probe_layers, cfg.probe_tokens, prompt, list(cfg.ratios) if spec.get("policy") == "mixed" else None)
         coeffs = probes.engine_coefficients(engine_probe, shape, tiers["hbm"]["bytes_per_s"])
         if spec["kind"] == "m2cache-stack":
             stack = probes.probe_stack(store, work / "probe-stack")
@@ -159,15 +160,13 @@ def run(cfg: ValidateConfig) -> dict:
             coeffs["per_byte_s"]["fetch_through"] = max(stack["through_s_per_byte"] - stack["redis_s_per_byte"], 0.0)
         profile = measure.local_profile(coeffs, tiers, when=time.strftime("%Y-%m-%d %H:%M"))
         probe_log.append({"engine": engine_probe, "coefficients": coeffs, "tiers": _bw(tiers)})
-        cal_before = measure.calibrate()
-        results = hrun.run_child(spec, work, cfg.child_timeout_s)
-        cal_after = measure.calibrate()
+        with measure.Speedometer() as during_run:
+            results = hrun.run_child(spec, work, cfg.child_timeout_s)
         # the machine's speed during the run relative to during the probe (shared CPUs)
-        drift = (cal_before + cal_after) / 2 / cal_probe
+        drift = during_run.seconds / during_probe.seconds
         for r in results:
             row = {**_label(r), "load_avg_probe": engine_probe["load_avg_start"], "load_avg_run": r.get("load_avg_start"),
-                   "calibration_s": {"probe": cal_probe, "before_run": cal_before, "after_run": cal_after},
-                   "drift": drift}
+                   "calibration_s": {"probe": during_probe.samples, "run": during_run.samples}, "drift": drift}
             if "error" in r:
                 row["failed"] = r["error"]
             else:
@@ -176,14 +175,18 @@ def run(cfg: ValidateConfig) -> dict:
                 row["profile"] = profiles.to_dict(profile)
             rows.append(row)
             print("   " + line(row), flush=True)
-    ok = [r for r in rows if "failed" not in r]
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "store": str(store), "shape": asdict(shape),
-           "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-           "tolerance": cfg.tolerance, "configurations": rows, "probes": probe_log,
-           "all_within_tolerance": bool(ok) and len(ok) == len(rows) and all(r["within_tolerance"] for r in ok),
-           "load_avg": {"start": load_start, "end": os.getloadavg()}, "wall_s": time.monotonic() - t_start}
-    (Path(cfg.out_dir) / "validate.json").write_text(json.dumps(doc, indent=1))
+        doc = _document(cfg, store, shape, rows, probe_log, load_start, t_start)
+        (Path(cfg.out_dir) / "validate.json").write_text(json.dumps(doc, indent=1))  # after every configuration
     return doc
+
+
+def _document(cfg: ValidateConfig, store: Path, shape, rows: list, probe_log: list, load_start, t_start) -> dict:
+    ok = [r for r in rows if "failed" not in r]
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "store": str(store), "shape": asdict(shape),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+            "tolerance": cfg.tolerance, "configurations": rows, "probes": probe_log,
+            "all_within_tolerance": bool(ok) and len(ok) == len(rows) and all(r["within_tolerance"] for r in ok),
+            "load_avg": {"start": load_start, "end": os.getloadavg()}, "wall_s": time.monotonic() - t_start}
 
 
 def _bw(tiers: dict) -> dict:
