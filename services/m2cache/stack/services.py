@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 
 from m2cache import grpc_util
+from m2cache.dram import numa
 from m2cache.dram.redis_proc import find_redis_server
 from m2cache.errors import FailedPrecondition
 from m2cache.security import SecurityConfig
@@ -79,8 +80,11 @@ def redis_spec(c: StackConfig, log_dir: Path, secrets: Secrets | None) -> ChildS
     conf = directory / "redis.conf"
     conf.touch(mode=0o600)
     conf.write_text("\n".join(lines) + "\n")
-    binary = find_redis_server(c.redis_server)
-    return ChildSpec("redis", (binary, str(conf)), log_dir / "redis.log", redis_ready(c.host, port, password))
+    cmd = [find_redis_server(c.redis_server), str(conf)]
+    if c.numa_node >= 0:
+        numa.check_node(c.numa_node)  # fail here, clearly, not as a dead child
+        cmd = numa.bind_command(cmd, c.numa_node)
+    return ChildSpec("redis", tuple(cmd), log_dir / "redis.log", redis_ready(c.host, port, password))
 
 
 def _refuse_if_taken(host: str, port: int) -> None:

@@ -37,6 +37,8 @@ class WorkerConfig:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     grace_s: float = 5.0
     worker_id: str = "worker-0"
+    hardware: str = "cpu-server"  # planner profile (name or YAML) for modelled power, price, embodied carbon
+    grid_gco2_per_kwh: float = 820.0  # grid carbon intensity (M2Cache's figure)
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -31,6 +31,7 @@ class WorkerCollector:
                                 value=rt.cache.num_bytes)
         yield GaugeMetricFamily("m2cache_worker_cache_budget_bytes", "HBM neuron-cache budget",
                                 value=rt.cache.budget_bytes)
+        yield from rt.energy.metrics()  # joules (RAPL / NVML / modelled), gCO2 and USD per token
 
 
 def worker_registry(runtime) -> CollectorRegistry:

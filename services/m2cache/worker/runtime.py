@@ -17,6 +17,7 @@ from m2cache.model.weights import compute_dtype
 from m2cache.worker.choosers import Choosers
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.dense_stream import AttentionStreamer, plan_resident
+from m2cache.worker import energy
 from m2cache.worker.engine import Engine, Request, Sequence
 from m2cache.worker.fetcher import TierFetcher
 from m2cache.worker.neuron_cache import NeuronCache
@@ -57,6 +58,7 @@ class WorkerRuntime:
                                            prefetch=config.prefetch)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
                              config.queue_timeout_s, config.max_context, attention=streamer)
+        self.energy = energy.for_engine(self.engine, config.hardware, config.grid_gco2_per_kwh)
         log.info("worker %s: model %s (%d layers, %s), %s, cache budget %.0f%% of FFN (%d MiB), window %d, tiers %s",
                  config.worker_id, config.model, manifest.num_layers, model.dtype,
                  "dense path (budget holds the model)" if dense else f"policy {choosers.ratios or 'all FULL'}",
@@ -115,7 +117,7 @@ class WorkerRuntime:
             tokens_per_s=(len(seq.generated) - 1) / decode_s if len(seq.generated) > 1 else 0.0,
             bytes=worker_pb2.TierBytes(hbm=b_hbm, dram=b_fetch),
             hbm_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-            finish_reason=seq.finish_reason,
+            finish_reason=seq.finish_reason, **self.energy.request_fields(seq),
         )
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
