@@ -10,19 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m2cache.codec.format import Precision
+from m2cache.codec.format import DTYPES, Precision
 
 TARGET_FRACTION = 0.25
 
 
 def ffn_bytes(store_path: Path) -> int:
     """The model's FFN bytes at FULL precision (record bytes, the checkpoint dtype)."""
+    return model_bytes(store_path, 0)["ffn"]
+
+
+def model_bytes(store_path: Path, max_len: int) -> dict[str, int]:
+    """FFN bytes at FULL, non-FFN (dense) weight bytes and one sequence's KV cache of
+    ``max_len`` positions, all in the checkpoint dtype (the worker's compute dtype)."""
     from m2cache.store.reader import NeuronStore
 
     store = NeuronStore(store_path)
     try:
-        m = store.manifest
-        return m.num_layers * m.d_ffn * m.layout.num_bytes(Precision.FULL)
+        m, hf = store.manifest, store.manifest.hf_config
+        heads = hf.get("num_attention_heads", 1)
+        head_dim = hf.get("head_dim") or m.d_model // heads
+        item = DTYPES[m.dtype].itemsize
+        return {"ffn": m.num_layers * m.d_ffn * m.layout.num_bytes(Precision.FULL),
+                "dense": sum(store.dense_nbytes(n) for n in store.dense_names()),
+                "kv": 2 * m.num_layers * hf.get("num_key_value_heads", heads) * head_dim * max_len * item}
     finally:
         store.close()
 
@@ -109,6 +120,11 @@ def targets(results: list[dict], model: str) -> list[dict]:
                                    r["hbm_hit_rate"], 0.8))
             if r:
                 out.append(_target(policy, f"{where} SSD bytes per token, % of FFN", r["ssd_pct_of_ffn"], 10.0, False))
+    for policy, goal in (("full", 0.9), ("mixed", 1.2)):  # issue 12: everything cached, no I/O
+        local = _find(results, model, "m2cache-inprocess", 1.0, policy)
+        if local and hf:
+            out.append(_target(policy, "m2cache in-process 100% / transformers dense",
+                               local["decode_tok_s"] / hf["decode_tok_s"], goal))
     llama = _find(results, model, "llama.cpp", policy="gguf-q4_1")
     best = max((r for r in results if r["model"] == model and r["system"] == "m2cache-inprocess"
                 and r.get("fraction") == 1.0 and "error" not in r), key=lambda r: r["decode_tok_s"], default=None)
@@ -128,3 +144,21 @@ def annotate(doc: dict) -> None:
         annotate_result(r, doc["bandwidth"], ffn[r["model"]])
     doc["fidelity"] = fidelity(doc["results"])
     doc["targets"] = targets(doc["results"], doc["main_model"])
+    doc["targets"] += memory_targets(doc, stores)
+
+
+def memory_targets(doc: dict, stores: Path) -> list[dict]:
+    """Issue 12: the worker's peak memory at 25% <= (non-FFN weights + 25% of the FFN +
+    KV cache) x 1.1, in-process (the whole process) and the stack's worker process."""
+    cfg, model = doc["config"], doc["main_model"]
+    sizes = model_bytes(stores / model, cfg.get("prompt_len", 8) + cfg.get("warmup", 1) + cfg.get("tokens", 4) + 1)
+    bound = 1.1 * (sizes["dense"] + TARGET_FRACTION * sizes["ffn"] + sizes["kv"])
+    doc["memory_bound"] = {**sizes, "fraction": TARGET_FRACTION, "bound_bytes": int(bound)}
+    out = []
+    for system in ("m2cache-inprocess", "m2cache-stack"):
+        for policy in POLICIES:
+            r = _find(doc["results"], model, system, TARGET_FRACTION, policy)
+            if r and r.get("peak_rss_bytes"):
+                out.append(_target(policy, f"{system} peak RSS / memory bound (MiB {int(bound) >> 20})",
+                                   r["peak_rss_bytes"] / bound, 1.0, at_least=False))
+    return out
