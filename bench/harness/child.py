@@ -97,6 +97,9 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
 def main(spec_path: str, out_path: str) -> None:
     from bench.harness.configs import run_spec
 
+    import psutil
+    import torch  # noqa: F401  (with the harness: the interpreter every system pays before any weight)
+    runtime_rss = psutil.Process().memory_info().rss
     spec = json.loads(Path(spec_path).read_text())
     group = None
     if spec.get("cgroup") and honest.MemoryLimit.available():
@@ -108,6 +111,8 @@ def main(spec_path: str, out_path: str) -> None:
     finally:
         if group is not None:
             group.close()
+    for r in results:
+        r["runtime_rss_bytes"] = runtime_rss
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

@@ -81,7 +81,8 @@ def target_lines(doc: dict) -> str:
             verdict = f"MISSED by {t['goal'] / t['value']:.1f}x" if t["value"] > 0 else "MISSED"
         else:
             verdict = f"MISSED by {t['value'] / t['goal']:.1f}x"
-        lines.append(f"- [{t['policy']}] {t['target']} at 25%: {t['value']:.3g} (target {op} {t['goal']:g}): {verdict}")
+        at = f" at {t.get('fraction', 0.25):.0%}" if t.get("fraction", 0.25) is not None else ""
+        lines.append(f"- [{t['policy']}] {t['target']}{at}: {t['value']:.3g} (target {op} {t['goal']:g}): {verdict}")
     note = quant_note(doc.get("main_model_weights") or "")
     for f in doc["fidelity"]:
         lines.append(f"- fidelity {f['model']} {f['system']} ({f.get('policy', 'full')}, 100%): "

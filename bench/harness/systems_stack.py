@@ -27,7 +27,7 @@ from m2cache.worker.runtime import WorkerRuntime
 from m2cache_client.pb import common_pb2, dram_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from bench.harness.honest import MemoryLimit, anon_bytes, device_read_bytes, peak_rss_bytes
-from bench.harness.systems_local import touch_cache
+from bench.harness.systems_local import all_resident_fraction, touch_cache
 
 DEADLINE_S = 600.0
 
@@ -103,6 +103,8 @@ class StackWorker:
     def __init__(self, stack: ServiceStack, model_name: str, manifest: Manifest, model, fraction: float,
                  mixed=None, window: int = 4):
         self.stack = stack
+        if fraction >= 1 and mixed is not None:  # as in-process: "100%" of a mixed policy holds every precision it uses
+            fraction = all_resident_fraction(manifest, mixed.ratios.to_dict())
         self.config = WorkerConfig(model=model_name, dram_target=stack.dram_target, address="127.0.0.1:0",
                                    cache_fraction=fraction, window=window, fetch_deadline_s=DEADLINE_S, max_batch=1)
         fetcher = TierFetcher.from_config(self.config)

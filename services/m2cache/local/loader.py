@@ -38,6 +38,7 @@ def load_model(store: NeuronStore, device: str | torch.device = "cpu",
     dtype = dtype or compute_dtype(store.manifest.dtype)
     config = ModelConfig.from_hf(store.manifest.hf_config)
     dense = {name: store.get_dense(name) for name in store.dense_names()}
+    store.drop_mapped_pages()  # the copies above are the model's: the mapped pages need not stay resident
     model = CausalLM(config, dense, device, dtype)
     return model, load_tokenizer(store), WeightBank.from_store(store, device, dtype)
 

@@ -47,7 +47,11 @@ class DenseWeights:
     def attention(self, layer_prefix: str, out_proj: str) -> AttentionWeights:
         """A layer's projections with q/k/v fused into one matrix (``out_proj``: "o_proj"
         for the Llama family, "out_proj" for OPT); biases None where the checkpoint has none."""
-        return attention_weights(self._tensors, layer_prefix, out_proj)
+        fused = attention_weights(self._tensors, layer_prefix, out_proj)
+        for x in "qkv":  # the fused copy replaces them: never hold both
+            for kind in ("weight", "bias"):
+                self._tensors.pop(f"{layer_prefix}self_attn.{x}_proj.{kind}", None)
+        return fused
 
 
 def attention_weights(tensors: dict[str, torch.Tensor], layer_prefix: str, out_proj: str) -> AttentionWeights:

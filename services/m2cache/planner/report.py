@@ -57,12 +57,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("m2cache plan: best placement per hardware profile (batch 1)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def validation_plot(doc: dict, path: Path) -> Path:
@@ -91,6 +86,12 @@ def validation_plot(doc: dict, path: Path) -> Path:
     ax.set_ylabel("predicted decode tok/s (m2cache plan)")
     ax.set_title(f"this machine, +/-{doc['tolerance']:.0%} band")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

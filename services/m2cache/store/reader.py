@@ -134,6 +134,13 @@ class NeuronStore:
         self.records.close()
         self.env.close()
 
+    def drop_mapped_pages(self) -> None:
+        """Reopen the LMDB environment so the pages earlier reads touched (the dense tensors,
+        hundreds of MB for a 7B model) leave this process's resident set; they stay in the
+        page cache. Call only while no read transaction is open (after loading a model)."""
+        self.env.close()  # LMDB allows one environment per file per process
+        self.env = _open_env(self.path)
+
     @contextmanager
     def read_txn(self, buffers: bool = False):
         """A read transaction; adopts the file's new size when another process
@@ -289,14 +296,18 @@ class NeuronStore:
         return list(self.manifest.dense)
 
     def get_dense_bytes(self, name: str) -> bytes:
+        with self.read_txn(buffers=True) as txn:
+            return bytes(self._dense_view(txn, name))
+
+    def _dense_view(self, txn, name: str):
+        """The mapped bytes of a dense tensor (valid inside ``txn``), checked against its crc32."""
         meta = self.manifest.dense.get(name)
         if meta is None:
             raise NotFound(f"no dense tensor {name!r} in {self.path}")
-        with self.read_txn() as txn:
-            raw = txn.get(dense_key(name))
-        if raw is None or (self.verify and crc32(raw) != meta["crc32"]):
+        view = txn.get(dense_key(name))
+        if view is None or (self.verify and crc32(view) != meta["crc32"]):
             raise ChecksumError(f"dense record {name!r} is missing or fails its checksum")
-        return raw
+        return view
 
     def dense_nbytes(self, name: str) -> int:
         meta = self.manifest.dense.get(name)
@@ -307,23 +318,20 @@ class NeuronStore:
     def iter_dense(self, name: str, chunk_bytes: int):
         """(offset, bytes) chunks of a dense tensor of any size, verified once as a whole
         first; a read transaction stays open while the chunks are consumed."""
-        meta = self.manifest.dense.get(name)
-        if meta is None:
-            raise NotFound(f"no dense tensor {name!r} in {self.path}")
         with self.read_txn(buffers=True) as txn:
-            view = txn.get(dense_key(name))
-            if view is None or (self.verify and crc32(view) != meta["crc32"]):
-                raise ChecksumError(f"dense record {name!r} is missing or fails its checksum")
+            view = self._dense_view(txn, name)
             if len(view) == 0:
                 yield 0, b""
             for offset in range(0, len(view), chunk_bytes):
                 yield offset, bytes(view[offset : offset + chunk_bytes])
 
     def get_dense(self, name: str) -> torch.Tensor:
-        meta = self.manifest.dense[name] if name in self.manifest.dense else None
-        raw = self.get_dense_bytes(name)
-        assert meta is not None
-        t = torch.frombuffer(bytearray(raw), dtype=DTYPES[meta["dtype"]]) if raw else torch.empty(0, dtype=DTYPES[meta["dtype"]])
+        """A dense tensor, copied once out of the map (checked against its crc32)."""
+        with self.read_txn(buffers=True) as txn:
+            data = bytearray(self._dense_view(txn, name))
+        meta = self.manifest.dense[name]
+        dtype = DTYPES[meta["dtype"]]
+        t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return t.reshape(meta["shape"])
 
     def get_file(self, filename: str) -> bytes:
