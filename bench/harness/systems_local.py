@@ -59,7 +59,7 @@ class DenseReference:
 
     def __init__(self, store_path):
         self.store = NeuronStore(store_path)
-        self.model, _tok, self.bank = load_model(self.store)
+        self.model, _tok, self.bank = load_model(self.store, drop_pages=True)
         m = self.store.manifest
         ffn = [self.bank.dense(layer) for layer in range(m.num_layers)]
         self.tokens_done = 0
@@ -88,7 +88,7 @@ class NaiveStreaming:
 
     def __init__(self, store_path):
         self.store = NeuronStore(store_path)
-        self.model, _tok, _bank = load_model(self.store)
+        self.model, _tok, _bank = load_model(self.store, drop_pages=True)
         self.ssd_bytes = 0
         self.info = {"reads": "NeuronStore.get_layer (LMDB, one layer, every token)"}
 
@@ -123,7 +123,7 @@ class M2CacheLocal:
 
     def __init__(self, store_path, fraction: float, mixed=None, window: int = 4):
         self.store = NeuronStore(store_path)
-        self.model, _tok, _bank = load_model(self.store)
+        self.model, _tok, _bank = load_model(self.store, drop_pages=True)
         m = self.store.manifest
         if mixed is None:
             self.choose, ratios = full_choose(m.d_ffn), None

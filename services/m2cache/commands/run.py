@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     store = NeuronStore(args.store)
     try:
-        model, tokenizer, bank = load_model(store, args.device)
+        model, tokenizer, bank = load_model(store, args.device, drop_pages=True)
         if tokenizer is None:
             raise FailedPrecondition(f"{args.store} holds no tokenizer files; cannot encode --prompt")
         prompt_ids = tokenizer(args.prompt).input_ids

@@ -32,13 +32,16 @@ def load_tokenizer(store: NeuronStore):
 
 
 def load_model(store: NeuronStore, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[CausalLM, object, WeightBank]:
+               dtype: torch.dtype | None = None, drop_pages: bool = False) -> tuple[CausalLM, object, WeightBank]:
     """(model with the store's dense tensors, tokenizer or None, lazily-read neuron bank);
-    ``dtype`` None: the checkpoint's own (compute_dtype)."""
+    ``dtype`` None: the checkpoint's own (compute_dtype). ``drop_pages``: reopen the store's
+    LMDB map afterwards so the dense pages leave the resident set; only where no other
+    thread reads the same store meanwhile (a CLI run, one benchmark process)."""
     dtype = dtype or compute_dtype(store.manifest.dtype)
     config = ModelConfig.from_hf(store.manifest.hf_config)
     dense = {name: store.get_dense(name) for name in store.dense_names()}
-    store.drop_mapped_pages()  # the copies above are the model's: the mapped pages need not stay resident
+    if drop_pages:  # the copies above are the model's: the mapped pages need not stay resident
+        store.drop_mapped_pages()
     model = CausalLM(config, dense, device, dtype)
     return model, load_tokenizer(store), WeightBank.from_store(store, device, dtype)
 
