@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from bench.harness.synth import SynthShape, build_checkpoint, build_store  # noqa: E402
+from bench.harness.systems_stack import stop_child as stop  # noqa: E402
 from m2cache import grpc_util  # noqa: E402
 from m2cache_client.pb import worker_pb2, worker_pb2_grpc  # noqa: E402
 
@@ -51,16 +51,6 @@ def serve(args: list[str], target: str, service: str, log: Path, env: dict | Non
             sys.exit(f"{service} did not come up (log {log})")
         time.sleep(0.2)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def generate(target: str, model: str, prompt: list[int], n: int) -> int:

@@ -46,13 +46,13 @@ def _serve(args: list[str], target: str, service: str, log_path: Path) -> subpro
     deadline = time.monotonic() + 120
     while grpc_util.check_health(target, service, 1.0) != "SERVING":
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_child(proc)
             raise RuntimeError(f"{service} did not come up (log {log_path})")
         time.sleep(0.2)
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_child(proc: subprocess.Popen) -> None:
     """SIGTERM by PID, SIGKILL if it lingers."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
@@ -91,8 +91,8 @@ class ServiceStack:
         return device_read_bytes(self.store.pid)
 
     def close(self) -> None:
-        _stop(self.dram)
-        _stop(self.store)
+        stop_child(self.dram)
+        stop_child(self.store)
 
 
 class StackWorker:
