@@ -90,3 +90,42 @@ def test_search_candidates_fit_the_budget(budget):
 def test_search_rejects_bad_budget(budget):
     with pytest.raises(InvalidArgument):
         candidates(budget, LAYOUT, 172)
+
+
+def _score_rows(trial: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(trial)
+    if trial % 3 == 0:  # many exact ties
+        return torch.randint(0, 5, (n,), generator=g).float()
+    s = torch.randn(n, generator=g)
+    if trial % 5 == 0:
+        s[torch.randint(0, n, (3,), generator=g)] = float("nan")
+    if trial % 7 == 0:
+        s = -s.abs()
+    return s
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_c_band_selection_equals_the_torch_selection(trial):
+    """The decode path's C selection (select_bands.c) hands out the same bands as the
+    torch top-k path: the same ids where scores are distinct, the same score multisets
+    where exact ties straddle a band edge; ids ascending; NaN ranks first."""
+    from m2cache.model import kernels
+    from m2cache.predictors.bands import _bands_of_one_row
+
+    assert kernels._library("select_bands") is not None, "the C selection kernel did not build here"
+    n = [1, 2, 31, 172, 1536, 5632][trial % 6]
+    s = _score_rows(trial, n)
+    g = torch.Generator().manual_seed(100 + trial)
+    a, b, c = sorted(torch.rand(3, generator=g).tolist())
+    ratios = BandRatios(a, b - a, c - b) if trial % 4 else BandRatios(0.0, 0.0, 1.0)
+    fast = _bands_of_one_row(s, ratios)
+    with kernels.torch_only():
+        ref = _bands_of_one_row(s, ratios)
+    for got, want in zip(fast.as_choice().values(), ref.as_choice().values()):
+        assert got.dtype == torch.long and got.numel() == want.numel()
+        assert bool((got[1:] > got[:-1]).all())
+        if trial % 3 and trial % 5:
+            assert torch.equal(got, want)
+        else:
+            key = lambda ids: torch.nan_to_num(s[ids], nan=float("inf")).sort().values  # noqa: E731
+            assert torch.equal(key(got), key(want))

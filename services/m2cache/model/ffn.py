@@ -48,13 +48,6 @@ class Band:
     def num_neurons(self) -> int:
         return int(self.rows.numel())
 
-    def addresses(self) -> torch.Tensor:
-        """[n] int64 address of each record (CPU kernel)."""
-        rb = self.tables[0].shape[1]
-        bases = torch.tensor([t.data_ptr() for t in self.tables], dtype=torch.long)
-        base = bases[0] if self.which is None else bases[self.which]
-        return (base + self.rows * rb).contiguous()
-
     def gather(self) -> torch.Tensor:
         """[n, record_bytes] copy of the records (torch fallback)."""
         if self.which is None:

@@ -44,6 +44,7 @@ class PrecisionSlots:
         self.row_of = torch.full((num_neurons,), -1, dtype=torch.long)  # [N] row of each neuron
         self.last_used = torch.full((num_neurons,), _NEVER, dtype=torch.long)  # [N] step
         self.num_used = 0
+        self.identity = False  # every neuron resident, neuron i in row i (after NeuronCache.fill)
 
     @property
     def num_bytes(self) -> int:
@@ -151,6 +152,7 @@ class NeuronCache:
                     s.neuron_at.copy_(ids)
                     s.row_of.copy_(ids)
                     s.num_used = self.num_neurons
+                    s.identity = True
 
     def slots(self, layer: int, prec: Precision) -> PrecisionSlots:
         return self.layers[layer][prec]
@@ -171,6 +173,9 @@ class NeuronCache:
 
     def _band(self, layer: int, prec: Precision, ids: torch.Tensor, step: int, take: Take) -> Band:
         s = self.layers[layer][prec]
+        if s.identity:  # everything resident in id order: a hit is row = id, nothing to track
+            self._count(0, int(ids.numel()), s.record_bytes)
+            return Band(prec, ids, (s.records,), ids)
         rows = s.row_of[ids]  # [n], -1 = miss
         s.touch(ids, step)  # in the window now: admitting misses cannot evict them
         miss = rows < 0

@@ -143,12 +143,19 @@ class DenseProvider:
 def _union(choices: list[dict[Precision, torch.Tensor]]) -> dict[Precision, torch.Tensor]:
     """prec -> sorted unique neuron ids chosen at that precision by any row."""
     if len(choices) == 1:
-        return {Precision(p): torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu() for p, ids in choices[0].items()}
+        return {Precision(p): _as_ids(ids) for p, ids in choices[0].items()}
     out: dict[Precision, list[torch.Tensor]] = {}
     for choice in choices:
         for prec, ids in choice.items():
             out.setdefault(Precision(prec), []).append(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
     return {p: torch.unique(torch.cat(v)) for p, v in out.items()}
+
+
+def _as_ids(ids) -> torch.Tensor:
+    """A choice's ids as a flat long CPU tensor (as they are when a chooser made them so)."""
+    if isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 1 and ids.device.type == "cpu":
+        return ids
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
 
 
 def _row_mask(choices: list[dict[Precision, torch.Tensor]], prec: Precision, union: torch.Tensor,

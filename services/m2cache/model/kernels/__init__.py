@@ -15,11 +15,16 @@ Two implementations:
   ``M2CACHE_KERNELS=torch``): gathers the records, decodes them and multiplies.
 Both are deterministic for a given neuron order, so a cached run and an in-process
 run with the same choice compute the same floats.
+
+The same library scheme serves the predictor's per-token work: ``qcopy_scores``
+(scores straight from a qcopy predictor's packed codes) and ``select_bands`` (one
+row of scores -> the FULL/INT8/INT4 id sets by nested selection, no sort).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -35,8 +40,21 @@ from m2cache.codec.format import RecordLayout
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent  # *.c sources, one shared library each
-ABI_VERSION = {"neuron_ffn": 2, "qcopy_scores": 1}
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _signatures() -> dict[str, tuple[str, int, dict[str, list]]]:
+    """library -> (its ABI-version symbol, the version this module speaks, argtypes by function)."""
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    return {
+        "neuron_ffn": ("m2c_abi_version", 3, {"m2c_neuron_ffn": [P, I64, I64, I32, P, I32, I32, I32, I32, I64,
+                                                                 P, P, P, I32]}),
+        "qcopy_scores": ("m2q_abi_version", 1, {"m2q_supported": [I64, I32],
+                                                 "m2q_scores": [P, I64, I64, P, P, P, P, I64, I32, P, P, I32]}),
+        "select_bands": ("m2b_abi_version", 1, {"m2b_bands": [P, I64, I64, I64, I64, P, P]}),
+    }
+
+
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
 _local = threading.local()
@@ -99,18 +117,15 @@ def _library(name: str) -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
             log.warning("no C kernel %s (%s): the slower torch fallback runs", name, err)
             return None
-        abi = getattr(lib, {"neuron_ffn": "m2c_abi_version", "qcopy_scores": "m2q_abi_version"}[name])()
-        if abi != ABI_VERSION[name]:
-            log.warning("stale kernel %s ABI %d (want %d): torch fallback", name, abi, ABI_VERSION[name])
+        abi_symbol, want, functions = _signatures()[name]
+        abi = getattr(lib, abi_symbol)()
+        if abi != want:
+            log.warning("stale kernel %s ABI %d (want %d): torch fallback", name, abi, want)
             return None
-        P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        if name == "neuron_ffn":
-            lib.m2c_neuron_ffn.argtypes = [P, I64, I64, I32, P, I32, I32, I32, I32, P, P, P, I32]
-            lib.m2c_neuron_ffn.restype = None
-        else:
-            lib.m2q_supported.argtypes = [I64, I32]
-            lib.m2q_scores.argtypes = [P, I64, I64, P, P, P, P, I64, I32, P, P, I32]
-            lib.m2q_scores.restype = None
+        for function, argtypes in functions.items():
+            getattr(lib, function).argtypes = argtypes
+            if function != "m2q_supported":
+                getattr(lib, function).restype = None
         _libs[name] = lib
         return lib
 
@@ -136,7 +151,9 @@ class _Workspace:
     def __init__(self):
         self.scratch = torch.empty(0)
         self.xq = torch.empty(0, dtype=torch.int8)
-        self.desc = (ctypes.c_int64 * 15)()
+        self.desc = (ctypes.c_int64 * (_DESC * 3))()
+        self.bands_work = torch.empty(0, dtype=torch.long)
+        self.qcopy = torch.empty(0)
 
     def sized(self, threads: int, R: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scratch.numel() < threads * R * d:
@@ -145,6 +162,9 @@ class _Workspace:
         if self.xq.numel() < need:
             self.xq = torch.empty(need, dtype=torch.int8)
         return self.scratch, self.xq
+
+
+_DESC = 9  # int64 fields per band in the C call (neuron_ffn.c)
 
 
 def _workspace() -> _Workspace:
@@ -183,17 +203,20 @@ def neuron_ffn(x: torch.Tensor, bands, layout: RecordLayout, num_neurons: int) -
     ws = _workspace()
     threads = torch.get_num_threads()
     scratch, xq = ws.sized(threads, R, d)
-    bounds = torch.arange(threads + 1) * num_neurons // threads  # neuron-id range of each part
     keep = []  # tensors whose addresses the call uses
     for i, band in enumerate(live):
-        addrs = band.addresses()
+        tables = band.tables
+        assert len(tables) <= 2, "a band's records lie in at most two tables"
+        ids, rows = band.ids.long().contiguous(), band.rows.long().contiguous()
         mask = None if band.mask is None else band.mask.float().contiguous()
-        starts = torch.searchsorted(band.ids, bounds)
-        keep += [addrs, mask, starts]
-        ws.desc[5 * i : 5 * i + 5] = [addrs.data_ptr(), band.num_neurons, 0 if mask is None else mask.data_ptr(),
-                                      int(band.prec), starts.data_ptr()]
+        which = None if band.which is None else band.which.long().contiguous()
+        keep += [ids, rows, mask, which]
+        ws.desc[_DESC * i : _DESC * (i + 1)] = [
+            ids.data_ptr(), rows.data_ptr(), 0 if which is None else which.data_ptr(),
+            tables[0].data_ptr(), tables[-1].data_ptr(), band.num_neurons, 0 if mask is None else mask.data_ptr(),
+            int(band.prec), tables[0].shape[1]]
     lib.m2c_neuron_ffn(x.data_ptr(), R, d, len(live), ctypes.addressof(ws.desc), layout.nvec,
-                       _DTYPE_CODES[layout.dtype], layout.int4_group, int(layout.has_bias),
+                       _DTYPE_CODES[layout.dtype], layout.int4_group, int(layout.has_bias), num_neurons,
                        y.data_ptr(), scratch.data_ptr(), xq.data_ptr(), threads)
     return y
 
@@ -232,13 +255,36 @@ def qcopy_scores(x: torch.Tensor, gate_codes: torch.Tensor, gate_scale: torch.Te
     [R, F] float32), or None where the C kernel does not apply (the caller decodes)."""
     lib = _library("qcopy_scores") if x.device.type == "cpu" and not getattr(_local, "torch_only", False) else None
     R, d = x.shape
-    if lib is None or not lib.m2q_supported(d, bits):
+    if lib is None or not _qcopy_supported(lib, d, bits):
         return None
     x = x.float().contiguous()
     F = gate_codes.shape[0]
     out = torch.empty(R, F)
-    ws = torch.empty(R * (d + d // 32 + 2) + 4)
+    ws = _workspace()
+    if ws.qcopy.numel() < R * (d + d // 32 + 2) + 4:
+        ws.qcopy = torch.empty(R * (d + d // 32 + 2) + 4)
     tensors = [t.contiguous() for t in (gate_codes, gate_scale, up_codes, up_scale)]
     lib.m2q_scores(x.data_ptr(), R, d, tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
-                   tensors[3].data_ptr(), F, bits, out.data_ptr(), ws.data_ptr(), torch.get_num_threads())
+                   tensors[3].data_ptr(), F, bits, out.data_ptr(), ws.qcopy.data_ptr(), torch.get_num_threads())
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _qcopy_supported(lib, d: int, bits: int) -> bool:
+    return bool(lib.m2q_supported(d, bits))
+
+
+def select_bands(scores: torch.Tensor, e1: int, e2: int, e3: int) -> tuple[torch.Tensor, ...] | None:
+    """One row of scores [n] (CPU) -> (FULL, INT8, INT4) ascending ids: the e1 best, the
+    next e2 - e1, the next e3 - e2 (NaN ranks first); None where the C kernel does not apply."""
+    lib = _library("select_bands") if scores.device.type == "cpu" and not getattr(_local, "torch_only", False) else None
+    if lib is None:
+        return None
+    scores = scores.float().contiguous()
+    n = scores.numel()
+    ws = _workspace()
+    if ws.bands_work.numel() < n + n // 8 + 1:
+        ws.bands_work = torch.empty(n + n // 8 + 1, dtype=torch.long)
+    out = torch.empty(e3, dtype=torch.long)
+    lib.m2b_bands(scores.data_ptr(), n, e1, e2, e3, out.data_ptr(), ws.bands_work.data_ptr())
+    return out.split((e1, e2 - e1, e3 - e2))

@@ -33,7 +33,7 @@ enum { P_FULL = 1, P_INT8 = 2, P_INT4 = 3 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 #define RB 4  // input rows per pass over a record (weights stay in L1 across a block)
 
-int m2c_abi_version(void) { return 2; }
+int m2c_abi_version(void) { return 3; }
 #ifdef __AVX2__
 int m2c_simd(void) { return 2; }
 #else
@@ -50,7 +50,7 @@ typedef struct {
 typedef struct {
     const int8_t *q, *qp;
     const float* s;     // [R, d/32] scale of each group
-    const int32_t* sum; // [R, d/32] sum of each group's codes
+    const float* ss;    // [R, d/32] each group's scale times the sum of its codes
 } xq_t;
 
 #ifdef __F16C__
@@ -151,7 +151,7 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 8 int32 sums of 4 pro
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static void quantize_rows(const float* x, int64_t R, int64_t d, int8_t* q, int8_t* qp, float* s, int32_t* sum) {
+static void quantize_rows(const float* x, int64_t R, int64_t d, int8_t* q, int8_t* qp, float* s, float* ss) {
     for (int64_t r = 0; r < R; r++)
         for (int64_t g = 0; g < d / 32; g++) {
             const float* xg = x + r * d + 32 * g;
@@ -166,17 +166,19 @@ static void quantize_rows(const float* x, int64_t R, int64_t d, int8_t* q, int8_
                 tot += v;
             }
             s[r * (d / 32) + g] = amax / 127.f;
-            sum[r * (d / 32) + g] = tot;
+            ss[r * (d / 32) + g] = amax / 127.f * (float)tot;
         }
 }
 
-// <x_r, v> for the nvec-1 input vectors: out[v * RB + r]
-static void dots_avx2(const uint8_t* body, int prec, const layout_t* L, const float* x, int64_t nr, float* out,
-                      const xq_t* X) {
-    const int64_t d = L->d;
-    const int nin = L->nvec - 1;
+// <x_r, v> for the nin input vectors: out[v * RB + r]. Inlined into callers that pass
+// constant nin and nr (the decode case: one row, SwiGLU), so the accumulators live in
+// registers; the vectors' chains interleave (v is the inner loop).
+static inline __attribute__((always_inline)) void dots_avx2(const uint8_t* body, int prec, const layout_t* L,
+                                                            const int nin, const float* x, const int64_t nr,
+                                                            float* out, const xq_t* X) {
+    const int64_t d = L->d, nx = d / 32;
     __m256 acc[2][RB];
-    for (int v = 0; v < nin; v++)
+    for (int v = 0; v < 2; v++)
         for (int r = 0; r < RB; r++) acc[v][r] = _mm256_setzero_ps();
     if (prec == P_FULL) {
         const int es = L->dt == DT_F32 ? 4 : 2;
@@ -187,45 +189,10 @@ static void dots_avx2(const uint8_t* body, int prec, const layout_t* L, const fl
             }
         for (int v = 0; v < nin; v++)
             for (int r = 0; r < nr; r++) out[v * RB + r] = hsum(acc[v][r]);
-#ifdef M2C_FLOAT_DOTS
-    } else if (prec == P_INT8) {
+    } else if (prec == P_INT8) {  // int8 x int8 per 32 values: |w| * sign(x, w) on maddubs
         const int8_t* q = (const int8_t*)(body + 2 * L->nvec);
-        for (int64_t i = 0; i < d; i += 8)
+        for (int64_t g = 0; g < nx; g++)
             for (int v = 0; v < nin; v++) {
-                const __m256 w = load_i8(q + (int64_t)v * d + i);
-                for (int r = 0; r < nr; r++) acc[v][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * d + i), w, acc[v][r]);
-            }
-        for (int v = 0; v < nin; v++) {
-            const float sw = f16_to_f32(rd16(body + 2 * v));
-            for (int r = 0; r < nr; r++) out[v * RB + r] = sw * hsum(acc[v][r]);
-        }
-    } else if (prec == P_INT4) {
-        const int64_t ng = d / L->group;
-        const uint8_t* nib = body + 2 * L->nvec * ng;
-        for (int v = 0; v < nin; v++) {
-            for (int64_t g = 0; g < ng; g++) {
-                const __m256 sv = _mm256_set1_ps(f16_to_f32(rd16(body + 2 * (v * ng + g))));
-                __m256 pacc[RB];
-                for (int r = 0; r < nr; r++) pacc[r] = _mm256_setzero_ps();
-                for (int64_t i = g * L->group; i < (g + 1) * L->group; i += 32) {
-                    __m256 w[4];
-                    load_i4x32(nib + (v * d + i) / 2, w);
-                    for (int r = 0; r < nr; r++)
-                        for (int k = 0; k < 4; k++)
-                            pacc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * d + i + 8 * k), w[k], pacc[r]);
-                }
-                for (int r = 0; r < nr; r++) acc[v][r] = _mm256_fmadd_ps(pacc[r], sv, acc[v][r]);
-            }
-            for (int r = 0; r < nr; r++) out[v * RB + r] = hsum(acc[v][r]);
-        }
-    }
-}
-#else
-    } else if (prec == P_INT8) {
-        const int8_t* q = (const int8_t*)(body + 2 * L->nvec);
-        const int64_t nx = d / 32;
-        for (int v = 0; v < nin; v++) {
-            for (int64_t g = 0; g < nx; g++) {
                 const __m256i w = _mm256_loadu_si256((const __m256i*)(q + v * d + 32 * g));
                 const __m256i aw = _mm256_sign_epi8(w, w);
                 for (int r = 0; r < nr; r++) {
@@ -234,34 +201,38 @@ static void dots_avx2(const uint8_t* body, int prec, const layout_t* L, const fl
                     acc[v][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(X->s[r * nx + g]), acc[v][r]);
                 }
             }
+        for (int v = 0; v < nin; v++) {
             const float sw = f16_to_f32(rd16(body + 2 * v));
             for (int r = 0; r < nr; r++) out[v * RB + r] = sw * hsum(acc[v][r]);
         }
     } else {  // INT4: sum(x * (c - 8)) * s = (sum(x * c) - 8 * sum(x)) * s per group
-        const int64_t ng = d / L->group, per = L->group / 32, nx = d / 32;
+        const int64_t ng = d / L->group, per = L->group / 32;
         const uint8_t* nib = body + 2 * L->nvec * ng;
         const __m128i m = _mm_set1_epi8(15);
-        for (int v = 0; v < nin; v++) {
-            float corr[RB] = {0};
-            for (int64_t g = 0; g < nx; g++) {
-                const float sw = f16_to_f32(rd16(body + 2 * (v * ng + g / per)));
-                const __m128i b = _mm_loadu_si128((const __m128i*)(nib + (v * d + 32 * g) / 2));
-                const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-                for (int r = 0; r < nr; r++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i*)(X->qp + r * d + 32 * g));
-                    const float f = sw * X->s[r * nx + g];
-                    acc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(codes, xv)), _mm256_set1_ps(f), acc[v][r]);
-                    corr[r] += 8.f * f * (float)X->sum[r * nx + g];
+        float corr[2][RB] = {{0}};
+        for (int64_t g = 0, gx = 0; g < ng; g++) {  // gx: the 32-value block of x
+            float sw[2];
+            for (int v = 0; v < nin; v++) sw[v] = f16_to_f32(rd16(body + 2 * (v * ng + g)));
+            for (int64_t sub = 0; sub < per; sub++, gx++)
+                for (int v = 0; v < nin; v++) {
+                    const __m128i b = _mm_loadu_si128((const __m128i*)(nib + (v * d + 32 * gx) / 2));
+                    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+                    for (int r = 0; r < nr; r++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i*)(X->qp + r * d + 32 * gx));
+                        const __m256 f = _mm256_set1_ps(sw[v] * X->s[r * nx + gx]);
+                        acc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(codes, xv)), f, acc[v][r]);
+                        corr[v][r] += sw[v] * X->ss[r * nx + gx];
+                    }
                 }
-            }
-            for (int r = 0; r < nr; r++) out[v * RB + r] = hsum(acc[v][r]) - corr[r];
         }
+        for (int v = 0; v < nin; v++)
+            for (int r = 0; r < nr; r++) out[v * RB + r] = hsum(acc[v][r]) - 8.f * corr[v][r];
     }
 }
-#endif
 
 // y_r += a_r * (last vector), r < nr
-static void axpy_avx2(const uint8_t* body, int prec, const layout_t* L, const float* a, int64_t nr, float* y) {
+static inline __attribute__((always_inline)) void axpy_avx2(const uint8_t* body, int prec, const layout_t* L,
+                                                            const float* a, const int64_t nr, float* y) {
     const int64_t d = L->d;
     const int v = L->nvec - 1;
     __m256 av[RB];
@@ -318,9 +289,10 @@ static void neuron(const uint8_t* rec, int prec, const layout_t* L, const float*
             xq_t Xr = {0};
             if (X) {
                 const int64_t nx = L->d / 32;
-                Xr.q = X->q + r0 * L->d; Xr.qp = X->qp + r0 * L->d; Xr.s = X->s + r0 * nx; Xr.sum = X->sum + r0 * nx;
+                Xr.q = X->q + r0 * L->d; Xr.qp = X->qp + r0 * L->d; Xr.s = X->s + r0 * nx; Xr.ss = X->ss + r0 * nx;
             }
-            dots_avx2(body, prec, L, x + r0 * L->d, nr, o, &Xr);
+            if (nr == 1 && L->nvec == 3) dots_avx2(body, prec, L, 2, x + r0 * L->d, 1, o, &Xr);  // decode, SwiGLU
+            else dots_avx2(body, prec, L, L->nvec - 1, x + r0 * L->d, nr, o, &Xr);
         } else
 #endif
             dots_scalar(body, prec, L, x + r0 * L->d, nr, o);
@@ -332,21 +304,36 @@ static void neuron(const uint8_t* rec, int prec, const layout_t* L, const float*
         }
         if (!any) continue;  // ReLU zeros and unchosen rows cost no down projection
 #ifdef __AVX2__
-        if (simd) axpy_avx2(body, prec, L, a, nr, yt + r0 * L->d);
+        if (simd && nr == 1) axpy_avx2(body, prec, L, a, 1, yt + r0 * L->d);
+        else if (simd) axpy_avx2(body, prec, L, a, nr, yt + r0 * L->d);
         else
 #endif
             axpy_scalar(body, prec, L, a, nr, yt + r0 * L->d);
     }
 }
 
-// bands: desc[5 * b ...] = {address of int64 record addresses [n], n, address of float32
-// mask [R, n] or 0, precision, address of int64 starts [nthreads + 1]}: thread t computes
-// the band's neurons [starts[t], starts[t+1]) in order. The caller splits by neuron id,
-// not by position, so a row's sum runs in the same order whatever other rows chose.
+// bands: desc[DESC * b ...] = {ids, rows, which, base0, base1, n, mask, precision, record bytes}:
+// neuron ids[k] (int64, ascending) has its record at row rows[k] of table which[k] (int64,
+// or 0: every record in table 0) whose first byte is base0 / base1; mask: float32 [R, n]
+// or 0. Part t of nthreads computes the neurons with ids in [t * N / nthreads,
+// (t + 1) * N / nthreads) in order, so a row's sum runs in the same order whatever
+// other rows chose and wherever the records live.
 // y [R, d] float32 is accumulated into. scratch: float32 [nthreads, R, d].
 // xq: int8 workspace of at least 2*R*d + 8*R*(d/32) bytes (AVX2 builds), may be 0.
+enum { DESC = 9 };
+
+static int64_t lower_bound(const int64_t* ids, int64_t n, int64_t v) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (ids[mid] < v) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
 void m2c_neuron_ffn(const float* x, int64_t R, int64_t d, int32_t nbands, const int64_t* desc,
-                    int32_t nvec, int32_t dtype, int32_t group, int32_t has_bias,
+                    int32_t nvec, int32_t dtype, int32_t group, int32_t has_bias, int64_t N,
                     float* y, float* scratch, int8_t* xq, int32_t nthreads) {
     const layout_t L = {d, nvec, dtype, group, has_bias, nvec == 2};
     int simd = 0;
@@ -359,9 +346,9 @@ void m2c_neuron_ffn(const float* x, int64_t R, int64_t d, int32_t nbands, const 
         int8_t* q = xq;
         int8_t* qp = xq + R * d;
         float* s = (float*)(xq + 2 * R * d);
-        int32_t* sum = (int32_t*)(s + R * nx);
-        quantize_rows(x, R, d, q, qp, s, sum);
-        X.q = q; X.qp = qp; X.s = s; X.sum = sum;
+        float* ss = s + R * nx;
+        quantize_rows(x, R, d, q, qp, s, ss);
+        X.q = q; X.qp = qp; X.s = s; X.ss = ss;
         Xp = &X;
     }
     if (simd && !Xp) simd = 0;  // integer dot products need the workspace
@@ -375,17 +362,23 @@ void m2c_neuron_ffn(const float* x, int64_t R, int64_t d, int32_t nbands, const 
             float* yt = scratch + (int64_t)part * R * d;
             memset(yt, 0, sizeof(float) * (size_t)(R * d));
             for (int b = 0; b < nbands; b++) {
-                const int64_t* ptrs = (const int64_t*)desc[5 * b];
-                const int64_t n = desc[5 * b + 1];
-                const float* mask = (const float*)desc[5 * b + 2];
-                const int prec = (int)desc[5 * b + 3];
-                const int64_t* starts = (const int64_t*)desc[5 * b + 4];
-                for (int64_t j = starts[part]; j < starts[part + 1]; j++) {
+                const int64_t* D = desc + DESC * b;
+                const int64_t *ids = (const int64_t*)D[0], *rows = (const int64_t*)D[1], *which = (const int64_t*)D[2];
+                const int64_t n = D[5], rb = D[8];
+                const uint8_t* base[2] = {(const uint8_t*)D[3], (const uint8_t*)D[4]};
+                const float* mask = (const float*)D[6];
+                const int prec = (int)D[7];
+                const int64_t j0 = lower_bound(ids, n, part * N / nthreads);
+                const int64_t j1 = lower_bound(ids, n, (part + 1) * N / nthreads);
+                for (int64_t j = j0; j < j1; j++) {
+                    const uint8_t* rec = base[which ? which[j] : 0] + rows[j] * rb;
 #ifdef __AVX2__
-                    if (j + 1 < n)  // the next record starts elsewhere: warm its first lines
-                        for (int k = 0; k < 8; k++) _mm_prefetch((const char*)ptrs[j + 1] + 64 * k, _MM_HINT_T0);
+                    if (j + 1 < j1) {  // the next record may start elsewhere: warm it
+                        const uint8_t* next = base[which ? which[j + 1] : 0] + rows[j + 1] * rb;
+                        for (int64_t k = 0; k < rb && k < 64 * 64; k += 64) _mm_prefetch((const char*)next + k, _MM_HINT_T0);
+                    }
 #endif
-                    neuron((const uint8_t*)ptrs[j], prec, &L, x, R, mask, n, j, Xp, simd, yt);
+                    neuron(rec, prec, &L, x, R, mask, n, j, Xp, simd, yt);
                 }
             }
         }

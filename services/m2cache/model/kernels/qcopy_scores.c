@@ -76,17 +76,23 @@ static void quantize(const float* x, int64_t d, int bits, int8_t* q, float* s, f
     *total = tot;  // sum of the rounded input
 }
 
-// <xq, codes of one row> in float (int8 input groups scaled back)
-static inline float row_dot(const uint8_t* codes, int64_t d, int bits, const int8_t* q, const float* s) {
+// <xq, codes> of a gate row and an up row together, in float (int8 input groups scaled
+// back): the two rows' dependency chains interleave
+static inline void row_dots(const uint8_t* gate, const uint8_t* up, int64_t d, int bits, const int8_t* q,
+                            const float* s, float* g_out, float* u_out) {
     const int64_t nx = d / 32, gb = 32 * bits / 8;  // bytes per group
-    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 ag = _mm256_setzero_ps(), au = _mm256_setzero_ps();
     for (int64_t g = 0; g < nx; g++) {
-        const __m256i c = codes32(codes + g * gb, bits);
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(q + 32 * g));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), _mm256_set1_epi16(1));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[g]), acc);
+        const __m256 sv = _mm256_set1_ps(s[g]);
+        const __m256i pg = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(gate + g * gb, bits), xv), ones);
+        const __m256i pu = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(up + g * gb, bits), xv), ones);
+        ag = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pg), sv, ag);
+        au = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pu), sv, au);
     }
-    return hsum8(acc);
+    *g_out = hsum8(ag);
+    *u_out = hsum8(au);
 }
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -106,8 +112,9 @@ void m2q_scores(const float* x, int64_t R, int64_t d, const uint8_t* gate, const
     for (int64_t i = 0; i < F; i++) {
         const float sg = half_to_float(gs[i]), su = half_to_float(us[i]);
         for (int64_t r = 0; r < R; r++) {
-            const float g = sg * (a * row_dot(gate + i * rowb, d, bits, q + r * d, s + r * nx) + b * tot[r]);
-            const float u = su * (a * row_dot(up + i * rowb, d, bits, q + r * d, s + r * nx) + b * tot[r]);
+            float gd, ud;
+            row_dots(gate + i * rowb, up + i * rowb, d, bits, q + r * d, s + r * nx, &gd, &ud);
+            const float g = sg * (a * gd + b * tot[r]), u = su * (a * ud + b * tot[r]);
             out[r * F + i] = fabsf(g / (1.f + expf(-g)) * u);
         }
     }
