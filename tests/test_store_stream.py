@@ -153,6 +153,10 @@ def test_corrupt_and_truncated_records_are_named_over_the_wire(store_root, tmp_p
             code, details = status_of(lambda: call(_request("tiny-llama", 0, range(10, 30), Precision.INT8),
                                                    timeout=30))
             assert code == grpc.StatusCode.DATA_LOSS and "layer 0 neuron 17 INT8 fails its checksum" in details
+            # scattered ids: read as one covering span, each record's CRC checked (store/reader.py)
+            code, details = status_of(lambda: call(_request("tiny-llama", 0, [5, 17, 40], Precision.INT8),
+                                                   timeout=30))
+            assert code == grpc.StatusCode.DATA_LOSS and "layer 0 neuron 17 INT8 fails its checksum" in details
             code, details = status_of(lambda: call(_request("tiny-llama", 2, [3, 50], Precision.INT4), timeout=30))
             assert code == grpc.StatusCode.DATA_LOSS and "layer 2 neuron 50 INT4 is missing or truncated" in details
         assert handle.stub.FetchNeurons(_request("tiny-llama", 0, [16, 18], Precision.INT8), timeout=30).payload

@@ -48,18 +48,24 @@ def test_full_precision_matches_transformers(dram):
     assert stats.generated_tokens == len(ids) and stats.finish_reason in ("length", "eos")
 
 
-@pytest.mark.parametrize("fraction,window", [(1.0, 4), (0.5, 2), (0.25, 4), (0.1, 1)])
-def test_caching_never_changes_mixed_precision_tokens(dram, stories, fraction, window):
+@pytest.mark.parametrize("fraction,window,prefetch", [(1.0, 4, "auto"), (0.5, 2, "off"), (0.25, 4, "on"),
+                                                     (0.25, 4, "off"), (0.1, 1, "on")])
+def test_caching_never_changes_mixed_precision_tokens(dram, stories, fraction, window, prefetch):
+    """Every budget and window, with the side-thread prefetch (a CUDA worker's default) and without
+    (a CPU worker's): the same tokens as the in-process reference."""
     store = stories
     want = reference_tokens(store, PROMPT, 24, Ranker(random_predictor(store), RATIOS).choose())
-    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(store), cache_fraction=fraction, window=window)
+    worker = WorkerHandle(dram.target, "stories260k", mixed_choosers(store), cache_fraction=fraction, window=window,
+                          prefetch=prefetch)
     try:
         got, stats = worker.generate(PROMPT, 24)
         cache = worker.runtime.cache
         assert cache.num_bytes <= cache.budget_bytes <= fraction * cache_ffn_bytes(store) + 1
+        used = worker.runtime.provider.stats.prefetched_used
     finally:
         worker.stop()
     assert got == want
+    assert (used > 0) == (prefetch == "on"), used  # the prefetch ran (and was used) exactly when asked
     assert 0.0 <= stats.hbm_hit_rate <= 1.0
     if fraction == 1.0:
         assert stats.hbm_hit_rate > 0.3  # most chosen neurons repeat between tokens

@@ -135,7 +135,7 @@ def _stack(spec, store_path, group) -> list[dict]:
 
     mixed = _mixed(spec, store_path)
     store = NeuronStore(store_path)
-    model, _tok, _bank = load_model(store)
+    model, _tok, _bank = load_model(store, drop_pages=True, tokenizer=False)
     manifest = store.manifest
     store.close()
     precisions = "full,int8,int4" if mixed else "full"

@@ -6,7 +6,8 @@ same greedy loop:
 - ``NaiveStreaming``: every layer's FFN read from the store (NeuronStore.get_layer)
   and decoded at every token: nothing cached;
 - ``M2CacheLocal``: the worker's CachedProvider over a NeuronCache whose misses
-  are read straight from a local NeuronStore (no RPC), with its prefetch thread;
+  are read straight from a local NeuronStore (no RPC), prefetching as the worker
+  does by default (not on CPU);
   at a budget >= 100% with every neuron FULL, the worker's dense path.
 
 Counters are cumulative bytes per tier (records as stored: fp16 FULL, packed
@@ -59,7 +60,7 @@ class DenseReference:
 
     def __init__(self, store_path):
         self.store = NeuronStore(store_path)
-        self.model, _tok, self.bank = load_model(self.store, drop_pages=True)
+        self.model, _tok, self.bank = load_model(self.store, drop_pages=True, tokenizer=False)
         m = self.store.manifest
         ffn = [self.bank.dense(layer) for layer in range(m.num_layers)]
         self.tokens_done = 0
@@ -88,7 +89,7 @@ class NaiveStreaming:
 
     def __init__(self, store_path):
         self.store = NeuronStore(store_path)
-        self.model, _tok, _bank = load_model(self.store, drop_pages=True)
+        self.model, _tok, _bank = load_model(self.store, drop_pages=True, tokenizer=False)
         self.ssd_bytes = 0
         self.info = {"reads": "NeuronStore.get_layer (LMDB, one layer, every token)"}
 
@@ -117,13 +118,13 @@ def all_resident_fraction(manifest, ratios: dict | None) -> float:
 
 
 class M2CacheLocal:
-    """m2cache in one process: HBM neuron cache + prefetch, misses from local LMDB."""
+    """m2cache in one process: HBM neuron cache, misses from the local store."""
 
     name = "m2cache-inprocess"
 
     def __init__(self, store_path, fraction: float, mixed=None, window: int = 4):
         self.store = NeuronStore(store_path)
-        self.model, _tok, _bank = load_model(self.store, drop_pages=True)
+        self.model, _tok, _bank = load_model(self.store, drop_pages=True, tokenizer=False)
         m = self.store.manifest
         if mixed is None:
             self.choose, ratios = full_choose(m.d_ffn), None

@@ -62,10 +62,17 @@ def crc32c(data, crc: int = 0) -> int:
 
 
 def crc32c_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """CRC-32C of ``buf[starts[i] : starts[i] + lengths[i]]`` for every i -> uint32 [k].
-    One C call per span: for conversion and for naming a bad record once a batch failed."""
+    """CRC-32C of ``buf[starts[i] : starts[i] + lengths[i]]`` for every i -> uint32 [k]:
+    one C call for all of them (model/kernels/crc32c_spans.c), else one library call per span."""
     flat = _as_array(buf).reshape(-1)
     out = np.empty(len(starts), dtype=np.uint32)
+    from m2cache.model import kernels  # noqa: PLC0415 (the C kernels build lazily)
+
+    starts64, lengths64 = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(lengths, np.int64)
+    if starts64.size and int((starts64 + lengths64).max()) > flat.size:
+        raise ValueError("a span reaches past the end of the buffer")
+    if kernels.crc32c_spans(flat.ctypes.data, starts64, lengths64, out):
+        return out
     if _LIB is None:
         raw = flat.tobytes()
         for i, (s, n) in enumerate(zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist())):

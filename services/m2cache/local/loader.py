@@ -8,6 +8,7 @@ import tempfile
 import torch
 
 from m2cache.codec.format import Precision
+from m2cache.local.memory import return_freed_memory
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank
@@ -31,19 +32,22 @@ def load_tokenizer(store: NeuronStore):
         return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def load_model(store: NeuronStore, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, drop_pages: bool = False) -> tuple[CausalLM, object, WeightBank]:
+def load_model(store: NeuronStore, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               drop_pages: bool = False, tokenizer: bool = True) -> tuple[CausalLM, object, WeightBank]:
     """(model with the store's dense tensors, tokenizer or None, lazily-read neuron bank);
     ``dtype`` None: the checkpoint's own (compute_dtype). ``drop_pages``: reopen the store's
     LMDB map afterwards so the dense pages leave the resident set; only where no other
-    thread reads the same store meanwhile (a CLI run, one benchmark process)."""
+    thread reads the same store meanwhile (a CLI run, one benchmark process).
+    ``tokenizer`` False: skip it (callers that hand in token ids). Fixes the process's
+    allocator thresholds first (local/memory.py), so the copies freed here leave RSS."""
+    return_freed_memory()
     dtype = dtype or compute_dtype(store.manifest.dtype)
     config = ModelConfig.from_hf(store.manifest.hf_config)
     dense = {name: store.get_dense(name) for name in store.dense_names()}
     if drop_pages:  # the copies above are the model's: the mapped pages need not stay resident
         store.drop_mapped_pages()
     model = CausalLM(config, dense, device, dtype)
-    return model, load_tokenizer(store), WeightBank.from_store(store, device, dtype)
+    return model, load_tokenizer(store) if tokenizer else None, WeightBank.from_store(store, device, dtype)
 
 
 def store_fetch(store: NeuronStore):

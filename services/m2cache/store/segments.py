@@ -131,6 +131,15 @@ class RecordFile:
         results = [f.result() for f in futures]  # re-raises ShortRead
         return [task for task, ok in zip(tasks, results) if not ok]
 
+    def read_span(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` from ``offset`` in one read, into this thread's scratch buffer (valid
+        until its next call) -> uint8 [nbytes]. Raises :class:`ShortRead` past the end."""
+        buf = getattr(self._local, "span", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._local.span = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        self._read_exact(self.fd, memoryview(buf)[:nbytes], offset)
+        return buf[:nbytes]
+
     def _run(self, view: memoryview, dest: np.ndarray, task: Task) -> bool:
         for offset, nbytes, at in task.runs:
             if self.direct_fd is not None:

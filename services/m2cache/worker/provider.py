@@ -19,6 +19,7 @@ import torch
 
 from m2cache.codec.format import Precision, RecordLayout
 from m2cache.model.ffn import DenseFFN, sparse_ffn
+from m2cache.worker.config import prefetch_by_default
 from m2cache.worker.neuron_cache import NeuronCache
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class CachedProvider:
     h [1, T, d], as an in-process run of that sequence alone would call it."""
 
     def __init__(self, cache: NeuronCache, layout: RecordLayout, fetch: Fetch, num_layers: int,
-                 prefetch: bool = True):
+                 prefetch: bool | None = None):
+        """``prefetch`` None: the worker's default for the cache's device (worker/config.py)."""
         self.cache = cache
         self.layout = layout
         self.fetch = fetch
@@ -54,6 +56,8 @@ class CachedProvider:
         self.stats = ProviderStats()
         self.step = 0
         self.choose_rows: list[Choose] = []
+        if prefetch is None:
+            prefetch = prefetch_by_default(cache.device.type)
         # a cache that holds every neuron never misses: nothing to prefetch
         prefetch = prefetch and not cache.holds_everything
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None

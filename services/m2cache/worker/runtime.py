@@ -10,6 +10,7 @@ import torch
 
 from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
+from m2cache.local.memory import return_freed_memory
 from m2cache.model.config import ModelConfig
 from m2cache.model.ffn import DenseFFN
 from m2cache.model.model import CausalLM, attention_names
@@ -55,7 +56,7 @@ class WorkerRuntime:
             if self.cache.holds_everything:  # load it all now: no I/O once serving
                 self.cache.fill(lambda layer, prec, ids: fetcher.neurons(layer, prec, ids, layer))
             self.provider = CachedProvider(self.cache, manifest.layout, fetcher.neurons, manifest.num_layers,
-                                           prefetch=config.prefetch)
+                                           prefetch=config.prefetches)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
                              config.queue_timeout_s, config.max_context, attention=streamer)
         self.energy = energy.for_engine(self.engine, config.hardware, config.grid_gco2_per_kwh)
@@ -170,6 +171,7 @@ def _build_model(config: WorkerConfig, manifest: Manifest,
                  fetcher: TierFetcher) -> tuple[CausalLM, AttentionStreamer | None]:
     """The model with every dense part resident, or, over ``dense_budget_bytes``,
     the first layers resident and the rest's attention streamed."""
+    return_freed_memory()  # the staging copies freed while building leave RSS (local/memory.py)
     model_config = ModelConfig.from_hf(manifest.hf_config)
     dtype = compute_dtype(manifest.dtype)
     if not config.dense_budget_bytes:

@@ -18,7 +18,8 @@ run with the same choice compute the same floats.
 
 The same library scheme serves the predictor's per-token work: ``qcopy_scores``
 (scores straight from a qcopy predictor's packed codes) and ``select_bands`` (one
-row of scores -> the FULL/INT8/INT4 id sets by nested selection, no sort).
+row of scores -> the FULL/INT8/INT4 id sets by threshold selection, no sort) and the
+store's per-record checksums (``crc32c_spans``: many small records in one call).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _signatures() -> dict[str, tuple[str, int, dict[str, list]]]:
         "qcopy_scores": ("m2q_abi_version", 1, {"m2q_supported": [I64, I32],
                                                  "m2q_scores": [P, I64, I64, P, P, P, P, I64, I32, P, P, I32]}),
         "select_bands": ("m2b_abi_version", 1, {"m2b_bands": [P, I64, I64, I64, I64, P, P]}),
+        "crc32c_spans": ("m2s_abi_version", 1, {"m2s_supported": [], "m2s_crc32c_spans": [P, P, P, I64, P]}),
     }
 
 
@@ -73,8 +75,11 @@ def _cpu_flags() -> set[str]:
 
 def _compile_flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+    cpu = _cpu_flags()
+    if {"avx2", "fma", "f16c"} <= cpu:
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if "sse4_2" in cpu:
+        flags += ["-msse4.2"]
     return flags
 
 
@@ -124,7 +129,7 @@ def _library(name: str) -> ctypes.CDLL | None:
             return None
         for function, argtypes in functions.items():
             getattr(lib, function).argtypes = argtypes
-            if function != "m2q_supported":
+            if not function.endswith("_supported"):
                 getattr(lib, function).restype = None
         _libs[name] = lib
         return lib
@@ -288,3 +293,13 @@ def select_bands(scores: torch.Tensor, e1: int, e2: int, e3: int) -> tuple[torch
     out = torch.empty(e3, dtype=torch.long)
     lib.m2b_bands(scores.data_ptr(), n, e1, e2, e3, out.data_ptr(), ws.bands_work.data_ptr())
     return out.split((e1, e2 - e1, e3 - e2))
+
+
+def crc32c_spans(base_address: int, starts, lengths, out) -> bool:
+    """CRC-32C of the spans ``[base + starts[i], + lengths[i])`` into ``out`` (numpy int64 /
+    uint32 arrays, contiguous) in one C call; False where the C kernel does not apply."""
+    lib = _library("crc32c_spans")
+    if lib is None or not lib.m2s_supported():
+        return False
+    lib.m2s_crc32c_spans(base_address, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data)
+    return True
