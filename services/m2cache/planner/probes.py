@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from m2cache.codec.format import Precision
+from m2cache.codec.format import DTYPES, Precision
 from m2cache.planner.measure import REPO, harness
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _build_steps(store, store_path: Path, bank, layers: frozenset[int], variants
             bank.vectors(layer, Precision.FULL)
         rest, before_rest = empty()
         steps.append(("resident_s", _Restricted(FullProvider(bank), rest, wide), before_rest))
-        sizes["resident_bytes"] = len(wide) * m.d_ffn * layout.nvec * m.d_model * 4
+        sizes["resident_bytes"] = len(wide) * m.d_ffn * layout.nvec * m.d_model * bank.dtype.itemsize
     for prec in Precision:
         name = prec.name.lower()
         if name in variants:
@@ -193,7 +193,7 @@ def engine_coefficients(p: dict, shape, memory_bandwidth: float | None = None) -
         out["hbm_bandwidth"] = memory_bandwidth
     else:
         raise ValueError("no compute rate: probe 'resident' or give the memory bandwidth")
-    out["dense_s"] = shape.decode_dense_params * 4 / out["hbm_bandwidth"]
+    out["dense_s"] = shape.decode_dense_params * DTYPES[shape.dtype].itemsize / out["hbm_bandwidth"]
     out["per_layer_s"] = max(p["empty_s"] - out["dense_s"], 0.0) / p["num_layers"]
     out["empty_s"] = p["empty_s"]
     for name in ("full", "int8", "int4"):

@@ -8,8 +8,9 @@ engine's measured overhead.
   kernel launches), probed on a measured profile, assumed on the others;
 - ``t_work``   = max(flops / (peak x efficiency), device-memory bytes / HBM bandwidth)
   + the engine's per-byte cost of the records it computes with (a measured
-  profile's ``per_byte_s``: gathering, decoding INT8/INT4 and FP16 to the compute
-  dtype, and the copies of a miss);
+  profile's ``per_byte_s``: the kernel's pass over the records in place, and the
+  copies of a miss); the dense weights and a resident FFN's fused matrices are
+  read in the compute dtype;
 - ``t_io``     = bytes from DRAM, CXL and SSD over each tier's bandwidth into the
   device; tiers stream in parallel, so the slowest bounds them;
 - ``combine``  = max when the engine overlaps transfers with compute (prefetch),
@@ -24,9 +25,6 @@ from m2cache.planner.profiles import HardwareProfile
 from m2cache.planner.shapes import ModelShape
 from m2cache.planner.traffic import Traffic
 
-FP32 = 4
-
-
 @dataclass(frozen=True, slots=True)
 class Prediction:
     seconds_per_token: float
@@ -40,20 +38,24 @@ class Prediction:
 
 
 def compute_bytes(profile: HardwareProfile, shape: ModelShape, traffic: Traffic) -> float:
-    """Bytes the compute reads from device memory per token: the dense weights and the
-    FFN records used. A measured CPU engine decodes records to float32 and computes on
-    those (decoded bytes); a GPU profile reads the records as stored."""
+    """Bytes the compute reads from device memory per token: the dense weights in the compute
+    dtype (the checkpoint's), plus the FFN where it is resident as fused matrices (the dense
+    path). A measured engine's record paths are costed by its per-byte figures (engine_bytes_s:
+    the kernel computes on the records in place, so those figures include the FFN's compute);
+    an assumed profile reads the records as stored."""
     itemsize = DTYPES[shape.dtype].itemsize
-    if profile.engine.per_byte_s:  # the CPU engine of a measured profile: float32 compute
-        ffn = traffic.neuron_fraction * shape.num_layers * shape.d_ffn * shape.layout.nvec * shape.d_model * FP32
-        return shape.decode_dense_params * FP32 + ffn
-    return shape.decode_dense_params * itemsize + traffic.used_bytes
+    dense = shape.decode_dense_params * itemsize
+    if traffic.resident_matrices:
+        return dense + traffic.neuron_fraction * shape.ffn_bytes
+    if profile.engine.per_byte_s:
+        return dense
+    return dense + traffic.used_bytes
 
 
 def engine_bytes_s(profile: HardwareProfile, traffic: Traffic) -> float:
     """The measured engine's per-byte cost of handling records (0 on assumed profiles)."""
     c = profile.engine.per_byte_s
-    if not c or traffic.resident_fp32:
+    if not c or traffic.resident_matrices:
         return 0.0
     if traffic.streamed and "record_stream" in c:  # whole layers, no cache: its own read-and-decode path
         return traffic.used_bytes * c["record_stream"]
@@ -125,7 +127,7 @@ def ttft(profile: HardwareProfile, shape: ModelShape, traffic: Traffic, terms: d
     on a fresh worker (``cold_start``) every record comes from below the empty HBM cache."""
     compute = terms["compute"] * prompt_len
     cold = {k: v for k, v in terms.items() if k in ("dram", "cxl", "ssd")}
-    if cold_start and traffic.hbm and not traffic.resident_fp32:  # the hits of a warm token are misses at first
+    if cold_start and traffic.hbm and not traffic.resident_matrices:  # the hits of a warm token are misses at first
         tier = profile.tier("dram") or profile.tiers[-1]
         cold["dram"] = cold.get("dram", 0.0) + traffic.hbm / tier.bandwidth
     work = max(compute, terms["hbm"]) + terms["engine"]

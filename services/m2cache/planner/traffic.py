@@ -45,7 +45,7 @@ class Traffic:
     dense: float = 0.0
     dense_streamed: float = 0.0
     neuron_fraction: float = 1.0
-    resident_fp32: bool = False  # FFN kept decoded (the dense reference): no record decode per token
+    resident_matrices: bool = False  # FFN resident as fused matrices (dense reference, the dense path): no records
     sequential: bool = False  # lower-tier reads are long contiguous runs (whole layers, all-FULL misses)
     ranked: bool = False  # a predictor ranks every layer's neurons each token (mixed policies)
     through: float = 0.0  # of ``ssd``, bytes read through on a fetch (the rest: whole-layer preloads into DRAM)
@@ -66,6 +66,15 @@ class Traffic:
         """``total`` bytes spread over precisions in proportion to ``used``."""
         u = self.used_bytes
         return {p: total * b / u for p, b in self.used.items()} if u else {}
+
+
+def _dense_path(result: dict, ratios: dict) -> bool:
+    """The dense reference, and m2cache at a budget that holds the model at FULL with no
+    policy: the worker's dense path (fused matrices, no records, no ranking)."""
+    if result["system"] == "dense-reference":
+        return True
+    return (result["system"] in ("m2cache-inprocess", "m2cache-stack") and float(result.get("fraction", 0)) >= 1
+            and ratios.get("full", 0) >= 1.0)
 
 
 def ratios_of(policy: dict | None) -> dict:
@@ -150,7 +159,7 @@ def from_bench(shape: ModelShape, result: dict) -> Traffic:
         through = min(ssd, misses - dram if h is None else dram * (1.0 / h - 1.0) if h > 0 else misses)
     return Traffic(used=used, hbm=float(bpt.get("hbm", 0.0)), dram=dram, ssd=ssd, through=max(through, 0.0),
                    dense=float(shape.dense_bytes),
-                   neuron_fraction=sum(ratios.values()), resident_fp32=system == "dense-reference",
+                   neuron_fraction=sum(ratios.values()), resident_matrices=_dense_path(result, ratios),
                    sequential=ratios.get("full", 0) >= 1.0, ranked=ratios.get("full", 0) < 1.0,
                    streamed=system == "naive-streaming", source="m2cache bench",
                    extra={"device_read_bytes": float(result.get("device_read_bytes_per_token", 0.0)),

@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: m2cache in-process on one store, per component.
+
+    python bench/profile_step.py STORE [--fraction 1] [--policy mixed|full] [--tokens 32] [--json OUT]
+
+Runs greedy decode with the bench's in-process system (bench/harness/systems_local.py:
+the worker's provider, cache and kernels, misses from the local store) and times,
+per token, the provider's parts by wrapping them: choose (predictor + bands), the
+cache call (lookup, misses fetched and admitted), the fetch alone, the FFN kernel;
+"other" is attention, norms and the head. The wrappers cost a few microseconds per
+call, so the step is timed once bare (tok/s) and once wrapped (the split). For a
+sampled profile of the same run: ``py-spy record -f raw -o out.txt -- python
+bench/profile_step.py ...``. Figures on a shared machine compare only within a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPT = [1, 422, 1117, 314, 260, 1345, 282, 3000]
+
+
+def _timed(acc: dict, key: str, fn):
+    def wrapped(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+    return wrapped
+
+
+def main() -> None:
+    from bench.harness.policy import load_mixed_policy
+    from bench.harness.systems_local import M2CacheLocal, greedy_loop
+    from m2cache.predictors.bands import BandRatios
+    from m2cache.store.reader import NeuronStore
+    import m2cache.worker.provider as provider_mod
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("store", type=Path)
+    ap.add_argument("--fraction", type=float, default=1.0, help="fast-memory budget (fraction of FFN bytes)")
+    ap.add_argument("--policy", choices=("mixed", "full"), default="mixed",
+                    help="mixed: the store's predictor and policy (else a random one at 0.2/0.25/0.25)")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    mixed = None
+    if args.policy == "mixed":
+        store = NeuronStore(args.store)
+        manifest = store.manifest
+        store.close()
+        mixed = load_mixed_policy(args.store, manifest, BandRatios(0.2, 0.25, 0.25))
+    system = M2CacheLocal(args.store, args.fraction, mixed)
+
+    def decode(n: int) -> float:
+        times = []
+        greedy_loop(system.model, PROMPT, n, system.provider, lambda i, t: times.append(time.perf_counter()),
+                    before_step=lambda: system.provider.begin_step([system.choose]))
+        return (times[-1] - times[1]) / (len(times) - 2)  # from the first decode token on
+
+    decode(4)  # warm: kernels built, caches filled
+    bare = decode(args.tokens)
+    acc: dict[str, float] = {}
+    if system.path == "cached":
+        for key in ("choose", "cache (lookup, misses fetched and admitted)", "  of which fetch", "ffn kernel"):
+            acc[key] = 0.0
+        p = system.provider
+        system.choose = _timed(acc, "choose", system.choose)
+        system.cache.bands = _timed(acc, "cache (lookup, misses fetched and admitted)", system.cache.bands)
+        p._fetch = _timed(acc, "  of which fetch", p._fetch)
+        provider_mod.sparse_ffn = _timed(acc, "ffn kernel", provider_mod.sparse_ffn)
+    else:
+        system.provider.layers = [_timed(acc, "ffn (dense matrices)", f) for f in system.provider.layers]
+    t0 = time.perf_counter()
+    greedy_loop(system.model, PROMPT, args.tokens + 1, system.provider, lambda i, t: None,
+                before_step=lambda: system.provider.begin_step([system.choose]))
+    wrapped = (time.perf_counter() - t0) / (args.tokens + 1)
+    split = {k: v / (args.tokens + 1) for k, v in acc.items()}
+    split["other (attention, norms, head)"] = wrapped - sum(v for k, v in split.items() if not k.startswith(" "))
+    system.close()
+    out = {"store": str(args.store), "policy": args.policy if mixed is None else mixed.source,
+           "fraction": args.fraction, "path": system.path, "tokens": args.tokens,
+           "decode_tok_s": 1 / bare, "ms_per_token": 1e3 * bare, "wrapped_ms_per_token": 1e3 * wrapped,
+           "split_ms_per_token": {k: 1e3 * v for k, v in split.items()}}
+    print(f"{out['policy']} at {args.fraction:.0%} ({system.path} path): {out['decode_tok_s']:.2f} tok/s, "
+          f"{out['ms_per_token']:.1f} ms/token; wrapped {out['wrapped_ms_per_token']:.1f} ms/token:")
+    for k, v in out["split_ms_per_token"].items():
+        print(f"  {k:46s} {v:7.2f} ms/token")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
