@@ -6,10 +6,11 @@
 // band edge are split by a deterministic order, as sorting would split them by
 // its own.
 //
-// Selection of the three thresholds on order-preserving integer keys (a histogram of
-// their top bits, then the one bin each threshold falls in, sorted), then one pass
-// over the ids: O(n), no sort of the whole row. Exactly tied keys at a threshold are
-// taken lowest id first. work: int64 [n] scratch (keys and one bin's candidates).
+// Selection of the three thresholds on order-preserving integer keys (radix selection,
+// 11 + 11 + 10 bits: a histogram of every key's top bits shared by the three, then
+// histograms over the keys left in each chosen bin), then one pass over the ids: O(n),
+// no sort. Exactly tied keys at a threshold are taken lowest id first.
+// work: int64 [n] scratch (the keys and one threshold's candidates, uint32 each).
 #include <stdint.h>
 #include <string.h>
 
@@ -23,7 +24,6 @@ static inline uint32_t key(float v) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-enum { HI = 11, HI_SHIFT = 21 };  // the first pass bins keys by their top 11 bits
 static const int SHIFT[3] = {21, 10, 0}, WIDTH[3] = {11, 11, 10};
 
 // k in [1, n]: *t = the k-th largest key, *q = how many keys equal to *t are among the k
@@ -66,11 +66,11 @@ static void kth_largest(const uint32_t* u, int64_t n, int64_t k, const int32_t* 
 void m2b_bands(const float* scores, int64_t n, int64_t e1, int64_t e2, int64_t e3, int64_t* out, int64_t* work) {
     uint32_t* u = (uint32_t*)work;
     uint32_t* cand = u + n;
-    int32_t top[1 << HI];
+    int32_t top[1 << 11];  // WIDTH[0] bits
     memset(top, 0, sizeof top);
     for (int64_t i = 0; i < n; i++) {
         u[i] = key(scores[i]);
-        top[u[i] >> HI_SHIFT]++;
+        top[u[i] >> SHIFT[0]]++;
     }
     const int64_t e[3] = {e1, e2, e3};
     uint32_t t[3];
