@@ -24,8 +24,11 @@ import ctypes
 import glob
 import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+
+from m2cache import native
 
 POLY = 0x82F63B78  # CRC-32C, reflected
 
@@ -63,15 +66,16 @@ def crc32c(data, crc: int = 0) -> int:
 
 def crc32c_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """CRC-32C of ``buf[starts[i] : starts[i] + lengths[i]]`` for every i -> uint32 [k]:
-    one C call for all of them (model/kernels/crc32c_spans.c), else one library call per span."""
+    one C call for all of them (crc32c_spans.c beside this file), else one library call per span."""
     flat = _as_array(buf).reshape(-1)
     out = np.empty(len(starts), dtype=np.uint32)
-    from m2cache.model import kernels  # noqa: PLC0415 (the C kernels build lazily)
-
     starts64, lengths64 = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(lengths, np.int64)
     if starts64.size and int((starts64 + lengths64).max()) > flat.size:
         raise ValueError("a span reaches past the end of the buffer")
-    if kernels.crc32c_spans(flat.ctypes.data, starts64, lengths64, out):
+    spans = _spans_library()
+    if spans is not None:
+        spans.m2s_crc32c_spans(flat.ctypes.data, starts64.ctypes.data, lengths64.ctypes.data, len(starts64),
+                               out.ctypes.data)
         return out
     if _LIB is None:
         raw = flat.tobytes()
@@ -83,6 +87,15 @@ def crc32c_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np
     for i, (s, n) in enumerate(zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist())):
         out[i] = fn(0, base + s, n)
     return out
+
+
+@lru_cache(maxsize=None)
+def _spans_library():
+    """crc32c_spans.c (hardware CRC32 instructions), or None where it cannot be used."""
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    lib = native.load(Path(__file__).with_name("crc32c_spans.c"), "m2s_abi_version", 1,
+                      {"m2s_supported": [], "m2s_crc32c_spans": [P, P, P, I64, P]})
+    return lib if lib is not None and lib.m2s_supported() else None
 
 
 def crc32c_rows(rows: np.ndarray) -> np.ndarray:

@@ -264,10 +264,7 @@ class NeuronStore:
             self._short_read(layer, prec, ids, starts, lengths, err)
         np.take(span.reshape(-1, size), (starts - lo) // size, axis=0, out=dest.reshape(ids.size, size))
         if self.verify:
-            got = checksum.crc32c_spans(dest, np.arange(ids.size, dtype=np.int64) * size, lengths)
-            wrong = np.flatnonzero(got != crcs)
-            if wrong.size:
-                raise ChecksumError(f"record layer {layer} neuron {int(ids[wrong[0]])} {prec.name} fails its checksum")
+            self._check_each(layer, prec, ids, dest, np.arange(ids.size, dtype=np.int64) * size, lengths, crcs)
         return True
 
     def _short_read(self, layer, prec, ids, starts, lengths, err: ShortRead):
@@ -291,10 +288,15 @@ class NeuronStore:
         """A task failed its CRC: check its records one by one to name the first bad one."""
         rows = np.arange(task.row_lo, task.row_hi)
         starts = task.dest_lo + np.concatenate([[0], np.cumsum(lengths[rows][:-1])]).astype(np.int64)
-        got = checksum.crc32c_spans(dest, starts, lengths[rows])
-        wrong = rows[got != crcs[rows]]
-        nid = int(ids[wrong[0]]) if wrong.size else int(ids[task.row_lo])
-        raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} fails its checksum")
+        self._check_each(layer, prec, ids[rows], dest, starts, lengths[rows], crcs[rows])
+        raise ChecksumError(f"record layer {layer} neuron {int(ids[task.row_lo])} {prec.name} fails its checksum")
+
+    @staticmethod
+    def _check_each(layer, prec, ids, dest, starts, lengths, crcs) -> None:
+        """Every record's CRC-32C (one C call); the first that fails is named."""
+        wrong = np.flatnonzero(checksum.crc32c_spans(dest, starts, lengths) != crcs)
+        if wrong.size:
+            raise ChecksumError(f"record layer {layer} neuron {int(ids[wrong[0]])} {prec.name} fails its checksum")
 
     def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
         """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""

@@ -7,41 +7,35 @@ dtype, INT8/INT4 rows still packed with their scales. Nothing is decoded or
 copied per token.
 
 Two implementations:
-- ``neuron_ffn.c`` (CPU): built once per machine with the system C compiler into
-  ``$M2CACHE_KERNEL_CACHE`` (default ``~/.cache/m2cache/kernels``), loaded with
-  ctypes, OpenMP threads, AVX2/FMA/F16C where the CPU has them (flags read from
-  /proc/cpuinfo, never -march=native: this VM's cpuid promises more than it runs);
+- ``neuron_ffn.c`` (CPU): built once per machine with the system C compiler
+  (m2cache/native.py), loaded with ctypes, OpenMP threads, AVX2/FMA/F16C where the
+  CPU has them;
 - a torch fallback (any device, or when no compiler is available, or with
   ``M2CACHE_KERNELS=torch``): gathers the records, decodes them and multiplies.
 Both are deterministic for a given neuron order, so a cached run and an in-process
 run with the same choice compute the same floats.
 
-The same library scheme serves the predictor's per-token work: ``qcopy_scores``
-(scores straight from a qcopy predictor's packed codes) and ``select_bands`` (one
-row of scores -> the FULL/INT8/INT4 id sets by threshold selection, no sort) and the
-store's per-record checksums (``crc32c_spans``: many small records in one call).
+The same scheme (m2cache/native.py builds and loads them) serves the predictor's
+per-token work: ``qcopy_scores`` (scores straight from a qcopy predictor's packed
+codes) and ``select_bands`` (one row of scores -> the FULL/INT8/INT4 id sets by
+threshold selection, no sort).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from m2cache import native
 from m2cache.codec.format import RecordLayout
 
-log = logging.getLogger(__name__)
-
-KERNELS = Path(__file__).parent  # *.c sources, one shared library each
+KERNELS = Path(__file__).parent  # *.c sources, one shared library each (built by m2cache.native)
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_local = threading.local()
 
 
 def _signatures() -> dict[str, tuple[str, int, dict[str, list]]]:
@@ -53,86 +47,13 @@ def _signatures() -> dict[str, tuple[str, int, dict[str, list]]]:
         "qcopy_scores": ("m2q_abi_version", 1, {"m2q_supported": [I64, I32],
                                                  "m2q_scores": [P, I64, I64, P, P, P, P, I64, I32, P, P, I32]}),
         "select_bands": ("m2b_abi_version", 1, {"m2b_bands": [P, I64, I64, I64, I64, P, P]}),
-        "crc32c_spans": ("m2s_abi_version", 1, {"m2s_supported": [], "m2s_crc32c_spans": [P, P, P, I64, P]}),
     }
 
 
-_lock = threading.Lock()
-_libs: dict[str, ctypes.CDLL | None] = {}
-_local = threading.local()
-
-
-# ---- building and loading the C kernels ------------------------------------------------
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _compile_flags() -> list[str]:
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
-    cpu = _cpu_flags()
-    if {"avx2", "fma", "f16c"} <= cpu:
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    if "sse4_2" in cpu:
-        flags += ["-msse4.2"]
-    return flags
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("M2CACHE_KERNEL_CACHE", Path.home() / ".cache" / "m2cache" / "kernels"))
-
-
-def _build(name: str) -> Path:
-    """Compile ``name``.c (once per source + flags + compiler) into the kernel cache; atomic."""
-    source = KERNELS / f"{name}.c"
-    cc = os.environ.get("CC", "cc")
-    flags = _compile_flags()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{name}-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr[-2000:]}")
-        os.replace(out, target)
-    log.info("built kernel %s: %s (%s)", name, target, " ".join(flags))
-    return target
-
-
+@functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
     """The loaded kernel library ``name``, or None (no compiler, M2CACHE_KERNELS=torch)."""
-    with _lock:
-        if name in _libs:
-            return _libs[name]
-        _libs[name] = None
-        if os.environ.get("M2CACHE_KERNELS", "auto") == "torch":
-            log.info("M2CACHE_KERNELS=torch: %s runs on the torch fallback", name)
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build(name)))
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            log.warning("no C kernel %s (%s): the slower torch fallback runs", name, err)
-            return None
-        abi_symbol, want, functions = _signatures()[name]
-        abi = getattr(lib, abi_symbol)()
-        if abi != want:
-            log.warning("stale kernel %s ABI %d (want %d): torch fallback", name, abi, want)
-            return None
-        for function, argtypes in functions.items():
-            getattr(lib, function).argtypes = argtypes
-            if not function.endswith("_supported"):
-                getattr(lib, function).restype = None
-        _libs[name] = lib
-        return lib
+    return native.load(KERNELS / f"{name}.c", *_signatures()[name])
 
 
 def _load() -> ctypes.CDLL | None:
@@ -288,18 +209,9 @@ def select_bands(scores: torch.Tensor, e1: int, e2: int, e3: int) -> tuple[torch
     scores = scores.float().contiguous()
     n = scores.numel()
     ws = _workspace()
-    if ws.bands_work.numel() < n + n // 8 + 1:
-        ws.bands_work = torch.empty(n + n // 8 + 1, dtype=torch.long)
+    if ws.bands_work.numel() < n:  # select_bands.c: uint32 keys and candidates, n each
+        ws.bands_work = torch.empty(n, dtype=torch.long)
     out = torch.empty(e3, dtype=torch.long)
     lib.m2b_bands(scores.data_ptr(), n, e1, e2, e3, out.data_ptr(), ws.bands_work.data_ptr())
     return out.split((e1, e2 - e1, e3 - e2))
 
-
-def crc32c_spans(base_address: int, starts, lengths, out) -> bool:
-    """CRC-32C of the spans ``[base + starts[i], + lengths[i])`` into ``out`` (numpy int64 /
-    uint32 arrays, contiguous) in one C call; False where the C kernel does not apply."""
-    lib = _library("crc32c_spans")
-    if lib is None or not lib.m2s_supported():
-        return False
-    lib.m2s_crc32c_spans(base_address, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data)
-    return True
