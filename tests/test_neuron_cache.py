@@ -1,9 +1,21 @@
 """HBM neuron cache: slot bookkeeping, windowing, budget, rows reused in place,
 and the per-layer call handing the compute bands that read hits in place."""
+import pytest
 import torch
 
 from m2cache.codec.format import Precision
+from m2cache.worker import neuron_cache
 from m2cache.worker.neuron_cache import NeuronCache, PrecisionSlots
+
+
+@pytest.fixture(params=["c", "torch"], autouse=True)
+def bookkeeping(request, monkeypatch):
+    """Every test runs on both implementations of the slot bookkeeping (slots.c, torch)."""
+    if request.param == "c":
+        assert neuron_cache._slots_library() is not None, "slots.c did not build: no C compiler?"
+    else:
+        monkeypatch.setattr(neuron_cache, "_slots_library", lambda: None)
+    return request.param
 
 
 def records_for(ids: torch.Tensor, rb: int = 8) -> torch.Tensor:
@@ -21,13 +33,16 @@ def check_consistent(s: PrecisionSlots) -> None:
 
 
 def admit(s: PrecisionSlots, ids: torch.Tensor, step: int) -> int:
-    """What NeuronCache does for one precision: touch, reserve rows for misses, write them."""
-    s.touch(ids, step)
-    miss = ids[~s.contains(ids)]
-    rows = s.reserve(miss, step)
-    kept = rows >= 0
-    s.records[rows[kept]] = records_for(miss[kept], s.record_bytes)
-    return int(kept.sum())
+    """What NeuronCache does for one precision: look up (marking the step's neurons used),
+    admit the misses' records where the window allows -> how many were admitted."""
+    rows, miss_ids, miss_pos = s.lookup(ids, step)
+    assert torch.equal(miss_ids, ids[rows < 0]) and torch.equal(ids[miss_pos], miss_ids)
+    which = s.admit(miss_ids, miss_pos, records_for(miss_ids, s.record_bytes), rows, step)
+    cached = torch.ones(ids.numel(), dtype=torch.bool) if which is None else which == 0
+    assert torch.equal(s.row_of[ids[cached]], rows[cached])  # the band reads admitted misses from their rows
+    assert bool((s.row_of[ids[~cached]] == -1).all())  # and the rest from the fetched table
+    assert torch.equal(rows[~cached], torch.arange(int((~cached).sum())) + int(cached[miss_pos].sum()))
+    return int(cached[miss_pos].sum())
 
 
 def test_admit_evict_and_rows_reused_in_place():
@@ -63,6 +78,24 @@ def test_random_workload_keeps_invariants():
         ids = torch.randperm(200, generator=g)[: int(torch.randint(1, 30, (1,), generator=g))]
         admit(s, ids, step)
         check_consistent(s)
+
+
+def test_c_and_torch_bookkeeping_agree(monkeypatch):
+    """The same workload through slots.c and through torch leaves the same rows, in the
+    same places (free rows first, then least recently used outside the window, ties by row)."""
+    states = []
+    for impl in ("c", "torch"):
+        if impl == "torch":
+            monkeypatch.setattr(neuron_cache, "_slots_library", lambda: None)
+        g = torch.Generator().manual_seed(1)
+        s = PrecisionSlots(num_neurons=300, record_bytes=8, capacity=50, window=3, device=torch.device("cpu"))
+        log = []
+        for step in range(150):
+            ids = torch.randperm(300, generator=g)[: int(torch.randint(1, 40, (1,), generator=g))].sort().values
+            log.append(admit(s, ids, step))
+        states.append((s.neuron_at.clone(), s.row_of.clone(), s.last_used.clone(), s.num_used, log))
+    (a, b) = states
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3:] == b[3:]
 
 
 def test_bands_read_hits_in_place_and_surplus_from_the_fetch():

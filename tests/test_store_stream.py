@@ -162,3 +162,29 @@ def test_corrupt_and_truncated_records_are_named_over_the_wire(store_root, tmp_p
         assert handle.stub.FetchNeurons(_request("tiny-llama", 0, [16, 18], Precision.INT8), timeout=30).payload
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_scattered_reads_equal_one_record_at_a_time(store_root, monkeypatch, impl):
+    """A cache's misses (sorted, scattered ids) take the record-by-record path
+    (RecordFile.read_records: gather.c, or its Python loop) and read what the
+    record-at-a-time path reads; a file that ends inside a record is named."""
+    from m2cache.store import segments
+    if impl == "python":
+        monkeypatch.setattr(segments, "_gather_library", lambda: None)
+    else:
+        assert segments._gather_library() is not None, "gather.c did not build here"
+    reader = NeuronStore(store_root / "tiny-llama")
+    try:
+        for prec in Precision:
+            ids = np.asarray([2, 9, 10, 33, 60, 61, 95])
+            got = reader.read_into(1, prec, ids, np.empty((ids.size, reader.layout.num_bytes(prec)), np.uint8))
+            want = np.stack([np.frombuffer(reader.get_neurons(1, [i], prec), np.uint8) for i in ids.tolist()])
+            assert np.array_equal(got, want)
+        starts, _ = reader.record_spans(1, FULL, np.asarray([60]))
+        size = reader.layout.num_bytes(FULL)
+        with pytest.raises(segments.ShortRead):
+            reader.records.read_records(np.asarray([int(starts[0]), reader.records.size - size // 2]), size,
+                                        np.empty((2, size), np.uint8))
+    finally:
+        reader.close()

@@ -106,6 +106,10 @@ class KVCache:
         self.lengths[slot] = length
 
     # ---- used by the model's forward ----------------------------------------------
+    def row(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot's keys and values of one layer: [num_kv_heads, max_len, head_dim] views."""
+        return self._rows[layer][slot]
+
     def step(self, slots: list[int], num_tokens: int, window: int | None) -> Step:
         """Plan a step appending ``num_tokens`` tokens to each row in ``slots``."""
         starts = [self.lengths[s] for s in slots]

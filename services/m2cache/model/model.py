@@ -73,8 +73,7 @@ class CausalLM:
         x, rope = net.embed_tokens(input_ids, step)  # [B, T, d]
         for i in range(self.config.num_layers):
             w = net.attn[i] if net.attn[i] is not None else attention(i)
-            x = net.attention_block(i, x, w, kv, step, rope)
-            h = net.ffn_input(i, x)  # the FFN input handed to the provider
+            x, h = net.block_input(i, x, w, kv, step, rope)  # attention; h: the FFN input for the provider
             x = net.ffn_output(i, x, ffn(i, h))
         kv.advance(slots, input_ids.shape[1])
         return net.head(x).float()

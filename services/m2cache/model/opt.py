@@ -51,15 +51,16 @@ class OPTModel:
             x = F.linear(x, self.project_in)  # [B, T, d]
         return x + F.embedding(step.positions + POSITION_OFFSET, self.positions), None
 
-    def attention_block(self, i: int, x: torch.Tensor, w: AttentionWeights, kv: KVCache, step: Step,
-                        rope) -> torch.Tensor:
+    def block_input(self, i: int, x: torch.Tensor, w: AttentionWeights, kv: KVCache, step: Step,
+                    rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's attention block -> (x + attention, the FFN's input)."""
         pre, eps = self.config.do_layer_norm_before, self.config.norm_eps
         h = layer_norm(x, *self.attn_norm[i], eps) if pre else x
         x = x + attention(h, w, i, kv, step, self.heads, None)
-        return x if pre else layer_norm(x, *self.attn_norm[i], eps)  # 350m: norm after the residual add
-
-    def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, *self.ffn_norm[i], self.config.norm_eps) if self.config.do_layer_norm_before else x
+        if not pre:  # 350m: norms after the residual adds, the FFN takes x itself
+            x = layer_norm(x, *self.attn_norm[i], eps)
+            return x, x
+        return x, layer_norm(x, *self.ffn_norm[i], eps)
 
     def ffn_output(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x + (y if self.fc2_bias[i] is None else y + self.fc2_bias[i])

@@ -41,7 +41,7 @@ from m2cache.store.segments import RecordFile, ShortRead, plan
 log = logging.getLogger(__name__)
 DEFAULT_IO_THREADS = 4  # parallel preadv calls per store: enough queue depth for an SSD, cheap on 2 cores
 DEFAULT_TASK_BYTES = 4 << 20  # destination bytes per read task (one CRC-32C check each)
-SPAN_READ_BYTES = 2 << 20  # a scattered batch whose covering range is this small is read in one piece
+SCATTERED_READ_BYTES = 2 << 20  # a sorted batch spread over at most this much is read record by record in C
 
 
 # py-lmdb refuses a second handle on an environment a process already has open,
@@ -217,7 +217,7 @@ class NeuronStore:
         crcs = self.crc_table(layer, prec)[ids]
         total = int(lengths.sum())
         payload = np.empty(total, dtype=np.uint8) if out is None else out.reshape(-1)[:total]
-        if not self._read_as_span(layer, prec, ids, starts, lengths, crcs, payload):
+        if not self._read_scattered(layer, prec, ids, starts, lengths, crcs, payload):
             self._read(layer, prec, ids, starts, lengths, crcs, payload)
         dense = self.manifest.codec == "dense"
         return StoredRecords(payload, None if dense else lengths, crcs, self.layout.num_bytes(prec))
@@ -246,23 +246,23 @@ class NeuronStore:
         np.take(records, inverse.reshape(-1), axis=0, out=dest)
         return out
 
-    def _read_as_span(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+    def _read_scattered(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                       crcs: np.ndarray, dest: np.ndarray) -> bool:
         """A small scattered batch of fixed-size records (a cache's misses: a few hundred
-        records spread over a layer) costs one syscall per run on the parallel path; read
-        the range that covers them in one piece instead, pick the records out, check each
-        one's CRC in one call. False (nothing read) where that does not apply: bitmap
-        records, O_DIRECT, unsorted ids, or a covering range over SPAN_READ_BYTES."""
+        records spread over a layer) costs a Python call per run on the parallel path; read
+        them in one C loop instead (RecordFile.read_records), check each one's CRC in one
+        call. False (nothing read) where that does not apply: bitmap records,
+        O_DIRECT, unsorted ids, or records spread over more than SCATTERED_READ_BYTES (a cold
+        read of those is faster on the parallel path)."""
         if self.manifest.codec != "dense" or self.records.direct_fd is not None or ids.size < 2:
             return False
         lo, hi, size = int(starts[0]), int(starts[-1] + lengths[-1]), int(lengths[0])
-        if hi - lo > SPAN_READ_BYTES or hi - lo == ids.size * size or not bool(np.all(ids[1:] > ids[:-1])):
+        if hi - lo > SCATTERED_READ_BYTES or hi - lo == ids.size * size or not bool(np.all(ids[1:] > ids[:-1])):
             return False  # too far apart, contiguous already (one read straight into dest), or unsorted
         try:
-            span = self.records.read_span(lo, hi - lo)
+            self.records.read_records(starts, size, dest.reshape(ids.size, size))
         except ShortRead as err:
             self._short_read(layer, prec, ids, starts, lengths, err)
-        np.take(span.reshape(-1, size), (starts - lo) // size, axis=0, out=dest.reshape(ids.size, size))
         if self.verify:
             self._check_each(layer, prec, ids, dest, np.arange(ids.size, dtype=np.int64) * size, lengths, crcs)
         return True

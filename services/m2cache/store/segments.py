@@ -18,15 +18,19 @@ in this project's dependencies, so preadv on a thread pool it is.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from m2cache import native
 from m2cache.codec import checksum
 
 log = logging.getLogger(__name__)
@@ -131,14 +135,24 @@ class RecordFile:
         results = [f.result() for f in futures]  # re-raises ShortRead
         return [task for task, ok in zip(tasks, results) if not ok]
 
-    def read_span(self, offset: int, nbytes: int) -> np.ndarray:
-        """``nbytes`` from ``offset`` in one read, into this thread's scratch buffer (valid
-        until its next call) -> uint8 [nbytes]. Raises :class:`ShortRead` past the end."""
-        buf = getattr(self._local, "span", None)
-        if buf is None or buf.size < nbytes:
-            buf = self._local.span = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        self._read_exact(self.fd, memoryview(buf)[:nbytes], offset)
-        return buf[:nbytes]
+    def read_records(self, starts: np.ndarray, size: int, dest: np.ndarray) -> None:
+        """Fixed-size records at file offsets ``starts`` [m] -> ``dest`` [m, size]: one pread
+        per record in one C call (gather.c; a Python loop where it cannot be built). A
+        small scattered batch (a cache's misses) costs its own bytes, not a read of the
+        range that covers it. Raises :class:`ShortRead` past the end of the file."""
+        offsets = np.ascontiguousarray(starts, dtype=np.int64)
+        lib = _gather_library()
+        if lib is None:
+            view = memoryview(dest.reshape(-1))
+            for i, offset in enumerate(offsets.tolist()):
+                self._read_exact(self.fd, view[i * size : (i + 1) * size], offset)
+            return
+        out = np.empty(2, dtype=np.int64)
+        lib.m2r_pread_records(self.fd, offsets.ctypes.data, offsets.size, size, dest.ctypes.data, out.ctypes.data)
+        if out[0] >= 0:
+            if out[1]:
+                raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
+            raise ShortRead(int(offsets[out[0]]))
 
     def _run(self, view: memoryview, dest: np.ndarray, task: Task) -> bool:
         for offset, nbytes, at in task.runs:
@@ -174,3 +188,11 @@ class RecordFile:
         if buf is None or len(buf) < nbytes:
             buf = self._local.bounce = mmap.mmap(-1, max(nbytes, self.task_bytes + 2 * ALIGN))
         return buf
+
+
+@functools.cache
+def _gather_library():
+    """gather.c, or None (no compiler, M2CACHE_KERNELS=torch)."""
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 1,
+                       {"m2r_pread_records": [I32, P, I64, I64, P, P]})

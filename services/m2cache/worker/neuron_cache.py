@@ -12,15 +12,21 @@ INT8/INT4 rows packed with their scales), so a hit costs no copy and no decode.
 
 ``NeuronCache.bands(layer, want, step, take)`` is the one per-layer call: look
 up, admit the misses (``take`` fetches them), hand back the compute's bands.
-No I/O here: the caller's ``take`` does it.
+No I/O here: the caller's ``take`` does it. The bookkeeping (lookup, admission,
+eviction) is two C calls per layer and precision (slots.c beside this file, built
+by m2cache/native.py), with the same semantics in torch where it is unavailable.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from m2cache import native
 from m2cache.codec.format import Precision
 from m2cache.model.ffn import Band
 
@@ -54,8 +60,61 @@ class PrecisionSlots:
         """ids [n] long -> bool [n]."""
         return self.row_of[ids] >= 0
 
-    def touch(self, ids: torch.Tensor, step: int) -> None:
-        self.last_used[ids] = step
+    def lookup(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's neurons ``ids`` [n] -> (rows [n], -1 = miss; miss ids [m]; their
+        positions in ids [m]). Marks them used at ``step`` (admitting the misses cannot
+        evict them)."""
+        lib = _slots_library()
+        if lib is None:
+            rows = self.row_of[ids]
+            self.last_used[ids] = step
+            miss_pos = (rows < 0).nonzero().flatten()
+            return rows, ids[miss_pos], miss_pos
+        ids = ids.contiguous()
+        n = ids.numel()
+        rows, miss, out = torch.empty(n, dtype=torch.long), torch.empty(2, n, dtype=torch.long), torch.empty(1, dtype=torch.long)
+        lib.m2k_lookup(ids.data_ptr(), n, self.row_of.data_ptr(), self.last_used.data_ptr(), step,
+                       rows.data_ptr(), miss[0].data_ptr(), miss[1].data_ptr(), out.data_ptr())
+        m = int(out[0])
+        return rows, miss[0, :m], miss[1, :m]
+
+    def admit(self, miss_ids: torch.Tensor, miss_pos: torch.Tensor, fetched: torch.Tensor, rows: torch.Tensor,
+              step: int) -> torch.Tensor | None:
+        """Write as many of the fetched misses (records [m, rb], on the slots' device) as
+        the window allows into free or evicted rows, and point ``rows`` (the band's, [n])
+        at them. The rest are read from ``fetched``: returns the band's ``which`` [n]
+        (1 = row of ``fetched``), or None when every miss was admitted."""
+        lib = _slots_library()
+        if lib is None:
+            return self._admit_torch(miss_ids, miss_pos, fetched, rows, step)
+        m = miss_ids.numel()
+        which = torch.zeros(rows.numel(), dtype=torch.long)
+        work, out = torch.empty(max(self.capacity, 1), dtype=torch.long), torch.empty(2, dtype=torch.long)
+        on_cpu = self.records.device.type == "cpu"
+        fetched = fetched.contiguous()
+        lib.m2k_admit(miss_ids.data_ptr(), miss_pos.contiguous().data_ptr(), m, self.neuron_at.data_ptr(),
+                      self.row_of.data_ptr(), self.last_used.data_ptr(), self.capacity, step, self.window,
+                      rows.data_ptr(), which.data_ptr(), self.records.data_ptr() if on_cpu else None,
+                      fetched.data_ptr() if on_cpu else None, self.record_bytes, work.data_ptr(), out.data_ptr())
+        admitted, evicted = int(out[0]), int(out[1])
+        self.num_used += admitted - evicted
+        if not on_cpu and admitted:
+            self.records[work[:admitted].to(self.records.device)] = fetched[:admitted]
+        return which if admitted < m else None
+
+    def _admit_torch(self, miss_ids, miss_pos, fetched, rows, step) -> torch.Tensor | None:
+        dest = self.reserve(miss_ids, step)  # [m] rows, -1 = no room
+        kept = dest >= 0
+        if bool(kept.any()):
+            self.records[dest[kept].to(self.records.device)] = fetched[kept.to(fetched.device)]
+        rows[miss_pos[kept]] = dest[kept]
+        surplus = ~kept
+        if not bool(surplus.any()):
+            return None
+        which = torch.zeros(rows.numel(), dtype=torch.long)
+        rows[miss_pos[surplus]] = surplus.nonzero().flatten()
+        which[miss_pos[surplus]] = 1
+        return which
 
     def reserve(self, ids: torch.Tensor, step: int) -> torch.Tensor:
         """Rows for as many of the uncached ``ids`` [m] as the window allows -> rows [m]
@@ -87,6 +146,15 @@ class PrecisionSlots:
         self.neuron_at[victims] = -1
         self.num_used -= int(victims.numel())
         return victims
+
+
+@functools.cache
+def _slots_library() -> ctypes.CDLL | None:
+    """slots.c (None: no compiler, or M2CACHE_KERNELS=torch)."""
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    return native.load(Path(__file__).with_name("slots.c"), "m2k_abi_version", 1, {
+        "m2k_lookup": [P, I64, P, P, I64, P, P, P, P],
+        "m2k_admit": [P, P, I64, P, P, P, I64, I64, I64, P, P, P, P, I64, P, P]})
 
 
 @dataclass
@@ -176,29 +244,15 @@ class NeuronCache:
         if s.identity:  # everything resident in id order: a hit is row = id, nothing to track
             self._count(0, int(ids.numel()), s.record_bytes)
             return Band(prec, ids, (s.records,), ids)
-        rows = s.row_of[ids]  # [n], -1 = miss
-        s.touch(ids, step)  # in the window now: admitting misses cannot evict them
-        miss = rows < 0
-        num_miss = int(miss.sum())
+        rows, miss_ids, miss_pos = s.lookup(ids, step)
+        num_miss = int(miss_ids.numel())
         self._count(num_miss, int(ids.numel()) - num_miss, s.record_bytes)
         if num_miss == 0:
             return Band(prec, ids, (s.records,), rows)
-        miss_ids = ids[miss]
         fetched = take(prec, miss_ids).to(s.records.device)  # [m, rb]
-        dest = s.reserve(miss_ids, step)  # [m] rows, -1 = no room
-        kept = dest >= 0
-        if bool(kept.any()):
-            s.records[dest[kept].to(s.records.device)] = fetched[kept.to(fetched.device)]
-        rows = rows.clone()
-        which = torch.zeros(ids.numel(), dtype=torch.long)
-        # admitted misses are read from their new rows; the rest from the fetched bytes
-        miss_pos = miss.nonzero().flatten()
-        rows[miss_pos[kept]] = dest[kept]
-        surplus = ~kept
-        if not bool(surplus.any()):
+        which = s.admit(miss_ids, miss_pos, fetched, rows, step)  # admitted misses: read from their new rows
+        if which is None:
             return Band(prec, ids, (s.records,), rows)
-        rows[miss_pos[surplus]] = surplus.nonzero().flatten()
-        which[miss_pos[surplus]] = 1
         return Band(prec, ids, (s.records, fetched), rows, which)
 
     def _count(self, misses: int, hits: int, record_bytes: int) -> None:
