@@ -24,8 +24,8 @@ def test_bench_runs_every_system(tmp_path):
     assert {r["system"] for r in results} == SYSTEMS
     assert not [r for r in results if "error" in r], [r["error"] for r in results if "error" in r]
     assert {(r["system"], r["policy"]) for r in results if r["system"].startswith("m2cache")} == {
-        ("m2cache-inprocess", "full"), ("m2cache-inprocess", "mixed"), ("m2cache-stack", "full"),
-        ("m2cache-stack", "mixed")}
+        ("m2cache-inprocess", "full"), ("m2cache-inprocess", "mixed"), ("m2cache-inprocess", "int4"),
+        ("m2cache-stack", "full"), ("m2cache-stack", "mixed")}
     for r in results:
         assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0
         assert set(r["bytes_per_token"]) == {"hbm", "dram", "ssd"}

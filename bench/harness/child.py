@@ -95,12 +95,13 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from bench.harness.configs import run_spec
+    from bench.harness.configs import import_code, run_spec
 
     import psutil
     import torch  # noqa: F401  (with the harness: the interpreter every system pays before any weight)
-    runtime_rss = psutil.Process().memory_info().rss
     spec = json.loads(Path(spec_path).read_text())
+    import_code(spec["kind"])  # and the system's own code: the runtime is everything but its data
+    runtime_rss = psutil.Process().memory_info().rss
     group = None
     if spec.get("cgroup") and honest.MemoryLimit.available():
         group = honest.MemoryLimit(f"m2c-bench-{os.getpid()}")

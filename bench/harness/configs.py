@@ -13,6 +13,27 @@ from bench.harness.child import run_config
 from bench.harness.policy import load_policy
 
 
+# the module each system kind's code lives in: imported before the child measures its
+# runtime (the interpreter, torch and the system's code, before any weight is loaded)
+SYSTEM_MODULES = {"dense-reference": "bench.harness.systems_local", "naive-streaming": "bench.harness.systems_local",
+                  "m2cache-inprocess": "bench.harness.systems_local", "m2cache-stack": "bench.harness.systems_stack",
+                  "transformers-dense": "bench.harness.systems_hf", "accelerate-offload": "bench.harness.systems_hf",
+                  "llama.cpp": "bench.harness.systems_llamacpp"}
+
+
+def import_code(kind: str) -> None:
+    """Import system ``kind``'s code (nothing for the measurement kinds; an optional peer
+    that is not installed is reported by its own row)."""
+    import importlib
+
+    name = SYSTEM_MODULES.get(kind)
+    if name is not None:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def _paths(spec: dict) -> tuple[Path, Path]:
     return Path(spec["store_root"]) / spec["model"], Path(spec["hf_dir"])
 

@@ -7,6 +7,8 @@
 - "oracle": bands by the true activation magnitudes (every FULL neuron decoded
   and resident to compute them): an upper bound for any predictor's choices,
   hit rate and bytes, not a deployable system (its tok/s includes the oracle);
+- "int4": every neuron at INT4, no ranking (the configuration llama.cpp's Q4 GGUFs run:
+  all weights 4-bit, nothing skipped);
 - "trace-driven": a real model's recorded choices replayed (bench/harness/trace.py)."""
 from __future__ import annotations
 
@@ -89,6 +91,21 @@ def load_oracle_policy(store_path: Path, ratios: BandRatios) -> OraclePolicy:
     return OraclePolicy(bank, store.manifest.ffn_kind, ratios, store=store)
 
 
+@dataclass
+class UniformPolicy:
+    """Every neuron at one precision; no predictor runs."""
+
+    num_neurons: int
+    ratios: BandRatios = BandRatios(0.0, 0.0, 1.0)
+    source: str = "every neuron INT4 (no ranking)"
+
+    def choose(self):
+        from m2cache.codec.format import Precision
+
+        every = {Precision.INT4: torch.arange(self.num_neurons)}
+        return lambda layer, x: every
+
+
 def load_policy(name: str, store_path: Path, manifest: Manifest, ratios: BandRatios, trace_path: str | None = None):
     """The policy object for ``name`` (None for "full": every neuron at FULL)."""
     if name == "full":
@@ -97,6 +114,8 @@ def load_policy(name: str, store_path: Path, manifest: Manifest, ratios: BandRat
         return load_mixed_policy(store_path, manifest, ratios)
     if name == "oracle":
         return load_oracle_policy(store_path, ratios)
+    if name == "int4":
+        return UniformPolicy(manifest.d_ffn)
     if name == "trace-driven":
         from bench.harness.trace import Trace, TracePolicy
 

@@ -169,7 +169,7 @@ def plots(doc: dict, model: str, out_dir: Path) -> list[Path]:
 
 
 def _bytes_plot(rs: list[dict], model: str, out_dir: Path, plt) -> Path:
-    short = {"full": "", "mixed": "+mx", "oracle": "+oracle", "trace-driven": "+trace"}
+    short = {"full": "", "mixed": "+mx", "int4": "+int4", "oracle": "+oracle", "trace-driven": "+trace"}
     labels = [f"{r['system'].replace('m2cache-', 'm2c-')}{short.get(r['policy'], ' ' + r['policy'])} "
               f"{_budget(r).split()[0]}" for r in rs]
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)

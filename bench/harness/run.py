@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ("dense-reference", "transformers-dense", "accelerate-offload", "naive-streaming",
            "m2cache-inprocess", "m2cache-stack", "llama.cpp")
-POLICIES = ("full", "mixed", "oracle", "trace-driven")
+POLICIES = ("full", "mixed", "int4", "oracle", "trace-driven")
 WIKITEXT = REPO.parent / "shared" / "corpora" / "wikitext2" / "wiki.test.raw"
 
 
@@ -104,9 +104,12 @@ def _base_spec(cfg: BenchConfig, model: str, hf_dir: Path | None, prompt: list[i
 
 
 def policies_for(cfg: BenchConfig, kind: str, model: BenchModel, trace: Path | None) -> list[str]:
-    """m2cache's policies (of cfg.policies) that apply: full and mixed always; the oracle on
-    real models (in-process); the trace-driven replay on the synthetic model when a trace was recorded."""
+    """m2cache's policies (of cfg.policies) that apply: full and mixed always; uniform INT4
+    in-process; the oracle on real models (in-process); the trace-driven replay on the
+    synthetic model when a trace was recorded."""
     out = ["full", "mixed"]
+    if kind == "m2cache-inprocess":
+        out.append("int4")
     if model.real and kind == "m2cache-inprocess":
         out.append("oracle")
     if trace is not None and not model.real:

@@ -52,10 +52,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trace-chooser", choices=("oracle", "predictor"), default="oracle",
                    help="whose choices the trace records (default oracle; predictor needs one trained in its store)")
     p.add_argument("--trace-tokens", type=int, default=256, help="tokens recorded (default 256)")
-    p.add_argument("--policies", nargs="+", choices=("full", "mixed", "oracle", "trace-driven"),
-                   default=["full", "mixed", "oracle", "trace-driven"],
-                   help="m2cache policies, each where it applies (oracle: real models; trace-driven: with "
-                        "--trace-from) (default all)")
+    p.add_argument("--policies", nargs="+", choices=("full", "mixed", "int4", "oracle", "trace-driven"),
+                   default=["full", "mixed", "int4", "oracle", "trace-driven"],
+                   help="m2cache policies, each where it applies (int4: every neuron INT4, in-process; oracle: "
+                        "real models; trace-driven: with --trace-from) (default all)")
     p.add_argument("--llamacpp-threads", type=int, default=2, help="llama.cpp threads (default 2)")
     p.add_argument("--layers", type=int, default=16, help="synthetic model layers (default 16)")
     p.add_argument("--hidden", type=int, default=2048, help="synthetic model hidden size (default 2048)")

@@ -57,8 +57,8 @@ class LlamaModel:
     def _decode_block(self, i: int, w: AttentionWeights) -> kernels.AttentionBlock | None:
         cached = self._blocks.get(i)
         if cached is None or cached[0] is not w:  # streamed layers hand in new weights each step
-            block = kernels.AttentionBlock.build(w.wqkv, w.bqkv, w.wo, w.bo, self.attn_norm[i], self.ffn_norm[i],
-                                      self.config.norm_eps)
+            block = kernels.AttentionBlock.build(w.wqkv, w.bqkv, w.wo, w.bo, self.attn_norm[i],
+                                                 self.ffn_norm[i], self.config.norm_eps)
             cached = self._blocks[i] = (w, block)
         return cached[1]
 

@@ -95,6 +95,30 @@ static inline void row_dots(const uint8_t* gate, const uint8_t* up, int64_t d, i
     *u_out = hsum8(au);
 }
 
+// the same for four consecutive neurons (gate and up rows i..i+3) against one input row:
+// eight independent accumulator chains share each input group's load
+static inline void row_dots4(const uint8_t* gate, const uint8_t* up, int64_t rowb, int64_t d, int bits,
+                             const int8_t* q, const float* s, float g_out[4], float u_out[4]) {
+    const int64_t nx = d / 32, gb = 32 * bits / 8;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 ag[4], au[4];
+    for (int k = 0; k < 4; k++) ag[k] = au[k] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nx; g++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(q + 32 * g));
+        const __m256 sv = _mm256_set1_ps(s[g]);
+        for (int k = 0; k < 4; k++) {
+            const __m256i pg = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(gate + k * rowb + g * gb, bits), xv), ones);
+            const __m256i pu = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(up + k * rowb + g * gb, bits), xv), ones);
+            ag[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pg), sv, ag[k]);
+            au[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pu), sv, au[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        g_out[k] = hsum8(ag[k]);
+        u_out[k] = hsum8(au[k]);
+    }
+}
+
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // x [R, d] float32; gate/up codes [F, d*bits/8] uint8, scales fp16 [F]; out [R, F] float32.
@@ -108,14 +132,19 @@ void m2q_scores(const float* x, int64_t R, int64_t d, const uint8_t* gate, const
     float* s = ws + (R * d + 3) / 4;              // [R, nx]
     float* tot = s + R * nx;                      // [R]
     for (int64_t r = 0; r < R; r++) quantize(x + r * d, d, bits, q + r * d, s + r * nx, tot + r);
+    const int64_t F4 = F / 4;  // neurons in fours (the same sums, in the same order, as one at a time)
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < F; i++) {
-        const float sg = half_to_float(gs[i]), su = half_to_float(us[i]);
+    for (int64_t i4 = 0; i4 < F4 + (F % 4); i4++) {
+        const int64_t i = i4 < F4 ? 4 * i4 : 4 * F4 + (i4 - F4), n = i4 < F4 ? 4 : 1;
         for (int64_t r = 0; r < R; r++) {
-            float gd, ud;
-            row_dots(gate + i * rowb, up + i * rowb, d, bits, q + r * d, s + r * nx, &gd, &ud);
-            const float g = sg * (a * gd + b * tot[r]), u = su * (a * ud + b * tot[r]);
-            out[r * F + i] = fabsf(g / (1.f + expf(-g)) * u);
+            float gd[4], ud[4];
+            if (n == 4) row_dots4(gate + i * rowb, up + i * rowb, rowb, d, bits, q + r * d, s + r * nx, gd, ud);
+            else row_dots(gate + i * rowb, up + i * rowb, d, bits, q + r * d, s + r * nx, gd, ud);
+            for (int64_t k = 0; k < n; k++) {
+                const float sg = half_to_float(gs[i + k]), su = half_to_float(us[i + k]);
+                const float g = sg * (a * gd[k] + b * tot[r]), u = su * (a * ud[k] + b * tot[r]);
+                out[r * F + i + k] = fabsf(g / (1.f + expf(-g)) * u);
+            }
         }
     }
 }
