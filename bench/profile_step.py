@@ -1,13 +1,14 @@
 """Where a decode step's time goes: m2cache in-process on one store, per component.
 
-    python bench/profile_step.py STORE [--fraction 1] [--policy mixed|full] [--tokens 32] [--json OUT]
+    python bench/profile_step.py STORE [--fraction 1] [--policy mixed|full|int4] [--tokens 32] [--json OUT]
 
 Runs greedy decode with the bench's in-process system (bench/harness/systems_local.py:
 the worker's provider, cache and kernels, misses from the local store) and times,
-per token, the provider's parts by wrapping them: choose (predictor + bands), the
-cache call (lookup, misses fetched and admitted), the fetch alone, the FFN kernel;
-"other" is attention, norms and the head. The wrappers cost a few microseconds per
-call, so the step is timed once bare (tok/s) and once wrapped (the split). For a
+per decode token (the prefill excluded), the step's parts by wrapping them: the
+attention block (with the FFN's input norm), choose (predictor + bands), the cache
+call (lookup, misses fetched and admitted), the fetch alone, the FFN, the head;
+"other" is the rest (embedding, residual adds, the loop). The wrappers cost a few
+microseconds per call, so the step is timed once bare (tok/s) and once wrapped (the split). For a
 sampled profile of the same run: ``py-spy record -f raw -o out.txt -- python
 bench/profile_step.py ...``. Figures on a shared machine compare only within a run.
 """
@@ -36,7 +37,7 @@ def _timed(acc: dict, key: str, fn):
 
 
 def main() -> None:
-    from bench.harness.policy import load_mixed_policy
+    from bench.harness.policy import UniformPolicy, load_mixed_policy
     from bench.harness.systems_local import M2CacheLocal, greedy_loop
     from m2cache.predictors.bands import BandRatios
     from m2cache.store.reader import NeuronStore
@@ -45,13 +46,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store", type=Path)
     ap.add_argument("--fraction", type=float, default=1.0, help="fast-memory budget (fraction of FFN bytes)")
-    ap.add_argument("--policy", choices=("mixed", "full"), default="mixed",
-                    help="mixed: the store's predictor and policy (else a random one at 0.2/0.25/0.25)")
+    ap.add_argument("--policy", choices=("mixed", "full", "int4"), default="mixed",
+                    help="mixed: the store's predictor and policy (else a random one at 0.2/0.25/0.25); "
+                         "int4: every neuron INT4, no ranking")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     mixed = None
+    if args.policy == "int4":
+        store = NeuronStore(args.store)
+        mixed = UniformPolicy(store.manifest.d_ffn)
+        store.close()
     if args.policy == "mixed":
         store = NeuronStore(args.store)
         manifest = store.manifest
@@ -68,6 +74,8 @@ def main() -> None:
     decode(4)  # warm: kernels built, caches filled
     bare = decode(args.tokens)
     acc: dict[str, float] = {}
+    net = system.model.net
+    net.block_input = _timed(acc, "attention block (+ FFN input norm)", net.block_input)
     if system.path == "cached":
         for key in ("choose", "cache (lookup, misses fetched and admitted)", "  of which fetch", "ffn kernel"):
             acc[key] = 0.0
@@ -78,12 +86,22 @@ def main() -> None:
         provider_mod.sparse_ffn = _timed(acc, "ffn kernel", provider_mod.sparse_ffn)
     else:
         system.provider.layers = [_timed(acc, "ffn (dense matrices)", f) for f in system.provider.layers]
-    t0 = time.perf_counter()
-    greedy_loop(system.model, PROMPT, args.tokens + 1, system.provider, lambda i, t: None,
+    net.head = _timed(acc, "head (final norm, vocabulary projection)", net.head)
+    marks = []
+
+    def on_token(i: int, _token: int) -> None:
+        if i == 0:  # the prefill is done: time the decode steps only
+            for key in acc:
+                acc[key] = 0.0
+        marks.append(time.perf_counter())
+
+    greedy_loop(system.model, PROMPT, args.tokens + 1, system.provider, on_token,
                 before_step=lambda: system.provider.begin_step([system.choose]))
-    wrapped = (time.perf_counter() - t0) / (args.tokens + 1)
-    split = {k: v / (args.tokens + 1) for k, v in acc.items()}
-    split["other (attention, norms, head)"] = wrapped - sum(v for k, v in split.items() if not k.startswith(" "))
+    steps = len(marks) - 1
+    wrapped = (marks[-1] - marks[0]) / steps
+    split = {k: v / steps for k, v in acc.items()}
+    split["other (embedding, residual adds, the loop)"] = wrapped - sum(
+        v for k, v in split.items() if not k.startswith(" "))
     system.close()
     out = {"store": str(args.store), "policy": args.policy if mixed is None else mixed.source,
            "fraction": args.fraction, "path": system.path, "tokens": args.tokens,
