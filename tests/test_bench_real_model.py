@@ -48,7 +48,7 @@ def test_bench_model_gguf_side_by_side(tmp_path, tiny_gguf):
     results = [r for r in doc["results"] if r["system"] != "llama.cpp"]
     assert not [r["error"] for r in results if "error" in r]
     assert {(r["policy"], r["fraction"]) for r in results if r["system"] == "m2cache-inprocess"} == {
-        (p, f) for p in ("full", "mixed", "oracle") for f in (1.0, 0.25)}
+        (p, f) for p in ("full", "mixed", "int4", "oracle") for f in (1.0, 0.25)}
     llama = [r for r in doc["results"] if r["system"] == "llama.cpp"]
     assert {r["policy"] for r in llama} == {"gguf-q8_0", "gguf-f16"}
     if importlib.util.find_spec("llama_cpp") is not None:  # an optional peer (docs/BENCHMARKS.md)

@@ -31,7 +31,7 @@ def test_plan_takes_bytes_per_token_from_the_bench(bench_run, tmp_path):
     assert cli.main(["plan", "--model", "llama-2-13b", "--hardware", "rtx3090", "--bench", str(results),
                      "--json", str(out)]) == 0
     plans = json.loads(out.read_text())["plans"]
-    assert {p["bench_config"] for p in plans} == {f"m2cache-inprocess {pol} {f}%" for pol in ("full", "mixed")
+    assert {p["bench_config"] for p in plans} == {f"m2cache-inprocess {pol} {f}%" for pol in ("full", "mixed", "int4")
                                                   for f in (100, 50)}
     half = next(p for p in plans if p["bench_config"] == "m2cache-inprocess full 50%")
     assert half["hbm_hit_rate"] == pytest.approx(0.5, abs=0.02)  # the bench's measured share, on 13B's bytes

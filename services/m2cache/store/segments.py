@@ -35,6 +35,7 @@ from m2cache.codec import checksum
 
 log = logging.getLogger(__name__)
 ALIGN = 4096
+RECORD_GAP_BYTES = 4096  # read_records: records this close share one pread (a syscall costs more than 4 KiB of copy)
 
 
 class ShortRead(Exception):
@@ -136,10 +137,11 @@ class RecordFile:
         return [task for task, ok in zip(tasks, results) if not ok]
 
     def read_records(self, starts: np.ndarray, size: int, dest: np.ndarray) -> None:
-        """Fixed-size records at file offsets ``starts`` [m] -> ``dest`` [m, size]: one pread
-        per record in one C call (gather.c; a Python loop where it cannot be built). A
-        small scattered batch (a cache's misses) costs its own bytes, not a read of the
-        range that covers it. Raises :class:`ShortRead` past the end of the file."""
+        """Fixed-size records at file offsets ``starts`` [m] -> ``dest`` [m, size] in one C
+        call (gather.c; a Python loop where it cannot be built): one pread per record, or
+        per run of records at most RECORD_GAP_BYTES apart. A small scattered batch (a
+        cache's misses) costs about its own bytes, not a read of the range that covers
+        it. Raises :class:`ShortRead` past the end of the file."""
         offsets = np.ascontiguousarray(starts, dtype=np.int64)
         lib = _gather_library()
         if lib is None:
@@ -148,7 +150,8 @@ class RecordFile:
                 self._read_exact(self.fd, view[i * size : (i + 1) * size], offset)
             return
         out = np.empty(2, dtype=np.int64)
-        lib.m2r_pread_records(self.fd, offsets.ctypes.data, offsets.size, size, dest.ctypes.data, out.ctypes.data)
+        lib.m2r_pread_records(self.fd, offsets.ctypes.data, offsets.size, size, RECORD_GAP_BYTES, dest.ctypes.data,
+                              out.ctypes.data)
         if out[0] >= 0:
             if out[1]:
                 raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
@@ -194,5 +197,5 @@ class RecordFile:
 def _gather_library():
     """gather.c, or None (no compiler, M2CACHE_KERNELS=torch)."""
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 1,
-                       {"m2r_pread_records": [I32, P, I64, I64, P, P]})
+    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 2,
+                       {"m2r_pread_records": [I32, P, I64, I64, I64, P, P]})
