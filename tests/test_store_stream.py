@@ -188,3 +188,24 @@ def test_scattered_reads_equal_one_record_at_a_time(store_root, monkeypatch, imp
                                         np.empty((2, size), np.uint8))
     finally:
         reader.close()
+
+
+def test_large_scattered_batches_split_across_the_pool(tmp_path):
+    """RecordFile.read_records on a batch big enough to split across the I/O threads:
+    every record lands in its row; a batch reaching past the end names ShortRead."""
+    from m2cache.store import segments
+    size, n = 200, 6000
+    data = np.random.default_rng(0).integers(0, 256, size=n * size, dtype=np.uint8)
+    path = tmp_path / "records.bin"
+    data.tofile(path)
+    rf = segments.RecordFile(path, io_threads=4)
+    try:
+        ids = np.sort(np.random.default_rng(1).choice(n, 3000, replace=False))
+        assert min(rf.io_threads, ids.size // segments.RECORDS_PER_THREAD) >= 2  # the split path
+        dest = np.empty((ids.size, size), np.uint8)
+        rf.read_records(ids * size, size, dest)
+        assert np.array_equal(dest, data.reshape(n, size)[ids])
+        with pytest.raises(segments.ShortRead):
+            rf.read_records(np.append(ids * size, n * size - size // 2), size, np.empty((ids.size + 1, size), np.uint8))
+    finally:
+        rf.close()

@@ -41,7 +41,7 @@ from m2cache.store.segments import RecordFile, ShortRead, plan
 log = logging.getLogger(__name__)
 DEFAULT_IO_THREADS = 4  # parallel preadv calls per store: enough queue depth for an SSD, cheap on 2 cores
 DEFAULT_TASK_BYTES = 4 << 20  # destination bytes per read task (one CRC-32C check each)
-SCATTERED_READ_BYTES = 2 << 20  # a sorted batch spread over at most this much is read record by record in C
+SCATTERED_MIN_RECORDS_PER_RUN = 8  # a sorted batch with runs shorter than this on average is read in C loops
 
 
 # py-lmdb refuses a second handle on an environment a process already has open,
@@ -248,17 +248,20 @@ class NeuronStore:
 
     def _read_scattered(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                       crcs: np.ndarray, dest: np.ndarray) -> bool:
-        """A small scattered batch of fixed-size records (a cache's misses: a few hundred
-        records spread over a layer) costs a Python call per run on the parallel path; read
-        them in one C loop instead (RecordFile.read_records), check each one's CRC in one
-        call. False (nothing read) where that does not apply: bitmap records,
-        O_DIRECT, unsorted ids, or records spread over more than SCATTERED_READ_BYTES (a cold
-        read of those is faster on the parallel path)."""
+        """A scattered batch of fixed-size records (a cache's misses: records spread over a
+        layer) costs a Python call per run on the task path; read them in C loops instead
+        (RecordFile.read_records), check each one's CRC in one call. False (nothing read)
+        where that does not apply: bitmap records, O_DIRECT, unsorted ids, or batches that
+        are mostly contiguous (runs of SCATTERED_MIN_RECORDS_PER_RUN records or more on
+        average: the task path reads each run with one syscall straight into place)."""
         if self.manifest.codec != "dense" or self.records.direct_fd is not None or ids.size < 2:
             return False
-        lo, hi, size = int(starts[0]), int(starts[-1] + lengths[-1]), int(lengths[0])
-        if hi - lo > SCATTERED_READ_BYTES or hi - lo == ids.size * size or not bool(np.all(ids[1:] > ids[:-1])):
-            return False  # too far apart, contiguous already (one read straight into dest), or unsorted
+        if not bool(np.all(ids[1:] > ids[:-1])):
+            return False  # unsorted
+        runs = 1 + int(np.count_nonzero(ids[1:] != ids[:-1] + 1))
+        if runs * SCATTERED_MIN_RECORDS_PER_RUN < ids.size:
+            return False  # mostly contiguous: a few long runs
+        size = int(lengths[0])
         try:
             self.records.read_records(starts, size, dest.reshape(ids.size, size))
         except ShortRead as err:
