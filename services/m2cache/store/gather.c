@@ -1,10 +1,11 @@
-// A small scattered batch of fixed-size records (a cache's misses) read in a C loop
-// (the GIL released by ctypes), straight into the destination: no covering-range
-// copy, no mapping in the resident set, no Python per record. Records whose gaps are
-// at most `max_gap` bytes (ascending, not overlapping) are read with one pread into a stack buffer and copied out
-// (a syscall costs more than a few KiB of copy); the others with one pread each.
-// Short reads are retried; out[0] is -1, or the first record the file ends in
-// (out[1]: errno, or 0 at the end of the file).
+// A scattered batch of fixed-size records (a cache's misses) read in a C loop (the
+// GIL released by ctypes), straight into the destination: no covering-range copy, no
+// mapping in the resident set, no Python per record. Records at most `max_gap` bytes
+// apart (ascending, not overlapping) share one pread into a stack buffer and are
+// copied out (a syscall costs more than a few KiB of copy); the others get one pread
+// each. Short reads are retried; out[0] is -1, or the first record the file ends in
+// (out[1]: errno, or 0 at the end of the file). segments.RecordFile.read_records
+// splits large batches across its I/O threads, one call each.
 #define _XOPEN_SOURCE 700
 #include <errno.h>
 #include <stdint.h>

@@ -15,6 +15,12 @@ With ``direct`` the file is also opened with O_DIRECT: runs are widened to
 so the page cache is bypassed (the DRAM tier already caches what matters).
 io_uring would save the per-run syscalls; Python has no stable binding for it
 in this project's dependencies, so preadv on a thread pool it is.
+
+Scattered batches of fixed-size records (a cache's misses: runs of a record or
+two) skip the per-run Python: ``read_records`` reads them in C loops of preads
+(gather.c beside this file), split across the pool when large. The file is opened
+with POSIX_FADV_RANDOM: every read asks for exactly the bytes it needs, and the
+kernel's readahead only multiplied the device bytes of scattered reads.
 """
 from __future__ import annotations
 
