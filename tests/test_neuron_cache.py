@@ -129,3 +129,12 @@ def test_budget_split_respected():
     assert cache.slots(0, Precision.FULL).capacity == 30_000 * 0.5 // 300
     full = NeuronCache.with_budget(2, 10, rb, budget_bytes=10**9, shares={p: 1 / 3 for p in Precision}, window=1)
     assert all(full.slots(0, p).capacity == 10 for p in Precision)
+
+
+def test_an_id_outside_the_layer_is_refused_and_changes_nothing():
+    s = PrecisionSlots(num_neurons=10, record_bytes=4, capacity=4, window=1, device=torch.device("cpu"))
+    before = s.last_used.clone()
+    with pytest.raises((IndexError, neuron_cache.InvalidArgument)):
+        s.lookup(torch.tensor([1, 10]), step=3)
+    if neuron_cache._slots_library() is not None:  # the C lookup checks before it writes
+        assert torch.equal(s.last_used, before)

@@ -28,6 +28,7 @@ import torch
 
 from m2cache import native
 from m2cache.codec.format import Precision
+from m2cache.errors import InvalidArgument
 from m2cache.model.ffn import Band
 
 # (precision, sorted miss ids [m]) -> their records uint8 [m, record_bytes] in ids order
@@ -70,12 +71,15 @@ class PrecisionSlots:
             self.last_used[ids] = step
             miss_pos = (rows < 0).nonzero().flatten()
             return rows, ids[miss_pos], miss_pos
-        ids = ids.contiguous()
+        ids = ids.to(torch.long).contiguous()
         n = ids.numel()
-        rows, miss, out = torch.empty(n, dtype=torch.long), torch.empty(2, n, dtype=torch.long), torch.empty(1, dtype=torch.long)
-        lib.m2k_lookup(ids.data_ptr(), n, self.row_of.data_ptr(), self.last_used.data_ptr(), step,
-                       rows.data_ptr(), miss[0].data_ptr(), miss[1].data_ptr(), out.data_ptr())
+        rows, miss = torch.empty(n, dtype=torch.long), torch.empty(2, n, dtype=torch.long)
+        out = torch.empty(1, dtype=torch.long)
+        lib.m2k_lookup(ids.data_ptr(), n, self.row_of.numel(), self.row_of.data_ptr(), self.last_used.data_ptr(),
+                       step, rows.data_ptr(), miss[0].data_ptr(), miss[1].data_ptr(), out.data_ptr())
         m = int(out[0])
+        if m < 0:
+            raise InvalidArgument(f"neuron id {int(ids[-1 - m])} out of range: layers have {self.row_of.numel()}")
         return rows, miss[0, :m], miss[1, :m]
 
     def admit(self, miss_ids: torch.Tensor, miss_pos: torch.Tensor, fetched: torch.Tensor, rows: torch.Tensor,
@@ -152,8 +156,8 @@ class PrecisionSlots:
 def _slots_library() -> ctypes.CDLL | None:
     """slots.c (None: no compiler, or M2CACHE_KERNELS=torch)."""
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    return native.load(Path(__file__).with_name("slots.c"), "m2k_abi_version", 1, {
-        "m2k_lookup": [P, I64, P, P, I64, P, P, P, P],
+    return native.load(Path(__file__).with_name("slots.c"), "m2k_abi_version", 2, {
+        "m2k_lookup": [P, I64, I64, P, P, I64, P, P, P, P],
         "m2k_admit": [P, P, I64, P, P, P, I64, I64, I64, P, P, P, P, I64, P, P]})
 
 

@@ -15,11 +15,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-int m2k_abi_version(void) { return 1; }
+int m2k_abi_version(void) { return 2; }
 
-// out[0]: number of misses
-void m2k_lookup(const int64_t* ids, int64_t n, const int64_t* row_of, int64_t* last_used, int64_t step,
-                int64_t* rows, int64_t* miss_ids, int64_t* miss_pos, int64_t* out) {
+// out[0]: number of misses, or -1 - k when ids[k] is not a neuron id (nothing changed)
+void m2k_lookup(const int64_t* ids, int64_t n, int64_t num_neurons, const int64_t* row_of, int64_t* last_used,
+                int64_t step, int64_t* rows, int64_t* miss_ids, int64_t* miss_pos, int64_t* out) {
+    for (int64_t k = 0; k < n; k++)
+        if (ids[k] < 0 || ids[k] >= num_neurons) {
+            out[0] = -1 - k;
+            return;
+        }
     int64_t m = 0;
     for (int64_t k = 0; k < n; k++) {
         const int64_t id = ids[k], r = row_of[id];
