@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import transformers
 from checkpoints import real_model_dir
 from m2cache.convert.writer import convert
 from m2cache_client.pb import common_pb2
+from stack_helpers import stop_up
 from tiers import StoreHandle, free_port, status_of
 
 MODEL = "qwen2-wide-vocab"
@@ -94,6 +94,5 @@ def test_served_by_m2cache_up_through_the_openai_client(store_root, tmp_path):
         assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
         assert "".join(d.choices[0].delta.content or "" for d in deltas) == chat.choices[0].message.content
     finally:
-        up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=90)
+        out = stop_up(up, 90)
     assert up.returncode == 0, out

@@ -6,7 +6,6 @@ everything in the state file."""
 from __future__ import annotations
 
 import json
-import signal
 import ssl
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from m2cache import grpc_util
 from m2cache.stack import client_kwargs, pid_alive, state_security
 from m2cache_client import Client, Unauthenticated, Unavailable
 from m2cache_client.pb import common_pb2, store_pb2_grpc
-from stack_helpers import free_base_port
+from stack_helpers import free_base_port, stop_up
 
 MODEL = "tinystories-656k"
 
@@ -47,8 +46,7 @@ def secure_stack(store_root, tmp_path_factory):
         pytest.fail(f"secure stack did not come up:\n{up.communicate()[0]}")
     state = json.loads(state_file.read_text())
     yield state, state_file
-    up.send_signal(signal.SIGINT)
-    out, _ = up.communicate(timeout=90)
+    out = stop_up(up, 90)
     assert up.returncode == 0, out
     time.sleep(0.5)
     assert not [name for name, pid in state["pids"].items() if pid_alive(pid)]

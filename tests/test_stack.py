@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 from m2cache.stack import pid_alive
-from stack_helpers import free_base_port
+from stack_helpers import free_base_port, stop_up
 from tiers import start_redis
 
 
@@ -47,8 +46,7 @@ def test_up_generate_status_and_clean_stop(tmp_path, store_root):
         report = json.loads(status.stdout)
         assert report["worker-0"]["health"] == "SERVING" and report["dram"]["stats"]["redisUp"] is True
     finally:
-        up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=60)
+        out = stop_up(up, 60)
     assert up.returncode == 0, out
     assert "WARNING: plaintext stack" in out and "[7/7]" in out and "stopped" in out  # says so, shows progress
     time.sleep(0.5)
