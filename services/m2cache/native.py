@@ -2,8 +2,8 @@
 
 Each library is one ``.c`` file shipped with the package that calls it (model/kernels:
 the FFN, qcopy and band-selection kernels; codec: CRC-32C of many spans). ``load``
-compiles it once per source, flags and compiler into ``$M2CACHE_KERNEL_CACHE``
-(default ``~/.cache/m2cache/kernels``), atomically, with OpenMP and the instruction
+compiles it once per source (with the headers beside it), flags and compiler into
+``$M2CACHE_KERNEL_CACHE`` (default ``~/.cache/m2cache/kernels``), atomically, with OpenMP and the instruction
 sets /proc/cpuinfo lists (never -march=native: this VM's cpuid promises more than it
 runs), checks its ABI version and sets its functions' argument types. It returns
 None where no compiler works, the ABI is stale, or ``M2CACHE_KERNELS=torch`` asks
@@ -55,7 +55,8 @@ def _build(source: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     flags = _compile_flags()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source may include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
         return target

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#include "half.h"
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -53,25 +54,6 @@ typedef struct {
     const float* ss;    // [R, d/32] each group's scale times the sum of its codes
 } xq_t;
 
-#ifdef __F16C__
-static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-#else
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (!man) bits = sign;
-        else {  // subnormal: normalise
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7F800000u | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-#endif
 
 static inline uint16_t rd16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
