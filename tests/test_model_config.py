@@ -2,6 +2,8 @@
 filters (checked against transformers' own logits warpers)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -51,6 +53,30 @@ def test_kv_cache_slots_are_allocated_freed_and_reused():
     with pytest.raises(InvalidArgument):
         cache.free(a)
     assert cache.allocate() == a and cache.length(a) == 0
+
+
+def _rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_kv_cache_holds_resident_only_the_positions_written():
+    """A worker sizes its cache for the model's whole context; on CPU the memory it holds
+    is the tokens written (pages fault in on first write), and unwritten rows read zero."""
+    before = _rss_anon()
+    cache = KVCache(num_layers=4, num_slots=2, max_len=8192, num_kv_heads=2, head_dim=64)  # 32 MiB each of k, v
+    assert cache.num_bytes == 64 << 20
+    assert _rss_anon() - before < 8 << 20
+    step = cache.step([cache.allocate()], 8, None)
+    for layer in range(4):
+        cache.write(layer, step, torch.ones(1, 2, 8, 64), torch.full((1, 2, 8, 64), 2.0))
+    assert _rss_anon() - before < 8 << 20  # 8 positions: one page per (layer, head) of k and v
+    assert cache.k[:, 0, :, :8].eq(1).all() and cache.v[:, 0, :, :8].eq(2).all()
+    assert cache.k[:, :, :, 8:].abs().sum() == 0 and cache.v[:, 1].abs().sum() == 0
+    cache.k.fill_(0.5)  # the whole buffer is real memory once written
+    assert _rss_anon() - before > 30 << 20
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.7), (20, 0.9), (None, 0.05)])

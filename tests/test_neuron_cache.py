@@ -138,3 +138,18 @@ def test_an_id_outside_the_layer_is_refused_and_changes_nothing():
         s.lookup(torch.tensor([1, 10]), step=3)
     if neuron_cache._slots_library() is not None:  # the C lookup checks before it writes
         assert torch.equal(s.last_used, before)
+
+
+def test_a_precision_without_room_tracks_nothing_and_every_id_misses():
+    """A FULL-only policy's INT8/INT4 slots: no per-neuron arrays (they would cost
+    16 bytes a neuron per layer), every band a miss computed from the fetch."""
+    rb = {p: 8 for p in Precision}
+    cache = NeuronCache(2, 1000, rb, {Precision.FULL: 4}, window=2)
+    empty = cache.slots(0, Precision.INT8)
+    assert empty.row_of.numel() == empty.last_used.numel() == empty.records.numel() == 0
+    assert not empty.contains(torch.tensor([3, 4])).any()
+    (band,) = cache.bands(1, {Precision.INT8: torch.tensor([3, 9])}, 1, lambda prec, ids: records_for(ids))
+    assert torch.equal(band.gather(), records_for(torch.tensor([3, 9])))
+    assert cache.stats.misses == 2 and cache.slots(1, Precision.INT8).num_used == 0
+    with pytest.raises(neuron_cache.InvalidArgument, match="out of range"):
+        empty.lookup(torch.tensor([1, 1000]), step=2)

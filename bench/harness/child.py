@@ -88,6 +88,7 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
         if group is not None:
             group.set_limit(-1)
         result["peak_rss_bytes"] = honest.peak_rss_bytes()
+        result["code_rss_bytes"] = honest.code_rss_bytes()
         result["load_avg_end"] = os.getloadavg()
         if system is not None:
             system.close()
@@ -101,7 +102,7 @@ def main(spec_path: str, out_path: str) -> None:
     import torch  # noqa: F401  (with the harness: the interpreter every system pays before any weight)
     spec = json.loads(Path(spec_path).read_text())
     import_code(spec["kind"])  # and the system's own code: the runtime is everything but its data
-    runtime_rss = psutil.Process().memory_info().rss
+    runtime_rss, runtime_code = psutil.Process().memory_info().rss, honest.code_rss_bytes()
     group = None
     if spec.get("cgroup") and honest.MemoryLimit.available():
         group = honest.MemoryLimit(f"m2c-bench-{os.getpid()}")
@@ -114,6 +115,7 @@ def main(spec_path: str, out_path: str) -> None:
             group.close()
     for r in results:
         r["runtime_rss_bytes"] = runtime_rss
+        r["runtime_code_rss_bytes"] = runtime_code
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

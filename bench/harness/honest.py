@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def anon_bytes(pid: int | None = None) -> int:
 def peak_rss_bytes(pid: int | None = None) -> int:
     """High-water resident set (VmHWM) of ``pid``."""
     return _proc_field(pid or os.getpid(), "status", "VmHWM") * 1024
+
+
+_CODE = re.compile(r"\.so(\.[0-9.]+)?$|/python[0-9.]*$")
+
+
+def code_rss_bytes(pid: int | None = None) -> int:
+    """Resident pages of shared libraries and the interpreter binary mapped by ``pid``:
+    code (libtorch alone is 400 MB of text) faulted in as it first runs, the
+    runtime's whatever the system, not its data. The store's files never match."""
+    total, code = 0, False
+    for line in Path(f"/proc/{pid or os.getpid()}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            code = len(head) == 6 and bool(_CODE.search(head[5].strip()))
+        elif code and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
 
 
 def _own_memory_group() -> Path | None:

@@ -7,7 +7,11 @@ left a zombie), restarts a dead one after a backoff that doubles per quick death
 (reset once a child has stayed up ``stable_s``), and on stop sends SIGTERM in
 reverse start order and SIGKILL after the grace. Children get
 ``PR_SET_PDEATHSIG`` (Linux): if the supervising process dies, even by SIGKILL,
-the kernel sends them SIGTERM, so no service or Redis outlives its stack.
+the kernel sends them SIGTERM, so no service or Redis outlives its stack. The
+signal is set by util-linux ``setpriv`` exec'ed in front of the child's argv, so
+no Python runs between fork and exec (a ``preexec_fn`` in a process with gRPC
+threads can deadlock in the child on a lock another thread held at the fork);
+without ``setpriv`` the child is started with ``preexec_fn`` as a fallback.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -32,10 +37,18 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM when the thread that forked us exits (the supervisor's)."""
+    """preexec_fn (only without setpriv): SIGTERM when the thread that forked us exits."""
     if _libc is not None and hasattr(_libc, "prctl"):
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setsid()  # own session: a terminal's Ctrl-C reaches the supervisor only, which stops children in order
+
+
+def child_argv(argv: tuple[str, ...]) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` behind ``setpriv --pdeathsig TERM`` (same PID: setpriv execs it), and the
+    preexec_fn to use instead when setpriv is missing."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return list(argv), _die_with_parent
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,10 @@ class Supervisor:
             if child.restarts:
                 out.write(f"\n--- m2cache up: restart {child.restarts} of {spec.name} ---\n".encode())
                 out.flush()
-            child.proc = subprocess.Popen(spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env={**os.environ, **spec.env}, preexec_fn=_die_with_parent)
+            argv, preexec = child_argv(spec.argv)
+            # own session: a terminal's Ctrl-C reaches the supervisor only, which stops children in order
+            child.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env={**os.environ, **spec.env}, start_new_session=True, preexec_fn=preexec)
         child.started_at = time.monotonic()
         child.restart_at = None
 

@@ -7,9 +7,16 @@ allocated, freed and reused; nothing is reallocated per token.
 ``step(slots, T, window)`` plans one forward step once for every layer: the
 positions, the mask (None where causality needs none: a lone sequence's decode
 token sees its whole history; a prefill from position 0 is plain causal), and
-for a lone sequence the slot whose history is read as a view, not gathered."""
+for a lone sequence the slot whose history is read as a view, not gathered.
+
+On CPU the buffers are anonymous mappings: zero, like ``torch.zeros``, but a
+page becomes resident only when a position in it is first written, so a worker
+sized for the model's whole context holds the memory of the tokens it has seen,
+not of its ``max_len`` (8192 positions of SmolLM2 are 377 MB)."""
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +37,20 @@ class Step:
     start: int  # B == 1: position of the first new token
 
 
+def lazy_zeros(shape: tuple[int, ...], device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.zeros(shape)``; on CPU backed by an anonymous mapping whose pages are
+    faulted in (and counted in the resident set) only when written."""
+    device = torch.device(device)
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MiB huge page per first write would undo the point
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # the tensor keeps buf alive
+
+
 def causal_mask(positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
     """positions: [B, T] absolute query positions -> bool [B, 1, T, key_len].
 
@@ -48,8 +69,8 @@ class KVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = lazy_zeros(shape, device, dtype)
+        self.v = lazy_zeros(shape, device, dtype)
         # per (layer, slot) views [Hkv, max_len, D]: a lone row's write and read index nothing per step
         self._rows = [[(self.k[l, s], self.v[l, s]) for s in range(num_slots)] for l in range(num_layers)]
         self.lengths = [0] * num_slots  # host-side: read every step, never a device sync

@@ -19,7 +19,8 @@ class StoreConfig:
     address: str = "127.0.0.1:50061"  # host:port (port 0 = any) or unix:///path
     max_batch_ids: int = 65536      # ids per FetchNeurons; more is RESOURCE_EXHAUSTED
     max_payload_bytes: int = 256 << 20  # bytes per unary response (gRPC messages are capped at 512 MiB)
-    stream_chunk_bytes: int = 4 << 20   # bytes of records per streamed message (StreamNeurons/StreamDense)
+    stream_chunk_bytes: int = 1 << 20   # bytes per streamed message (StreamNeurons/StreamDense): 4 MiB held
+    # the worker 10 MiB higher at its peak (gRPC buffers per message) for no speed (docs/BENCHMARKS.md)
     io_threads: int = DEFAULT_IO_THREADS  # parallel preadv reads per store (SSD queue depth)
     direct_io: bool = False         # O_DIRECT record reads: bypass the page cache (a DRAM tier caches)
     verify: bool = True             # check every record against its CRC-32C on read

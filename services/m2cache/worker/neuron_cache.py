@@ -47,9 +47,11 @@ class PrecisionSlots:
         self.window = window
         # zero-filled: touched now, so the fast memory is resident before the first token
         self.records = torch.zeros((capacity, record_bytes), dtype=torch.uint8, device=device)  # [cap, rb]
+        self.num_neurons = num_neurons
+        tracked = num_neurons if capacity else 0  # a precision without room tracks nothing: every id misses
         self.neuron_at = torch.full((capacity,), -1, dtype=torch.long)  # [cap] neuron in each row
-        self.row_of = torch.full((num_neurons,), -1, dtype=torch.long)  # [N] row of each neuron
-        self.last_used = torch.full((num_neurons,), _NEVER, dtype=torch.long)  # [N] step
+        self.row_of = torch.full((tracked,), -1, dtype=torch.long)  # [N] row of each neuron
+        self.last_used = torch.full((tracked,), _NEVER, dtype=torch.long)  # [N] step
         self.num_used = 0
         self.identity = False  # every neuron resident, neuron i in row i (after NeuronCache.fill)
 
@@ -59,12 +61,16 @@ class PrecisionSlots:
 
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [n] long -> bool [n]."""
+        if not self.capacity:
+            return torch.zeros(ids.shape, dtype=torch.bool)
         return self.row_of[ids] >= 0
 
     def lookup(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's neurons ``ids`` [n] -> (rows [n], -1 = miss; miss ids [m]; their
         positions in ids [m]). Marks them used at ``step`` (admitting the misses cannot
         evict them)."""
+        if not self.capacity:
+            return self._all_miss(ids)
         lib = _slots_library()
         if lib is None:
             rows = self.row_of[ids]
@@ -79,8 +85,15 @@ class PrecisionSlots:
                        step, rows.data_ptr(), miss[0].data_ptr(), miss[1].data_ptr(), out.data_ptr())
         m = int(out[0])
         if m < 0:
-            raise InvalidArgument(f"neuron id {int(ids[-1 - m])} out of range: layers have {self.row_of.numel()}")
+            raise InvalidArgument(f"neuron id {int(ids[-1 - m])} out of range: layers have {self.num_neurons}")
         return rows, miss[0, :m], miss[1, :m]
+
+    def _all_miss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.num_neurons:
+            bad = ids[(ids < 0) | (ids >= self.num_neurons)][0]
+            raise InvalidArgument(f"neuron id {int(bad)} out of range: layers have {self.num_neurons}")
+        n = ids.numel()
+        return torch.full((n,), -1, dtype=torch.long), ids.to(torch.long), torch.arange(n)
 
     def admit(self, miss_ids: torch.Tensor, miss_pos: torch.Tensor, fetched: torch.Tensor, rows: torch.Tensor,
               step: int) -> torch.Tensor | None:
