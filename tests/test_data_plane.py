@@ -61,6 +61,28 @@ def test_workers_read_redis_directly_and_report_their_use(store_service, redis_p
         dram.stop()
 
 
+def test_hits_split_over_several_mgets_land_in_their_rows(tier, store_service, monkeypatch):
+    """A layer's Redis hits are read in bounded round trips (fetcher.MGET_BYTES); with
+    three records per MGET every batch takes many, and the tokens are still the reference's."""
+    from m2cache.worker import fetcher as fetcher_mod
+
+    tier.wait_idle()
+    worker = WorkerHandle(tier.target, MODEL, cache_fraction=0.1, window=1)
+    try:
+        record = worker.runtime.fetcher.layout.num_bytes(FULL)
+        monkeypatch.setattr(fetcher_mod, "MGET_BYTES", 3 * record)
+        calls = []
+        mget = worker.runtime.fetcher.redis.mget
+        monkeypatch.setattr(worker.runtime.fetcher.redis, "mget", lambda keys: calls.append(len(keys)) or mget(keys))
+        want = reference_tokens(store_service.catalog.get(MODEL), PROMPT, 8)
+        assert worker.generate(PROMPT, 8)[0] == want
+        stats = worker.runtime.fetcher.stats
+        assert stats.redis_records > 0 and stats.store_records == 0  # every miss a Redis hit
+        assert calls and max(calls) == 3 and len(calls) > stats.calls  # batches took several round trips
+    finally:
+        worker.stop()
+
+
 def test_a_record_forged_in_redis_is_data_loss_at_the_client_without_retries(tier, store_service):
     tier.wait_idle()
     key = tier.tier.cache.keys(MODEL, 1, int(FULL), [5])[0]

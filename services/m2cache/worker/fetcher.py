@@ -2,7 +2,7 @@
 
 Control plane: the DramTier (manifest, where the bytes are, usage reports).
 Data plane, per fetch of one layer at one precision:
-1. one pipelined Redis MGET of the records' keys; every value's MAC is checked
+1. Redis MGETs of the records' keys, about 1 MiB each; every value's MAC is checked
    (dram/dataplane.py) and the records land in the caller's buffer;
 2. the misses stream from the NeuronStore (StreamNeurons, large chunks);
 3. every record's CRC-32C is checked in one pass per batch;
@@ -34,6 +34,7 @@ from m2cache.worker.records import Reporter, place
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 
 log = logging.getLogger(__name__)
+MGET_BYTES = 1 << 20  # records per Redis round trip: about this many bytes (a layer's hits take a few)
 
 
 @dataclass
@@ -197,19 +198,11 @@ class TierFetcher:
         redis = self._usable_redis()
         if redis is not None:
             keys = redis.keys(self.model, layer, int(prec), ids.tolist())
-            try:
-                values = redis.mget(keys)  # one round trip for the whole batch
-            except CacheUnavailable as err:
-                self._redis_away(err)
-                values = []
-            if values:
-                try:
-                    missing &= self._place_hits(keys, values, layer, prec, ids, out)
-                except dataplane.BadSeal:
-                    if not self._key_rotated():
-                        raise
-                    # a restarted tier (new key, Redis emptied by it): these values are stale, and
-                    # the store has every record; the next batches read Redis under the new key
+            group = max(1, MGET_BYTES // self.layout.num_bytes(prec))
+            for lo in range(0, ids.size, group):  # bounded round trips: a reply's buffers are held twice
+                if not self._redis_hits(redis, keys[lo : lo + group], layer, prec, ids[lo : lo + group],
+                                        out[lo : lo + group], missing[lo : lo + group]):
+                    break
         miss_rows = np.flatnonzero(missing)
         if miss_rows.size:
             self._from_store(layer, prec, ids, miss_rows, out)
@@ -217,6 +210,25 @@ class TierFetcher:
             self.reporter.add(current_layer, dram_pb2.LayerUse(layer=layer, precision=int(prec),
                                                                used_ids=ids.tolist(),
                                                                missed_ids=ids[miss_rows].tolist()))
+
+    def _redis_hits(self, redis: RedisCache, keys, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray,
+                    missing: np.ndarray) -> bool:
+        """One MGET of ``keys``; hits placed in ``out`` and cleared in ``missing`` (views of
+        the batch's). False when Redis is no use for the rest of the batch."""
+        try:
+            values = redis.mget(keys)
+        except CacheUnavailable as err:
+            self._redis_away(err)
+            return False
+        try:
+            missing &= self._place_hits(keys, values, layer, prec, ids, out)
+        except dataplane.BadSeal:
+            if not self._key_rotated():
+                raise
+            # a restarted tier (new key, Redis emptied by it): these values are stale, and
+            # the store has every record; the next batches read Redis under the new key
+            return False
+        return True
 
     def _key_rotated(self) -> bool:
         """Ask the tier for the data plane again after a value failed its MAC: True when the
