@@ -12,7 +12,9 @@ engine's measured overhead.
   copies of a miss); the dense weights and a resident FFN's fused matrices are
   read in the compute dtype;
 - ``t_io``     = bytes from DRAM, CXL and SSD over each tier's bandwidth into the
-  device; tiers stream in parallel, so the slowest bounds them;
+  device (scattered records on a latency-bound tier: records x its cold read time;
+  on measured runs the bytes the block device delivered); tiers stream in
+  parallel, so the slowest bounds them;
 - ``combine``  = max when the engine overlaps transfers with compute (prefetch),
   else the sum.
 """
@@ -59,14 +61,26 @@ def engine_bytes_s(profile: HardwareProfile, traffic: Traffic) -> float:
         return 0.0
     if traffic.streamed and "record_stream" in c:  # whole layers, no cache: its own read-and-decode path
         return traffic.used_bytes * c["record_stream"]
-    if traffic.ranked and "record_mixed" in c:  # measured on the policy's own mix of precisions
-        t = traffic.used_bytes * c["record_mixed"] + traffic.miss_bytes * c.get("miss_mixed", 0.0)
+    mixed = traffic.ranked and "record_mixed" in c  # measured on the policy's own mix of precisions
+    if mixed:
+        t = traffic.used_bytes * c["record_mixed"]
     else:
-        t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items()) + traffic.miss_bytes * c.get("miss", 0.0)
+        t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items())
+    t += traffic.miss_bytes * miss_s_per_byte(c, traffic, c.get("miss_mixed" if mixed else "miss", 0.0))
     if "fetch_dram" in c:  # misses fetched over the DRAM tier's RPC, measured through the service stack
         t += (traffic.dram + traffic.through) * c["fetch_dram"] \
-            + traffic.through * (1.0 - traffic.page_cached) * c.get("fetch_through", 0.0)
+            + traffic.through * min(1.0, traffic.cold_share) * c.get("fetch_through", 0.0)
     return t
+
+
+def miss_s_per_byte(c: dict, traffic: Traffic, miss: float) -> float:
+    """A miss byte's engine cost. The probe measures a miss on a warm local store, so
+    its figure holds the page-cache read (``warm_read``, s/B); a miss read from the
+    device (priced by the SSD term) or over the stack's RPC (``fetch_dram``) pays that
+    read there instead, so it is taken out for those bytes."""
+    warm = min(c.get("warm_read", 0.0), miss)
+    elsewhere = 1.0 if "fetch_dram" in c else min(1.0, traffic.cold_share)
+    return miss - warm * elsewhere
 
 
 def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
@@ -74,18 +88,29 @@ def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     bandwidth). Bytes a measured engine already costs per byte on its fetch path are left out."""
     fetch_path = "fetch_dram" in profile.engine.per_byte_s
     dram = 0.0 if fetch_path else traffic.dram
-    cold = 1.0 - traffic.page_cached
+    cold = traffic.cold_share
     ssd = [((traffic.ssd - traffic.through) * cold, True),
            (0.0 if fetch_path else traffic.through * cold, traffic.sequential)]
     out = {}
     for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
                         ("ssd", ssd)):
         tier = profile.tier(kind) or _next_slower(profile, kind)
-        seconds = sum(n / (tier.sequential_bandwidth if seq and tier.sequential_bandwidth else tier.bandwidth)
-                      for n, seq in parts if n > 0)
+        seconds = sum(_read_s(tier, traffic, n, seq) for n, seq in parts if n > 0)
         if seconds > 0:
             out[kind] = seconds
     return out
+
+
+def _read_s(tier, traffic: Traffic, n: float, sequential: bool) -> float:
+    """``n`` bytes from ``tier``: long runs at its sequential bandwidth; scattered records
+    at its bandwidth, or per record where the tier's reads are latency-bound (``record_s``:
+    small INT4 records cost a read each, not their bytes)."""
+    if sequential and tier.sequential_bandwidth:
+        return n / tier.sequential_bandwidth
+    by_bytes = n / tier.bandwidth
+    if sequential or not tier.record_s:
+        return by_bytes
+    return max(by_bytes, traffic.records(n) * tier.record_s)
 
 
 def _next_slower(profile: HardwareProfile, kind: str):

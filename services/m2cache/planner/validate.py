@@ -114,15 +114,23 @@ def predict_result(result: dict, shape: shapes.ModelShape, profile: profiles.Har
     """The planner's figures for one benchmark result, from its counted bytes per token;
     ``drift``: how much slower the machine ran during the result than during the probes."""
     traffic = tr.from_bench(shape, result)
-    cached = page_cached_fraction(result, traffic, headroom)
-    if cached:
-        traffic = dataclasses.replace(traffic, page_cached=cached)
+    device = result.get("device_read_bytes_per_token")
+    if result.get("cgroup_limit_bytes") and device is not None and traffic.ssd > 0:
+        # what reached the device, counted in the run: a ranked policy's misses rotate
+        # through every precision's records, so their share in the page cache is not a
+        # question of one token's bytes against the headroom (page_cached_fraction)
+        traffic = dataclasses.replace(traffic, device_bytes=float(device))
+    else:
+        cached = page_cached_fraction(result, traffic, headroom)
+        if cached:
+            traffic = dataclasses.replace(traffic, page_cached=cached)
     pred = roofline.predict(profile, shape, traffic, prompt_len, cold_start=True)
     measured = result["decode_tok_s"]
     tok_s = pred.tok_s / drift
     return {"predicted_tok_s": tok_s, "measured_tok_s": measured, "error": tok_s / measured - 1.0,
             "predicted_at_probe_tok_s": pred.tok_s, "predicted_ttft_s": pred.ttft_s * drift, "measured_ttft_s": result["ttft_s"], "bound": pred.bound,
-            "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"], "page_cached": traffic.page_cached}
+            "terms_s": pred.terms, "bytes_per_token": result["bytes_per_token"],
+            "page_cached": max(0.0, 1.0 - traffic.cold_share), "device_bytes_per_token": traffic.device_bytes}
 
 
 def _label(r: dict) -> dict:
