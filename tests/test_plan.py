@@ -99,10 +99,10 @@ def test_roofline_is_bandwidth_bound_where_it_should_be():
     assert faster.cost.tok_s > 2 * slow.cost.tok_s
 
 
-def _cpu_with_ssd(record_us: float = 0.0, warm_read: float = 0.0):
+def _cpu_with_ssd(warm_read: float = 0.0):
     raw = profiles.to_dict(profiles.load("cpu-server"))
     ssd = next(t for t in raw["tiers"] if t["kind"] == "ssd")
-    ssd.update(bandwidth_gbs=0.3, sequential_gbs=0.6, **({"record_us": record_us} if record_us else {}))
+    ssd.update(bandwidth_gbs=0.3, sequential_gbs=0.6)
     raw["engine"]["per_byte_s"] = {"record_full": 1e-10, "record_mixed": 1e-10, "miss": 8e-10, "miss_mixed": 8e-10,
                                    **({"warm_read": warm_read} if warm_read else {})}
     return profiles.from_dict(raw)  # through the YAML schema, as a user's profile
@@ -112,24 +112,7 @@ def _misses(shape, ratios: dict, ssd: float, **kw) -> traffic.Traffic:
     used = traffic.used_bytes(shape, ratios)
     return traffic.Traffic(used=used, hbm=sum(used.values()) - ssd, ssd=ssd, through=ssd, dense=float(shape.dense_bytes),
                            ranked=ratios.get("full", 0) < 1, sequential=ratios.get("full", 0) >= 1,
-                           record_bytes={p: float(shape.record_bytes(Precision[p.upper()])) for p in ("full", "int8", "int4")},
                            **kw)
-
-
-def test_a_latency_bound_tier_prices_scattered_records_by_count():
-    """On a tier whose cold reads cost ``record_us`` each, INT4 records (a quarter of a FULL
-    one's bytes) cost as much as FULL ones: bytes alone would price them 4x cheaper."""
-    shape = shapes.named("7b")
-    profile = _cpu_with_ssd(record_us=40.0)
-    assert profiles.to_dict(profile)["tiers"][-1]["record_us"] == pytest.approx(40.0)
-    int4 = _misses(shape, {"int4": 1.0}, ssd=1e8)
-    records = int4.records(1e8)
-    assert records == pytest.approx(1e8 / shape.record_bytes(Precision.INT4))
-    assert roofline.io_terms(profile, int4)["ssd"] == pytest.approx(records * 40e-6)
-    by_bytes = roofline.io_terms(_cpu_with_ssd(), int4)["ssd"]
-    assert by_bytes == pytest.approx(1e8 / 0.3e9) and by_bytes < records * 40e-6
-    full = _misses(shape, {"full": 1.0}, ssd=1e8)  # all-FULL misses are long runs: sequential bandwidth
-    assert roofline.io_terms(profile, full)["ssd"] == pytest.approx(1e8 / 0.6e9)
 
 
 def test_measured_device_bytes_and_the_warm_read_inside_a_miss():

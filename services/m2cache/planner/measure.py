@@ -85,8 +85,6 @@ def local_profile(engine: dict, tiers: dict, name: str = "this-machine", price_p
              "bandwidth_gbs": tiers["dram"]["bytes_per_s"] / gb, "source": "Redis MGET of FULL records (bench probe)"},
             {"name": "ssd", "kind": "ssd", "capacity_gb": disk / gb, "bandwidth_gbs": tiers["ssd_records"]["bytes_per_s"] / gb,
              "sequential_gbs": tiers["ssd_records_contiguous"]["bytes_per_s"] / gb, "power_w": 2,
-             **({"record_us": 1e6 * tiers["ssd_records"]["seconds"] / tiers["ssd_records"]["records"]}
-                if tiers["ssd_records"].get("records") else {}),
              "source": "store record reads, cold: random 25% of a layer / whole layers (bench probe)"},
         ],
         "sources": {"power": engine.get("power_source", "assumed: ~10 W per busy core, 2 W idle (no RAPL here)"),

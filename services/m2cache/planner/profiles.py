@@ -31,7 +31,6 @@ class Tier:
     bandwidth: float  # bytes/s into the compute device
     power_w: float = 0.0  # static power of the tier as installed
     sequential_bandwidth: float = 0.0  # for long contiguous runs (whole layers), when it differs; 0 = bandwidth
-    record_s: float = 0.0  # a scattered record's cold read, whatever its size (latency-bound reads); 0 = by bytes
     numa_node: int | None = None  # for a CXL expander: the CPU-less NUMA node it appears as
     source: str = ""
 
@@ -100,7 +99,6 @@ def _tier(raw: dict, profile: str) -> Tier:
         seq = float(raw.get("sequential_gbs", 0.0)) * GB
         return Tier(name=str(raw.get("name", raw["kind"])), kind=str(raw["kind"]),
                     capacity_bytes=float(raw["capacity_gb"]) * GB, bandwidth=bw, power_w=power, sequential_bandwidth=seq,
-                    record_s=float(raw.get("record_us", 0.0)) * 1e-6,
                     numa_node=raw.get("numa_node"), source=str(raw.get("source", "")))
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidArgument(f"profile {profile}: tier {raw!r}: {err} (needs kind, capacity_gb, bandwidth_gbs)") from None
@@ -167,7 +165,6 @@ def to_dict(p: HardwareProfile) -> dict:
         "tiers": [{"name": t.name, "kind": t.kind, "capacity_gb": t.capacity_bytes / GB, "bandwidth_gbs": t.bandwidth / GB,
                    "power_w": t.power_w, **({"numa_node": t.numa_node} if t.numa_node is not None else {}),
                    **({"sequential_gbs": t.sequential_bandwidth / GB} if t.sequential_bandwidth else {}),
-                   **({"record_us": t.record_s * 1e6} if t.record_s else {}),
                    "source": t.source} for t in p.tiers],
         "sources": dict(p.sources),
     }

@@ -12,8 +12,7 @@ engine's measured overhead.
   copies of a miss); the dense weights and a resident FFN's fused matrices are
   read in the compute dtype;
 - ``t_io``     = bytes from DRAM, CXL and SSD over each tier's bandwidth into the
-  device (scattered records on a latency-bound tier: records x its cold read time;
-  on measured runs the bytes the block device delivered); tiers stream in
+  device (on measured runs the bytes the block device delivered); tiers stream in
   parallel, so the slowest bounds them;
 - ``combine``  = max when the engine overlaps transfers with compute (prefetch),
   else the sum.
@@ -95,22 +94,19 @@ def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
                         ("ssd", ssd)):
         tier = profile.tier(kind) or _next_slower(profile, kind)
-        seconds = sum(_read_s(tier, traffic, n, seq) for n, seq in parts if n > 0)
+        seconds = sum(_read_s(tier, n, seq) for n, seq in parts if n > 0)
         if seconds > 0:
             out[kind] = seconds
     return out
 
 
-def _read_s(tier, traffic: Traffic, n: float, sequential: bool) -> float:
-    """``n`` bytes from ``tier``: long runs at its sequential bandwidth; scattered records
-    at its bandwidth, or per record where the tier's reads are latency-bound (``record_s``:
-    small INT4 records cost a read each, not their bytes)."""
+def _read_s(tier, n: float, sequential: bool) -> float:
+    """``n`` bytes from ``tier``: long runs at its sequential bandwidth, scattered records at
+    its bandwidth (on measured runs ``n`` is what reached the device: a scattered record
+    costs the pages it spans, so small records are priced by their reads, not their bytes)."""
     if sequential and tier.sequential_bandwidth:
         return n / tier.sequential_bandwidth
-    by_bytes = n / tier.bandwidth
-    if sequential or not tier.record_s:
-        return by_bytes
-    return max(by_bytes, traffic.records(n) * tier.record_s)
+    return n / tier.bandwidth
 
 
 def _next_slower(profile: HardwareProfile, kind: str):

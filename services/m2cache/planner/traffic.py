@@ -52,7 +52,6 @@ class Traffic:
     streamed: bool = False  # whole layers read and decoded every token, nothing cached (naive streaming)
     page_cached: float = 0.0  # share of the SSD reads the OS page cache serves (assumed)
     device_bytes: float | None = None  # what the block device delivered for the SSD reads (measured runs)
-    record_bytes: dict = field(default_factory=dict)  # precision name -> bytes of one stored record
     source: str = "cache model"
     extra: dict = field(default_factory=dict)
 
@@ -72,10 +71,6 @@ class Traffic:
         if self.device_bytes is not None and self.ssd > 0:
             return self.device_bytes / self.ssd
         return 1.0 - self.page_cached
-
-    def records(self, total: float) -> float:
-        """How many records ``total`` bytes of this token's mix of precisions are."""
-        return sum(b / self.record_bytes[p] for p, b in self.split(total).items() if self.record_bytes.get(p))
 
     def split(self, total: float) -> dict:
         """``total`` bytes spread over precisions in proportion to ``used``."""
@@ -152,7 +147,6 @@ def cache_model(shape: ModelShape, ratios: dict, hbm_fraction: float, lower: dic
                    through=misses * left, sequential=all_full, ranked=not all_full,
                    dense=float(shape.dense_bytes), dense_streamed=dense_streamed,
                    neuron_fraction=sum(ratios.values()), source="cache model",
-                   record_bytes={p: float(shape.record_bytes(Precision[p.upper()])) for p in ("full", "int8", "int4")},
                    extra={"hbm_hit_rate": h, "reuse": reuse, "window": window})
 
 
@@ -178,6 +172,5 @@ def from_bench(shape: ModelShape, result: dict) -> Traffic:
                    neuron_fraction=sum(ratios.values()), resident_matrices=_dense_path(result, ratios),
                    sequential=ratios.get("full", 0) >= 1.0, ranked=ratios.get("full", 0) < 1.0,
                    streamed=system == "naive-streaming", source="m2cache bench",
-                   record_bytes={p: float(shape.record_bytes(Precision[p.upper()])) for p in ("full", "int8", "int4")},
                    extra={"device_read_bytes": float(result.get("device_read_bytes_per_token", 0.0)),
                           "system": system})
