@@ -78,9 +78,6 @@ def _memo_choose(choose, layers: frozenset[int]):
     return fixed
 
 
-BEST_OF = ("empty_s", "resident_s")  # probe steps that also report their fastest step (the compute rate)
-
-
 def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tokens: int = 5,
                  prompt: list[int] | None = None, mixed=None, before=lambda: None) -> dict:
     """The engine's per-token costs on this machine for the store's model.
@@ -109,10 +106,7 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
         t0 = time.perf_counter()
         try:
             for key, ffn, before_step in steps:
-                times = _step_times(model, prompt, ffn, tokens, before_step)
-                out[key] = statistics.median(times)
-                if key in BEST_OF:  # pure compute: the fastest step is the machine's, the rest its neighbours'
-                    out[key.replace("_s", "_min_s")] = min(times)
+                out[key] = statistics.median(_step_times(model, prompt, ffn, tokens, before_step))
         finally:
             for close in closers:
                 close()
@@ -193,10 +187,8 @@ def engine_coefficients(p: dict, shape, memory_bandwidth: float | None = None) -
     byte by path."""
     out: dict = {"per_byte_s": {}, "choose_s_per_layer": p.get("choose_s_per_layer", 0.0)}
     step = lambda key: max(p[key] - p["empty_s"], 1e-9)
-    if "resident_s" in p:  # best of the steps where the probe has them (a difference of two medians of 3 swung 2x)
-        best = "resident_min_s" in p and "empty_min_s" in p
-        resident, empty = ("resident_min_s", "empty_min_s") if best else ("resident_s", "empty_s")
-        out["hbm_bandwidth"] = p["resident_bytes"] / max(p[resident] - p[empty], 1e-9)
+    if "resident_s" in p:
+        out["hbm_bandwidth"] = p["resident_bytes"] / step("resident_s")
     elif memory_bandwidth:
         out["hbm_bandwidth"] = memory_bandwidth
     else:
