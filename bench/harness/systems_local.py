@@ -133,9 +133,7 @@ class M2CacheLocal:
         fetch = store_fetch(self.store)
         if fraction >= 1 and mixed is not None:  # "100%" of a mixed policy: every precision it uses resident
             fraction = all_resident_fraction(m, ratios)
-        predictor = getattr(mixed, "predictor", None)  # ranking's fast memory comes out of the budget
-        self.cache = worker_cache(m, 0.0 if fraction >= 1 and mixed is None else fraction, ratios, window,
-                                  reserved_bytes=predictor.num_bytes() if predictor is not None else 0)
+        self.cache = worker_cache(m, 0.0 if fraction >= 1 and mixed is None else fraction, ratios, window)
         if self.cache.holds_everything:
             self.cache.fill(lambda layer, prec, ids: fetch(layer, prec, ids, layer))
         if fraction >= 1 and mixed is None:  # the worker's dense path

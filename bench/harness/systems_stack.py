@@ -110,10 +110,8 @@ class StackWorker:
         fetcher = TierFetcher.from_config(self.config)
         fetcher.manifest()  # sets up the data plane: Redis read directly, misses streamed from the store
         full = full_choose(manifest.d_ffn)
-        predictor = getattr(mixed, "predictor", None)
         choosers = (Choosers(full, full, None) if mixed is None else
-                    Choosers(full, mixed.choose(), mixed.ratios.to_dict(),
-                             predictor.num_bytes() if predictor is not None else 0))
+                    Choosers(full, mixed.choose(), mixed.ratios.to_dict()))
         self.runtime = WorkerRuntime(self.config, fetcher, manifest, model, None, choosers)
         touch_cache(self.runtime.cache)
         self.server, port, _ = worker_server.create_server(self.config, self.runtime)

@@ -65,7 +65,6 @@ class Choosers:
     full: Choose
     default: Choose
     ratios: dict[str, float] | None  # the policy's band ratios (None: all FULL)
-    resident_bytes: int = 0  # what ranking keeps in fast memory (a local predictor): inside the cache budget
 
     @classmethod
     def build(cls, config: WorkerConfig, manifest: Manifest, policy: dict | None) -> "Choosers":
@@ -88,4 +87,4 @@ class Choosers:
             predictor = pull_predictor(rpc, config.model, config.fetch_deadline_s).to(config.device)
         except M2CacheError as err:
             raise FailedPrecondition(f"could not get predictors from the ranker: {err}") from err
-        return cls(full, Ranker(predictor, ratios).choose(), ratios.to_dict(), predictor.num_bytes())
+        return cls(full, Ranker(predictor, ratios).choose(), ratios.to_dict())

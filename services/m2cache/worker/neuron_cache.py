@@ -36,8 +36,6 @@ Take = Callable[[Precision, torch.Tensor], torch.Tensor]
 # (layer, precision, ids [m]) -> records uint8 [m, record_bytes] in ids order
 Fill = Callable[[int, Precision, torch.Tensor], torch.Tensor]
 _NEVER = -(2**62)
-INDEX_BYTES = 16  # row_of + last_used: int64 per neuron, per layer and precision with room
-ROW_INDEX_BYTES = 8  # neuron_at: int64 per row
 
 
 class PrecisionSlots:
@@ -208,23 +206,18 @@ class NeuronCache:
     @classmethod
     def with_budget(cls, num_layers: int, num_neurons: int, record_bytes: dict[Precision, int],
                     budget_bytes: int, shares: dict[Precision, float], window: int,
-                    device: torch.device | str = "cpu", reserved_bytes: int = 0) -> "NeuronCache":
+                    device: torch.device | str = "cpu") -> "NeuronCache":
         """Split ``budget_bytes`` evenly across layers and by ``shares`` (summing to
         1) across precisions; capacity never exceeds the layer's neuron count. A budget
-        that holds every neuron at every precision with a share holds them all. A smaller
-        one is the fast memory of everything the cache and ranking keep: ``reserved_bytes``
-        (a local predictor) and the cache's index (INDEX_BYTES per neuron and precision,
-        ROW_INDEX_BYTES per row) come out of it before the records."""
+        that holds every neuron at every precision with a share holds them all."""
         per_layer = budget_bytes // max(num_layers, 1)
         used = [p for p in Precision if shares.get(p, 0.0) > 0]
         if per_layer >= sum(num_neurons * record_bytes[p] for p in used):
             capacity = {p: num_neurons for p in used}
         else:
-            index = len(used) * num_neurons * INDEX_BYTES
-            per_layer = max(0, (budget_bytes - reserved_bytes) // max(num_layers, 1) - index)
             total = sum(shares.values()) or 1.0
-            capacity = {p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total)
-                               // (record_bytes[p] + ROW_INDEX_BYTES)) for p in Precision}
+            capacity = {p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total) // record_bytes[p])
+                        for p in Precision}
         return cls(num_layers, num_neurons, record_bytes, capacity, window, torch.device(device))
 
     @property

@@ -49,7 +49,7 @@ class WorkerRuntime:
         self.streamer = streamer
         dense = config.cache_fraction >= 1 and choosers.ratios is None  # budget >= model, every neuron FULL
         self.cache = build_cache(manifest, 0.0 if dense else config.cache_fraction, choosers.ratios,
-                                 config.window, config.device, choosers.resident_bytes)
+                                 config.window, config.device)
         if dense:
             self.provider = DenseProvider(dense_layers(manifest, fetcher.neurons, model.dtype, config.device))
         else:
@@ -148,15 +148,13 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def build_cache(manifest: Manifest, fraction: float, ratios: dict[str, float] | None, window: int,
-                device: str = "cpu", reserved_bytes: int = 0) -> NeuronCache:
+                device: str = "cpu") -> NeuronCache:
     """The HBM neuron cache for ``fraction`` of the model's FULL FFN bytes, split across
-    the precisions the policy uses (cache_shares). A budget short of the whole policy
-    also holds ``reserved_bytes`` (the predictor) and the cache's own index."""
+    the precisions the policy uses (cache_shares)."""
     layout = manifest.layout
     ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
     return NeuronCache.with_budget(manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
-                                   int(ffn_bytes * fraction), cache_shares(ratios, manifest), window, device,
-                                   reserved_bytes)
+                                   int(ffn_bytes * fraction), cache_shares(ratios, manifest), window, device)
 
 
 def dense_layers(manifest: Manifest, fetch, dtype: torch.dtype, device: str = "cpu") -> list[DenseFFN]:
