@@ -51,8 +51,8 @@ def _choose_on(layers: frozenset[int], prec: Precision | None, num_neurons: int)
     return choose
 
 
-def _step_times(model, prompt: list[int], ffn, tokens: int, before_step=lambda: None) -> list[float]:
-    """Seconds of each decode step (prefill and one warm-up token excluded)."""
+def _step_seconds(model, prompt: list[int], ffn, tokens: int, before_step=lambda: None) -> float:
+    """Median seconds of a decode step (prefill and one warm-up token excluded)."""
     from bench.harness.systems_local import greedy_loop
 
     stamps: list[float] = []
@@ -60,7 +60,7 @@ def _step_times(model, prompt: list[int], ffn, tokens: int, before_step=lambda: 
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     if not steps:
         raise RuntimeError("the probe model stopped at EOS before the measured steps")
-    return steps
+    return statistics.median(steps)
 
 
 def _memo_choose(choose, layers: frozenset[int]):
@@ -106,7 +106,7 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
         t0 = time.perf_counter()
         try:
             for key, ffn, before_step in steps:
-                out[key] = statistics.median(_step_times(model, prompt, ffn, tokens, before_step))
+                out[key] = _step_seconds(model, prompt, ffn, tokens, before_step)
         finally:
             for close in closers:
                 close()

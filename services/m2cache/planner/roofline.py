@@ -84,7 +84,9 @@ def miss_s_per_byte(c: dict, traffic: Traffic, miss: float) -> float:
 
 def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     """Seconds of each lower tier's reads at its bandwidth (whole-layer runs at its sequential
-    bandwidth). Bytes a measured engine already costs per byte on its fetch path are left out."""
+    bandwidth), SSD bytes scaled by ``cold_share`` (on measured runs: what reached the device,
+    so a scattered record costs the pages it spans). Bytes a measured engine already costs
+    per byte on its fetch path are left out."""
     fetch_path = "fetch_dram" in profile.engine.per_byte_s
     dram = 0.0 if fetch_path else traffic.dram
     cold = traffic.cold_share
@@ -94,19 +96,11 @@ def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
                         ("ssd", ssd)):
         tier = profile.tier(kind) or _next_slower(profile, kind)
-        seconds = sum(_read_s(tier, n, seq) for n, seq in parts if n > 0)
+        seconds = sum(n / (tier.sequential_bandwidth if seq and tier.sequential_bandwidth else tier.bandwidth)
+                      for n, seq in parts if n > 0)
         if seconds > 0:
             out[kind] = seconds
     return out
-
-
-def _read_s(tier, n: float, sequential: bool) -> float:
-    """``n`` bytes from ``tier``: long runs at its sequential bandwidth, scattered records at
-    its bandwidth (on measured runs ``n`` is what reached the device: a scattered record
-    costs the pages it spans, so small records are priced by their reads, not their bytes)."""
-    if sequential and tier.sequential_bandwidth:
-        return n / tier.sequential_bandwidth
-    return n / tier.bandwidth
 
 
 def _next_slower(profile: HardwareProfile, kind: str):
