@@ -10,9 +10,12 @@ neurons per layer (270 MB). The page cache is dropped before every cold figure.
 - cold_layer_bytes_per_s:      NeuronStore.read_into of a whole layer (sorted ids) into a preallocated buffer
 - cold_random_quarter_bytes_per_s: read_into of a random 25% of a layer's neurons
 - warm_layer_bytes_per_s:      read_into of a whole layer from the page cache
-- rpc_over_inprocess:          NeuronStore StreamNeurons (server in its own process) over loopback,
-                               assembled into a client buffer, / in-process read_into, warm, for the
-                               smallest batch of >= 1 MB (every batch's ratio is printed too)
+- rpc_over_inprocess:          the NeuronStore RPC (server in its own process, loopback) on the same
+                               host, ReadNeuronsShared into the client's shared-memory region, / in-
+                               process read_into, warm, for the smallest batch of >= 1 MB (every
+                               batch's ratio is printed too)
+- stream_over_inprocess:       the same for StreamNeurons assembled into a client buffer (the path
+                               across hosts, where no region is shared)
 
 The "Done when" targets are printed beside the ratios measured here, not asserted.
 
@@ -43,7 +46,8 @@ from m2cache.codec.format import RECORDS_FILE, Manifest, Precision  # noqa: E402
 from m2cache.convert.store_writer import StoreWriter  # noqa: E402
 from m2cache.store.reader import DEFAULT_IO_THREADS, NeuronStore  # noqa: E402
 from m2cache.store.segments import RecordFile, plan  # noqa: E402
-from m2cache_client.pb import common_pb2, store_pb2_grpc  # noqa: E402
+from m2cache.store.shared_socket import SharedReader  # noqa: E402
+from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc  # noqa: E402
 
 D_MODEL, NVEC = 4096, 3
 FULL = Precision.FULL
@@ -146,6 +150,16 @@ class StoreServer:
             at += n
         assert at == dest.nbytes
 
+    def shared_reader(self, capacity: int) -> SharedReader:
+        rpc = grpc_util.Rpc(self.channel, store_pb2_grpc.NeuronStoreStub, "NeuronStore")
+        return SharedReader(rpc, capacity, timeout_s=120)
+
+    @staticmethod
+    def shared_into(model: str, layer: int, ids: np.ndarray, reader: SharedReader) -> np.ndarray:
+        """The records land in the reader's region (zero-copy, as read_into's in its buffer)."""
+        req = common_pb2.NeuronBatchRequest(model=model, layer=layer, neuron_ids=ids.tolist(), precision=int(FULL))
+        return reader.read(req, lambda data, resp: data)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
@@ -200,11 +214,14 @@ def ssd_figures(store_dir: Path, raw: Path, manifest: Manifest, threads: int) ->
 
 def rpc_figures(root: Path, model: str, store_dir: Path, manifest: Manifest, batches: list[int], reps: int,
                 threads: int) -> dict:
-    """Warm: StreamNeurons into a client buffer vs in-process read_into, round-robin, median of ``reps``."""
+    """Warm, round-robin, median of ``reps``: ReadNeuronsShared into a shared region and
+    StreamNeurons into a client buffer, each against in-process read_into."""
     rb = manifest.layout.num_bytes(FULL)
     rng = np.random.default_rng(3)
     server = StoreServer(root)
     store = NeuronStore(store_dir, io_threads=threads)
+    reader = server.shared_reader(max(batches) * rb)
+    reader.region.data[::4096] = 0  # resident before the clock, like ``dest``
     rows = {}
     try:
         store.read_into(0, FULL, np.arange(manifest.d_ffn), np.empty((manifest.d_ffn, rb), np.uint8))  # warm
@@ -214,14 +231,18 @@ def rpc_figures(root: Path, model: str, store_dir: Path, manifest: Manifest, bat
             dest[:, ::4096] = 0
             server.stream_into(model, 0, ids[0], dest)  # warm-up and check
             assert dest.tobytes() == store.get_neurons(0, ids[0], FULL)
-            t_rpc, t_local = [], []
+            assert server.shared_into(model, 0, ids[1], reader).tobytes() == store.get_neurons(0, ids[1], FULL)
+            t_stream, t_shared, t_local = [], [], []
             for r in range(reps):
-                t_rpc.append(timed(lambda: server.stream_into(model, 0, ids[r % 4], dest)))
+                t_shared.append(timed(lambda: server.shared_into(model, 0, ids[r % 4], reader)))
+                t_stream.append(timed(lambda: server.stream_into(model, 0, ids[r % 4], dest)))
                 t_local.append(timed(lambda: store.read_into(0, FULL, ids[r % 4], dest)))
-            rpc, local = statistics.median(t_rpc), statistics.median(t_local)
-            rows[batch] = {"batch_bytes": batch * rb, "rpc_bytes_per_s": batch * rb / rpc,
-                           "inprocess_bytes_per_s": batch * rb / local, "rpc_over_inprocess": local / rpc}
+            shared, stream, local = (statistics.median(t) for t in (t_shared, t_stream, t_local))
+            rows[batch] = {"batch_bytes": batch * rb, "rpc_bytes_per_s": batch * rb / shared,
+                           "stream_bytes_per_s": batch * rb / stream, "inprocess_bytes_per_s": batch * rb / local,
+                           "rpc_over_inprocess": local / shared, "stream_over_inprocess": local / stream}
     finally:
+        reader.close()
         store.close()
         server.stop()
     return rows
@@ -232,11 +253,14 @@ def report(doc: dict) -> None:
     print(f"\nSSD tier, {doc['layer_bytes'] / MB:.0f} MB layers of {doc['record_bytes']} B records, "
           f"{doc['io_threads']} I/O threads, {doc['cores']} cores, load average {doc['load_avg']}")
     for key, value in f.items():
-        print(f"  {key:36s} {value / MB:10,.0f} MB/s")
-    print("\n| batch | MB | StreamNeurons MB/s | in-process read_into MB/s | RPC / in-process |\n|---|---|---|---|---|")
+        shown = f"{value:10.2f}" if key.endswith("_over_inprocess") else f"{value / MB:10,.0f} MB/s"
+        print(f"  {key:36s} {shown}")
+    print("\n| batch | MB | ReadNeuronsShared MB/s | StreamNeurons MB/s | in-process read_into MB/s | shared / in-process"
+          " | stream / in-process |\n|---|---|---|---|---|---|---|")
     for batch, row in r.items():
         print(f"| {batch} | {row['batch_bytes'] / MB:.1f} | {row['rpc_bytes_per_s'] / MB:,.0f} | "
-              f"{row['inprocess_bytes_per_s'] / MB:,.0f} | {row['rpc_over_inprocess']:.2f} |")
+              f"{row['stream_bytes_per_s'] / MB:,.0f} | {row['inprocess_bytes_per_s'] / MB:,.0f} | "
+              f"{row['rpc_over_inprocess']:.2f} | {row['stream_over_inprocess']:.2f} |")
     t = doc["targets"]
     print("\nDone-when targets (measured ratio vs target):")
     for name, (ratio, target) in t.items():
@@ -264,8 +288,9 @@ def main() -> None:
         figures = ssd_figures(store_dir, raw, manifest, args.io_threads)
         figures.update(memcpy_figures(raw, args.neurons * rb))
         rpc = rpc_figures(tmp / "root", model, store_dir, manifest, args.batches, args.reps, args.io_threads)
-        big = [row["rpc_over_inprocess"] for row in rpc.values() if row["batch_bytes"] >= 1 << 20]
-        figures["rpc_over_inprocess"] = min(big) if big else float("nan")
+        big = [row for row in rpc.values() if row["batch_bytes"] >= 1 << 20]
+        for key in ("rpc_over_inprocess", "stream_over_inprocess"):
+            figures[key] = min(row[key] for row in big) if big else float("nan")
         doc = {"figures": figures, "rpc": rpc, "record_bytes": rb, "layer_bytes": args.neurons * rb,
                "io_threads": args.io_threads, "cores": os.cpu_count(),
                "load_avg": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -277,7 +302,10 @@ def main() -> None:
                    "warm whole layer, GB/s (target 5 GB/s)": (figures["warm_layer_bytes_per_s"] / 1e9, 5.0),
                    "warm whole layer / page-cache memcpy ceiling": (
                        figures["warm_layer_bytes_per_s"] / figures["memcpy_page_cache_bytes_per_s"], 1.0),
-                   "NeuronStore RPC / in-process, batches >= 1 MB (min)": (figures["rpc_over_inprocess"], 0.7)}}
+                   "NeuronStore RPC / in-process, batches >= 1 MB (min; same host, shared region)": (
+                       figures["rpc_over_inprocess"], 0.7),
+                   "StreamNeurons / in-process, batches >= 1 MB (min; across hosts)": (
+                       figures["stream_over_inprocess"], 0.7)}}
         report(doc)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -197,6 +197,12 @@ def typed_error(err: grpc.RpcError, where: str) -> M2CacheError:
     so a server passing it on answers with the same code)."""
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return error_for_code(code.name, where, details)
+
+
+def error_for_code(code_name: str, where: str, details: str) -> M2CacheError:
+    """The typed error for a status code's name (also what a non-gRPC transport carries)."""
+    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.UNKNOWN)
     cls = _typed_classes().get(code)
     if cls is not None:
         return cls(f"{where}: {details}")

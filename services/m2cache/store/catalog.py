@@ -25,6 +25,11 @@ class StoreCatalog:
         self.io = {"io_threads": io_threads, "direct_io": direct_io}
         self._stores: dict[str, NeuronStore] = {}
         self._lock = threading.Lock()
+        self._on_close: list = []
+
+    def on_close(self, fn) -> None:
+        """Run ``fn`` when the catalog closes (the service's other resources: its shared-memory socket)."""
+        self._on_close.append(fn)
 
     def models(self) -> list[str]:
         """Subdirectories holding a finished store (data.mdb), sorted."""
@@ -45,6 +50,9 @@ class StoreCatalog:
             return self._stores[model]
 
     def close(self) -> None:
+        for fn in self._on_close:
+            fn()
+        self._on_close.clear()
         with self._lock:
             for store in self._stores.values():
                 store.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 from m2cache import envflags
 from m2cache.errors import InvalidArgument
 from m2cache.store.reader import DEFAULT_IO_THREADS
+from m2cache.store.shared import SHM_DIR
 
 ENV_PREFIX = "store"
 
@@ -24,15 +25,18 @@ class StoreConfig:
     io_threads: int = DEFAULT_IO_THREADS  # parallel preadv reads per store (SSD queue depth)
     direct_io: bool = False         # O_DIRECT record reads: bypass the page cache (a DRAM tier caches)
     verify: bool = True             # check every record against its CRC-32C on read
+    shared_memory_dir: str = SHM_DIR  # where same-host callers' regions are (ReadNeuronsShared); "" = off
+    max_regions: int = 64           # shared regions mapped at once (least recently used dropped first)
+    shared_socket: bool = True      # registered regions' reads over a Unix socket in shared_memory_dir
     max_workers: int = 8            # gRPC handler threads
     metrics_port: int = 0           # Prometheus /metrics port, 0 = off
     grace_s: float = 5.0            # graceful-shutdown grace on SIGTERM
 
     def __post_init__(self):
         if min(self.max_batch_ids, self.max_payload_bytes, self.max_workers, self.stream_chunk_bytes,
-               self.io_threads) < 1:
-            raise InvalidArgument("max_batch_ids, max_payload_bytes, stream_chunk_bytes, io_threads and "
-                                  "max_workers must be positive")
+               self.io_threads, self.max_regions) < 1:
+            raise InvalidArgument("max_batch_ids, max_payload_bytes, stream_chunk_bytes, io_threads, "
+                                  "max_regions and max_workers must be positive")
         if not Path(self.root).is_dir():
             raise InvalidArgument(f"store root {self.root} is not a directory")
 

@@ -2,10 +2,12 @@
 :class:`StoreCatalog` (the reads live in reader.py and segments.py).
 
 Streamed responses are pipelined: the next chunk is read (on a small thread
-pool, its I/O on the store's own pool) while the current one is sent."""
+pool, its I/O on the store's own pool) while the current one is sent. Callers on
+the same host read into their shared-memory regions instead (store/shared.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,6 +19,8 @@ from m2cache.errors import InvalidArgument, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
 from m2cache.store.catalog import StoreCatalog, check_batch, chunk_bounds
 from m2cache.store.config import StoreConfig
+from m2cache.store.shared import RegionMaps
+from m2cache.store.shared_socket import SocketServer
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         self.catalog = catalog
         self.metrics = metrics
         self.readers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="stream-read")
+        self.regions = RegionMaps(config.shared_memory_dir, config.max_regions)
+        self._socket_server: SocketServer | None = None
+        self._socket_lock = threading.Lock()
+        self._socket_tried = False
 
     def ListModels(self, request, context):
         with self.metrics.rpc.observe("ListModels"):
@@ -98,6 +106,59 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
                 batch.first = lo
                 yield batch
 
+    def OpenShared(self, request, context):
+        """Map the caller's region (checking its tag); answer with the socket for its reads."""
+        with self.metrics.rpc.observe("OpenShared"):
+            self.regions.view(request.name, request.tag, 0, 0)
+            sock = self._socket()
+            return store_pb2.SharedOpened(socket_path=str(sock.path) if sock else "",
+                                          capacity=self.regions.capacity(request.name))
+
+    def ReadNeuronsShared(self, request, context):
+        with self.metrics.rpc.observe("ReadNeuronsShared"):
+            return self.read_shared(request)
+
+    def read_shared(self, request, registered_only: bool = False) -> store_pb2.SharedReadResponse:
+        """The records, as stored, read straight into the caller's shared-memory region."""
+        store, prec, ids = self._neuron_request(request.batch)
+        check_batch(ids.size, 0, self.config.max_batch_ids, 0)
+        lengths = store.stored_lengths(request.batch.layer, prec, ids)
+        rb = store.layout.num_bytes(prec)
+        nbytes = ids.size * rb if lengths is None else int(lengths.sum())
+        dest = self.regions.view(request.region.name, request.region.tag, request.offset, nbytes,
+                                 open_new=not registered_only)
+        got = store.read_stored(request.batch.layer, prec, ids, out=dest)
+        self.metrics.records.labels(request.batch.model).inc(ids.size)
+        self.metrics.bytes.labels(request.batch.model, "neurons").inc(nbytes)
+        return store_pb2.SharedReadResponse(record_bytes=rb, crc32c=got.crcs.tolist(), codec=store.manifest.codec,
+                                            record_lengths=[] if lengths is None else lengths.tolist(),
+                                            nbytes=nbytes, verified=store.verify)
+
+    def _socket_read(self, request) -> store_pb2.SharedReadResponse:
+        with self.metrics.rpc.observe("ReadNeuronsShared"):
+            return self.read_shared(request, registered_only=True)
+
+    def ReleaseRegion(self, request, context):
+        with self.metrics.rpc.observe("ReleaseRegion"):
+            self.regions.release(request.name)
+            return store_pb2.ReleaseRegionResponse()
+
+    def _socket(self) -> SocketServer | None:
+        """The Unix socket for registered regions' reads, made at the first OpenShared."""
+        with self._socket_lock:
+            if self._socket_server is None and self.config.shared_socket and not self._socket_tried:
+                self._socket_tried = True
+                try:
+                    self._socket_server = SocketServer(self.config.shared_memory_dir, self._socket_read)
+                except OSError as err:
+                    log.warning("no shared-memory socket in %s (%s): shared reads go over gRPC",
+                                self.config.shared_memory_dir, err)
+            return self._socket_server
+
+    def close(self) -> None:
+        if self._socket_server is not None:
+            self._socket_server.close()
+
     def FetchDense(self, request, context):
         """Named dense tensors (all of them when ``names`` is empty), up to the payload limit."""
         with self.metrics.rpc.observe("FetchDense"):
@@ -156,6 +217,7 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     server, port, _health = grpc_util.create_server(
         config.address, [(store_pb2_grpc.add_NeuronStoreServicer_to_server, servicer)], [SERVICE_NAME],
         max_workers=config.max_workers)
+    catalog.on_close(servicer.close)
     log.info("NeuronStore for %s on port %d", config.root, port)
     return server, port, catalog
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from m2cache import envflags
 from m2cache.errors import InvalidArgument
+from m2cache.store.shared import DEFAULT_REGION_BYTES
 
 ENV_PREFIX = "worker"
 
@@ -34,6 +35,8 @@ class WorkerConfig:
     unavailable_s: float = 5.0  # how long an unreachable tier or store is retried before a typed UNAVAILABLE
     store_target: str = ""  # NeuronStore address; empty = learnt from the DRAM tier (needed to start without it)
     data_plane: bool = True  # read Redis and the store directly; false: every record through the DRAM tier
+    shared_memory_bytes: int = DEFAULT_REGION_BYTES  # on the store's host its reads land in a shared region
+    #                                                  of this size (store/shared.py); 0: misses stream
     mac_key_file: str = ""  # the deployment's record-sealing key (as the DRAM tier's); empty = the tier's answer
     redis_password_file: str = ""  # the DRAM tier's Redis password; empty = the tier's answer
     metrics_port: int = 0  # 0: no Prometheus endpoint
@@ -57,6 +60,8 @@ class WorkerConfig:
             raise InvalidArgument("unavailable_s and fetch_deadline_s must be positive")
         if self.prefetch not in ("auto", "on", "off"):
             raise InvalidArgument(f"prefetch must be auto, on or off, got {self.prefetch!r}")
+        if self.shared_memory_bytes < 0:
+            raise InvalidArgument(f"shared_memory_bytes must be >= 0, got {self.shared_memory_bytes}")
         if self.window < 1 or self.max_batch < 1 or self.max_queue < 0:
             raise InvalidArgument("window and max_batch must be >= 1, max_queue >= 0")
 

@@ -1,5 +1,58 @@
 from m2cache_client.pb import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
-from typing import ClassVar as _ClassVar
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SharedRegion(_message.Message):
+    __slots__ = ("name", "tag")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tag: bytes
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[bytes] = ...) -> None: ...
+
+class SharedOpened(_message.Message):
+    __slots__ = ("socket_path", "capacity")
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    socket_path: str
+    capacity: int
+    def __init__(self, socket_path: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class SharedReadRequest(_message.Message):
+    __slots__ = ("batch", "region", "offset")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    batch: _common_pb2.NeuronBatchRequest
+    region: SharedRegion
+    offset: int
+    def __init__(self, batch: _Optional[_Union[_common_pb2.NeuronBatchRequest, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SharedReadResponse(_message.Message):
+    __slots__ = ("record_bytes", "crc32c", "codec", "record_lengths", "nbytes", "verified", "error_code", "error")
+    RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RECORD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    record_bytes: int
+    crc32c: _containers.RepeatedScalarFieldContainer[int]
+    codec: str
+    record_lengths: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    verified: bool
+    error_code: str
+    error: str
+    def __init__(self, record_bytes: _Optional[int] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., verified: _Optional[bool] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReleaseRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

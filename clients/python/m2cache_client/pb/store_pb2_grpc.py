@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
+from m2cache_client.pb import store_pb2 as m2cache_dot_v1_dot_store__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -70,6 +71,21 @@ class NeuronStoreStub:
                 request_serializer=m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.FileBlob.FromString,
                 _registered_method=True)
+        self.OpenShared = channel.unary_unary(
+                '/m2cache.v1.NeuronStore/OpenShared',
+                request_serializer=m2cache_dot_v1_dot_store__pb2.SharedRegion.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_store__pb2.SharedOpened.FromString,
+                _registered_method=True)
+        self.ReadNeuronsShared = channel.unary_unary(
+                '/m2cache.v1.NeuronStore/ReadNeuronsShared',
+                request_serializer=m2cache_dot_v1_dot_store__pb2.SharedReadRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_store__pb2.SharedReadResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRegion = channel.unary_unary(
+                '/m2cache.v1.NeuronStore/ReleaseRegion',
+                request_serializer=m2cache_dot_v1_dot_store__pb2.SharedRegion.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_store__pb2.ReleaseRegionResponse.FromString,
+                _registered_method=True)
 
 
 class NeuronStoreServicer:
@@ -125,6 +141,32 @@ class NeuronStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenShared(self, request, context):
+        """Same host only. A caller registers a shared-memory region it created
+        (SharedRegion); FAILED_PRECONDITION when the store cannot see it (another
+        host or /dev/shm): the caller streams instead. The answer names the Unix
+        socket on which the caller may send its SharedReadRequests (a round trip
+        there costs a few tens of microseconds, a gRPC call here 0.5-1 ms).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadNeuronsShared(self, request, context):
+        """The records read by the store straight into a registered region: only the
+        request and the checksums cross the channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRegion(self, request, context):
+        """The store drops its mapping of a region (the caller then unlinks it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NeuronStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +204,21 @@ def add_NeuronStoreServicer_to_server(servicer, server):
                     servicer.FetchFile,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.FileRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.FileBlob.SerializeToString,
+            ),
+            'OpenShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenShared,
+                    request_deserializer=m2cache_dot_v1_dot_store__pb2.SharedRegion.FromString,
+                    response_serializer=m2cache_dot_v1_dot_store__pb2.SharedOpened.SerializeToString,
+            ),
+            'ReadNeuronsShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadNeuronsShared,
+                    request_deserializer=m2cache_dot_v1_dot_store__pb2.SharedReadRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_store__pb2.SharedReadResponse.SerializeToString,
+            ),
+            'ReleaseRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRegion,
+                    request_deserializer=m2cache_dot_v1_dot_store__pb2.SharedRegion.FromString,
+                    response_serializer=m2cache_dot_v1_dot_store__pb2.ReleaseRegionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +411,87 @@ class NeuronStore:
             '/m2cache.v1.NeuronStore/FetchFile',
             m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
             m2cache_dot_v1_dot_common__pb2.FileBlob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/OpenShared',
+            m2cache_dot_v1_dot_store__pb2.SharedRegion.SerializeToString,
+            m2cache_dot_v1_dot_store__pb2.SharedOpened.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadNeuronsShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/ReadNeuronsShared',
+            m2cache_dot_v1_dot_store__pb2.SharedReadRequest.SerializeToString,
+            m2cache_dot_v1_dot_store__pb2.SharedReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/ReleaseRegion',
+            m2cache_dot_v1_dot_store__pb2.SharedRegion.SerializeToString,
+            m2cache_dot_v1_dot_store__pb2.ReleaseRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,244 @@
+"""The NeuronStore's same-host path (store/shared.py, store/shared_socket.py): records
+read by a real store server straight into the caller's shared-memory region equal
+the streamed ones (dense and bitmap stores, over the Unix socket and over gRPC);
+a region the store cannot see, another caller's tag, a bad name or a read past the
+region are refused with their status codes; the socket serves only registered
+regions; a corrupt record is DATA_LOSS naming it; regions are released; a layer
+over 512 MiB arrives through the region; the worker's fetcher uses the region on
+the same host and streams where the store cannot see it."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from m2cache import errors, grpc_util
+from m2cache.codec.format import RECORDS_FILE, Precision
+from m2cache.store.reader import NeuronStore
+from m2cache.store.shared import SharedRegion
+from m2cache.store.shared_socket import SharedReader, SocketClient
+from m2cache.worker.fetcher import TierFetcher
+from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
+from tiers import DramHandle, StoreHandle
+
+FULL = Precision.FULL
+
+
+def _rpc(handle: StoreHandle) -> grpc_util.Rpc:
+    return grpc_util.Rpc(handle.channel, store_pb2_grpc.NeuronStoreStub, "NeuronStore",
+                         grpc_util.RetryPolicy(deadline_s=30, unavailable_s=1))
+
+
+def _batch(model, layer, ids=(), prec=FULL, all_neurons=False):
+    return common_pb2.NeuronBatchRequest(model=model, layer=layer, neuron_ids=list(ids), precision=int(prec),
+                                         all_neurons=all_neurons)
+
+
+def _copy(data, resp):
+    return data.tobytes(), list(resp.crc32c), list(resp.record_lengths), resp.verified
+
+
+def _mapped(handle: StoreHandle, reader: SharedReader) -> bool:
+    """Whether the store still maps ``reader``'s region: asked on its socket, which reads
+    only into regions it maps (and never maps one on its own)."""
+    client = SocketClient(str(reader.socket.path), 10.0)
+    try:
+        client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1]), region=reader.ref))
+        return True
+    except errors.FailedPrecondition:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("socket", [True, False])
+def test_shared_reads_equal_the_stored_records(store_root, socket):
+    handle = StoreHandle(store_root, shared_socket=socket)
+    reader = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
+    try:
+        assert (reader.socket is not None) == socket
+        for model in ("tiny-llama", "tiny-opt"):
+            store = handle.catalog.get(model)
+            for prec in Precision:
+                ids = np.sort(np.random.default_rng(int(prec)).choice(store.manifest.d_ffn, 40, replace=False))
+                payload, crcs, lengths, verified = reader.read(_batch(model, 1, ids.tolist(), prec), _copy)
+                assert payload == store.get_neurons(1, ids, prec) and verified
+                assert crcs == store.crc_table(1, prec)[ids].tolist() and lengths == []
+    finally:
+        reader.close()
+        handle.stop()
+
+
+def test_bitmap_records_arrive_as_stored_with_their_lengths(tmp_path):
+    from checkpoints import make_tiny_checkpoint
+    from m2cache.convert.prune import PruneSpec
+    from m2cache.convert.writer import convert
+
+    root = tmp_path / "root"
+    convert(make_tiny_checkpoint("opt", tmp_path / "hf"), root / "opt-p40", progress=False, prune=PruneSpec(0.4))
+    handle = StoreHandle(root)
+    reader = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
+    try:
+        store = handle.catalog.get("opt-p40")
+        payload, crcs, lengths, _ = reader.read(_batch("opt-p40", 2, prec=Precision.INT4, all_neurons=True), _copy)
+        want_payload, want_lengths = store.get_records(2, range(store.manifest.d_ffn), Precision.INT4)
+        assert payload == want_payload and lengths == want_lengths.tolist()
+        assert any(n < store.layout.num_bytes(Precision.INT4) for n in lengths)  # some really are bitmaps
+        assert crcs == store.crc_table(2, Precision.INT4).tolist()
+    finally:
+        reader.close()
+        handle.stop()
+
+
+def test_regions_the_store_cannot_see_or_that_are_not_the_callers_are_refused(store_root, tmp_path):
+    elsewhere = tmp_path / "other-shm"
+    elsewhere.mkdir()
+    handle = StoreHandle(store_root, shared_memory_dir=str(elsewhere))  # as a store on another host
+    try:
+        with pytest.raises(errors.FailedPrecondition, match="not visible to the store"):
+            SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
+        region = SharedRegion(1 << 16, str(elsewhere))
+        try:
+            forged = store_pb2.SharedRegion(name=region.name, tag=bytes(16))
+            with pytest.raises(errors.FailedPrecondition, match="tag differs"):
+                _rpc(handle).unary("OpenShared", forged)
+            mine = store_pb2.SharedRegion(name=region.name, tag=region.tag)
+            assert _rpc(handle).unary("OpenShared", mine).capacity == 1 << 16
+            big = store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, prec=FULL, all_neurons=True), region=mine)
+            with pytest.raises(errors.InvalidArgument, match="do not fit shared region"):
+                _rpc(handle).unary("ReadNeuronsShared", big)
+            for name in ("../etc/passwd", "m2cache-xyz", "m2cache-" + "0" * 31):
+                with pytest.raises(errors.InvalidArgument, match="not a shared region name"):
+                    _rpc(handle).unary("OpenShared", store_pb2.SharedRegion(name=name, tag=region.tag))
+        finally:
+            region.close()
+    finally:
+        handle.stop()
+
+
+def test_the_socket_serves_only_registered_regions_and_goes_with_the_store(store_root):
+    handle = StoreHandle(store_root)
+    reader = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)
+    stranger = SharedRegion(1 << 16)
+    try:
+        path = reader.socket.path
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        client = SocketClient(path, 10.0)
+        try:
+            unregistered = store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1, 2]),
+                                                       region=store_pb2.SharedRegion(name=stranger.name,
+                                                                                     tag=stranger.tag))
+            with pytest.raises(errors.FailedPrecondition, match="not registered"):
+                client.read(unregistered)
+            with pytest.raises(errors.NotFound, match="unknown model"):
+                client.read(store_pb2.SharedReadRequest(batch=_batch("nope", 0, [1]), region=reader.ref))
+            with pytest.raises(errors.InvalidArgument, match="out of range"):
+                client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 99, [1]), region=reader.ref))
+            assert client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1, 2]),
+                                                           region=reader.ref)).nbytes > 0
+        finally:
+            client.close()
+    finally:
+        reader.close()
+        stranger.close()
+        handle.stop()
+    assert not os.path.exists(path)  # removed with the store
+
+
+def test_regions_are_released_and_a_dead_callers_region_is_dropped(store_root):
+    handle = StoreHandle(store_root, max_regions=4)
+    try:
+        first = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)
+        keep = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)
+        assert _mapped(handle, first) and _mapped(handle, keep)
+        socket_path = first.socket.path
+        first.close()  # released: unmapped, and its file gone
+        first.socket = SocketClient(str(socket_path), 10.0)
+        assert not _mapped(handle, first) and not first.region.path.exists()
+        keep.region.path.unlink()  # a caller that died without a release
+        newer = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)  # the next registration sweeps it
+        assert not _mapped(handle, keep) and _mapped(handle, newer)
+        live = [SharedReader(_rpc(handle), 1 << 16, timeout_s=30) for _ in range(5)]  # over max_regions
+        assert not _mapped(handle, newer)  # the least recently used went
+        for r in [newer] + live:  # an evicted region registers again at its next read
+            payload, *_ = r.read(_batch("tiny-llama", 1, [7, 8]), _copy)
+            assert payload == handle.catalog.get("tiny-llama").get_neurons(1, [7, 8], FULL)
+        for r in [newer, keep] + live:
+            r.close()
+        first.socket.close()
+    finally:
+        handle.stop()
+
+
+def test_a_corrupt_record_is_data_loss_naming_it(store_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(store_root / "tiny-llama", root / "tiny-llama")
+    reader = NeuronStore(root / "tiny-llama")
+    try:
+        (bad_at,), _ = reader.record_spans(0, Precision.INT8, np.asarray([17]))
+    finally:
+        reader.close()
+    with open(root / "tiny-llama" / RECORDS_FILE, "r+b") as f:
+        f.seek(int(bad_at) + 5)
+        byte = f.read(1)[0]
+        f.seek(int(bad_at) + 5)
+        f.write(bytes([byte ^ 0x40]))
+    handle = StoreHandle(root)
+    shared = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
+    try:
+        for ids in (range(10, 30), [5, 17, 40]):
+            with pytest.raises(errors.ChecksumError, match="layer 0 neuron 17 INT8 fails its checksum"):
+                shared.read(_batch("tiny-llama", 0, list(ids), Precision.INT8), _copy)
+        assert shared.read(_batch("tiny-llama", 0, [16, 18], Precision.INT8), _copy)[0]
+    finally:
+        shared.close()
+        handle.stop()
+
+
+def test_a_layer_over_512_mib_arrives_through_the_region(tmp_path):
+    from test_store_stream import _big_store
+
+    num, d_model = 2800, 32768  # 2800 x 192 KiB = 550 MB in one layer at one precision
+    rb = _big_store(tmp_path / "root" / "big", num, d_model)
+    assert num * rb > 512 << 20
+    handle = StoreHandle(tmp_path / "root")
+    reader = SharedReader(_rpc(handle), 8 << 20, timeout_s=60)
+    try:
+        step, reads, seen = reader.capacity // rb, 0, []
+        for lo in range(0, num, step):
+            ids = list(range(lo, min(lo + step, num)))
+            stamps = reader.read(_batch("big", 0, ids), lambda data, resp: data.reshape(-1, rb)[:, :8].copy())
+            seen.append(stamps.view(np.int64).ravel())
+            reads += 1
+        assert np.array_equal(np.concatenate(seen), np.arange(num)) and reads > 60
+    finally:
+        reader.close()
+        handle.stop()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_fetcher_reads_misses_through_the_region_on_the_same_host(store_root, redis_proc, tmp_path, shared):
+    """With the store on this host the misses land in the region; with the store's
+    shared-memory directory elsewhere (another host) they stream; the records agree."""
+    store = StoreHandle(store_root, **({} if shared else {"shared_memory_dir": str(tmp_path)}))
+    dram = DramHandle(store.target, redis_proc.url, budget_bytes=0, num_pinned_layers=0, preload="used")
+    fetcher = TierFetcher(dram.channel, "tinystories-656k", "w-shared", shared_memory_bytes=64 << 10)
+    try:
+        manifest, _ = fetcher.manifest()
+        ids = torch.arange(0, manifest.d_ffn, 3)
+        for prec in Precision:
+            got = fetcher.neurons(1, prec, ids, 1)
+            want = np.empty((ids.numel(), manifest.layout.num_bytes(prec)), np.uint8)
+            store.catalog.get("tinystories-656k").read_into(1, prec, ids.numpy(), want)
+            assert np.array_equal(got.numpy(), want)
+        if shared:  # FULL records alone are more than one 64 KiB region: several reads
+            assert fetcher.stats.shared_reads > len(Precision) and fetcher.stats.store_records == 3 * ids.numel()
+        else:
+            assert fetcher.stats.shared_reads == 0 and fetcher.stats.store_records == 3 * ids.numel()
+    finally:
+        fetcher.close()
+        dram.stop()
+        store.stop()
