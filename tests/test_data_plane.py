@@ -247,3 +247,42 @@ def test_a_7b_shape_layer_arrives_cold_through_the_stack(tmp_path, redis_proc):
         dram.stop()
         store.stop()
 
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_a_reply_opened_at_once_equals_the_values_opened_one_by_one(monkeypatch, impl):
+    """dataplane.open_joined (seal.c, or its Python loop): records into their rows or back
+    to back, CRCs out, misses skipped; the first forged value is named, a short one refused."""
+    from m2cache.dram import dataplane
+
+    if impl == "python":
+        monkeypatch.setattr(dataplane, "_seal_library", lambda: None)
+    else:
+        assert dataplane._seal_library() is not None, "seal.c did not build here"
+    rng = np.random.default_rng(0)
+    seal = dataplane.RecordSeal(rng.bytes(32))
+    keys = dataplane.redis_keys(b"t:", "m", 3, 1, range(300))
+    records = [rng.bytes(96) for _ in keys]
+    values = [seal.seal(k, r, i) for i, (k, r) in enumerate(zip(keys, records))]
+    values[7] = values[250] = None  # misses
+    rows = np.ones((300, 96), np.uint8)
+    pos, joined, lengths, crcs = dataplane.open_joined(seal, keys, values, rows)
+    want = [i for i in range(300) if i not in (7, 250)]
+    assert pos.tolist() == want and joined is None and lengths.tolist() == [96] * len(want)
+    assert crcs.tolist() == want and all(rows[i].tobytes() == records[i] for i in want)
+    assert (rows[7] == 1).all() and (rows[250] == 1).all()
+    pos, joined, lengths, crcs = dataplane.open_joined(seal, keys, values)
+    assert joined.tobytes() == b"".join(records[i] for i in want) and crcs.tolist() == want
+    forged = list(values)
+    for i in (120, 200):  # the first forged one is named
+        edited = bytearray(forged[i])
+        edited[-1] ^= 1
+        forged[i] = bytes(edited)
+    with pytest.raises(dataplane.BadSeal, match=repr(keys[120]).replace("\\", "\\\\")):
+        dataplane.open_joined(seal, keys, forged, rows)
+    forged = list(values)
+    forged[3] = seal.seal(keys[3], records[3][:50], 3)  # sealed, but not a record of this size
+    with pytest.raises(errors.ChecksumError, match="not a sealed record of 96 bytes"):
+        dataplane.open_joined(seal, keys, forged, rows)
+    with pytest.raises(dataplane.BadSeal):  # a value sealed under another key is refused
+        dataplane.open_joined(seal, keys[1:2], [values[0]], rows[:1])

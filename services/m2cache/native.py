@@ -50,20 +50,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("M2CACHE_KERNEL_CACHE", Path.home() / ".cache" / "m2cache" / "kernels"))
 
 
-def _build(source: Path) -> Path:
-    """Compile ``source`` (once per source + flags + compiler) into the kernel cache; atomic."""
+def _build(source: Path, libs: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` (once per source + flags + compiler) into the kernel cache; atomic.
+    ``libs``: system libraries it links (``crypto``: -lcrypto)."""
     cc = os.environ.get("CC", "cc")
     flags = _compile_flags()
+    link = [f"-l{lib}" for lib in libs]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source may include
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags + link).encode()
+                         + version.encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, str(source), "-o", str(out), *link, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr[-2000:]}")
         os.replace(out, target)
@@ -71,9 +74,11 @@ def _build(source: Path) -> Path:
     return target
 
 
-def load(source: Path, abi_symbol: str, abi_version: int, functions: dict[str, list]) -> ctypes.CDLL | None:
+def load(source: Path, abi_symbol: str, abi_version: int, functions: dict[str, list],
+         libs: tuple[str, ...] = (), restypes: dict | None = None) -> ctypes.CDLL | None:
     """The library built from ``source`` (cached per process), or None (see the module doc).
-    ``functions``: name -> argtypes; those not named ``*_supported`` return void."""
+    ``functions``: name -> argtypes; those not named ``*_supported`` return void unless
+    ``restypes`` names their result type."""
     source = Path(source)
     with _lock:
         if source in _libs:
@@ -83,7 +88,7 @@ def load(source: Path, abi_symbol: str, abi_version: int, functions: dict[str, l
             log.info("M2CACHE_KERNELS=torch: %s runs on its fallback", source.stem)
             return None
         try:
-            lib = ctypes.CDLL(str(_build(source)))
+            lib = ctypes.CDLL(str(_build(source, libs)))
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
             log.warning("no C kernel %s (%s): the slower fallback runs", source.stem, err)
             return None
@@ -93,7 +98,9 @@ def load(source: Path, abi_symbol: str, abi_version: int, functions: dict[str, l
             return None
         for function, argtypes in functions.items():
             getattr(lib, function).argtypes = argtypes
-            if not function.endswith("_supported"):
+            if restypes and function in restypes:
+                getattr(lib, function).restype = restypes[function]
+            elif not function.endswith("_supported"):
                 getattr(lib, function).restype = None
         _libs[source] = lib
         return lib

@@ -12,6 +12,9 @@ The Redis key (prefix | model | ":" | neuron_key) names model, layer, precision
 and neuron, so a valid value cannot be replayed under another key. HMAC-SHA256
 (SHA-NI on this CPU) measured twice BLAKE2b's speed here; both are keyed MACs.
 Redis itself requires a password (``requirepass``); clients authenticate.
+A worker opens a whole MGET reply in one C call (``open_joined``, seal.c beside
+this file: the key's HMAC states computed once, then a SHA-256 pass and a copy
+per value); where seal.c cannot be built (no OpenSSL headers) a Python loop does.
 
 Secrets (the MAC key, the Redis password) come from files named in the
 services' configs (``mac_key_file``, ``redis_password_file``); a tier given none
@@ -20,6 +23,8 @@ makes random ones at start and hands them to workers over its control plane
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hmac
 import logging
 import os
@@ -30,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from m2cache import native
 from m2cache.codec.format import neuron_key
 from m2cache.errors import ChecksumError, FailedPrecondition
 
@@ -79,6 +85,7 @@ class RecordSeal:
     def __init__(self, key: bytes):
         if len(key) < 16:
             raise FailedPrecondition("the MAC key must be at least 16 bytes")
+        self.key = bytes(key)
         self._base = hmac.new(key, digestmod="sha256")
 
     def _tag(self, rkey: bytes, crc: bytes, record) -> bytes:
@@ -110,6 +117,63 @@ def open_batch(seal: RecordSeal, keys: Sequence[bytes], values: Sequence[bytes |
     opened = [seal.open(keys[i], values[i]) for i in pos]
     return (np.asarray(pos, dtype=np.int64), [r for r, _ in opened],
             np.asarray([c for _, c in opened], dtype=np.uint32))
+
+
+def open_joined(seal: RecordSeal, keys: Sequence[bytes], values: Sequence[bytes | None],
+                into: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """An MGET reply opened at once: positions of the hits [h], their records, each
+    record's length [h] and crc32c [h]. The records are back to back in a uint8 array;
+    or, with ``into`` (uint8 [len(values), record_bytes]: dense records), written into
+    its rows at the hits' positions (None is returned for them). Raises BadSeal naming
+    the key of the first value that fails its MAC, ChecksumError for a wrong length."""
+    pos = [i for i, v in enumerate(values) if v is not None]
+    lib = _seal_library()
+    rkey_len = len(keys[pos[0]]) if pos else 0
+    hit_keys = b"".join([keys[i] for i in pos])
+    if lib is None or len(hit_keys) != rkey_len * len(pos):  # (every key of a batch has one length)
+        return _open_in_python(seal, keys, values, into)
+    hits = [values[i] for i in pos]
+    value_lens = np.fromiter(map(len, hits), np.int64, len(hits))
+    lengths = value_lens - HEADER_BYTES
+    rows = np.asarray(pos, dtype=np.int64)
+    records = None if into is not None else np.empty(int(np.maximum(lengths, 0).sum()), np.uint8)
+    dest = into if into is not None else records
+    crcs = np.empty(len(hits), np.uint32)
+    status = np.zeros(1, np.int64)
+    bad = lib.m2seal_open(seal.key, len(seal.key), hit_keys, rkey_len, (ctypes.c_char_p * len(hits))(*hits),
+                       value_lens.ctypes.data, rows.ctypes.data, len(hits), 0 if into is None else into.shape[1],
+                       dest.ctypes.data, crcs.ctypes.data, status.ctypes.data)
+    if bad >= 0 and status[0] == 3:
+        raise MemoryError("seal.c: no memory for a batch's offsets")
+    if bad >= 0 and status[0] == 1:
+        raise BadSeal(f"Redis value {keys[pos[bad]]!r} fails its MAC: refused (edited or forged)")
+    if bad >= 0:
+        raise ChecksumError(f"Redis value {keys[pos[bad]]!r} has {int(value_lens[bad])} bytes: not a sealed record"
+                            + ("" if into is None else f" of {into.shape[1]} bytes"))
+    return rows, records, lengths, crcs
+
+
+def _open_in_python(seal, keys, values, into):
+    rows, records, crcs = open_batch(seal, keys, values)
+    lengths = np.fromiter(map(len, records), np.int64, len(records))
+    if into is None:
+        return rows, np.frombuffer(b"".join(records), np.uint8), lengths, crcs
+    wrong = np.flatnonzero(lengths != into.shape[1])
+    if wrong.size:
+        raise ChecksumError(f"Redis value {keys[int(rows[wrong[0]])]!r} has {int(lengths[wrong[0]]) + HEADER_BYTES} "
+                            f"bytes: not a sealed record of {into.shape[1]} bytes")
+    for row, record in zip(rows.tolist(), records):
+        into[row] = np.frombuffer(record, np.uint8)
+    return rows, None, lengths, crcs
+
+
+@functools.cache
+def _seal_library():
+    """seal.c, or None (no compiler or OpenSSL headers, M2CACHE_KERNELS=torch)."""
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    return native.load(Path(__file__).with_name("seal.c"), "m2seal_abi_version", 3,
+                       {"m2seal_open": [ctypes.c_char_p, I64, ctypes.c_char_p, I64, P, P, P, I64, I64, P, P, P]},
+                       libs=("crypto",), restypes={"m2seal_open": I64})
 
 
 def describe_key(rkey: bytes) -> str:

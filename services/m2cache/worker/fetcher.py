@@ -4,7 +4,9 @@ Control plane: the DramTier (manifest, where the bytes are, usage reports).
 Data plane, per fetch of one layer at one precision:
 1. Redis MGETs of the records' keys, about 1 MiB each; every value's MAC is checked
    (dram/dataplane.py) and the records land in the caller's buffer;
-2. the misses stream from the NeuronStore (StreamNeurons, large chunks);
+2. the misses come from the NeuronStore: on the same host it reads them straight into
+   this worker's shared-memory region (store/shared.py; one Unix-socket round trip per
+   region's worth), elsewhere they stream (StreamNeurons, large chunks);
 3. every record's CRC-32C is checked in one pass per batch;
 4. what was used and what missed is reported to the tier in the background.
 With the DramTier gone the worker keeps reading Redis and the store; with
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -29,8 +32,10 @@ from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
 from m2cache.dram import dataplane
 from m2cache.dram.cache import CacheUnavailable, RedisCache
-from m2cache.errors import ChecksumError, M2CacheError
-from m2cache.worker.records import Reporter, place
+from m2cache.errors import ChecksumError, FailedPrecondition, M2CacheError
+from m2cache.store.shared import DEFAULT_REGION_BYTES
+from m2cache.store.shared_socket import SharedReader
+from m2cache.worker.records import Reporter, check_rows, place
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,8 +52,9 @@ class FetchStats:
     decode_seconds: float = 0.0  # bitmap decompression (inside ``seconds``)
     redis_records: int = 0       # DRAM-tier hits read from Redis
     redis_bytes: int = 0
-    store_records: int = 0       # misses streamed from the NeuronStore
+    store_records: int = 0       # misses read from the NeuronStore
     store_bytes: int = 0
+    shared_reads: int = 0        # of those, reads into the shared region (same host)
 
 
 @dataclass
@@ -75,6 +81,7 @@ class TierFetcher:
     redis_timeout_s: float = 0.5
     redis_retry_s: float = 1.0          # how long Redis stays "away" after a failure before a retry
     pin_memory: bool = False            # page-locked destination buffers (a CUDA worker's staging)
+    shared_memory_bytes: int = DEFAULT_REGION_BYTES  # same-host misses land in a region this big; 0 = stream
 
     def __post_init__(self) -> None:
         self.policy = grpc_util.RetryPolicy(self.deadline_s, min(self.unavailable_s, self.deadline_s),
@@ -88,6 +95,9 @@ class TierFetcher:
         self._plane_info = None
         self._manifest: Manifest | None = None
         self.reporter: Reporter | None = None
+        self._shared: SharedReader | None = None
+        self._shared_tried = False
+        self._shared_lock = threading.Lock()  # the prefetch thread fetches too
 
     @classmethod
     def from_config(cls, config) -> "TierFetcher":
@@ -96,7 +106,8 @@ class TierFetcher:
                    deadline_s=config.fetch_deadline_s, unavailable_s=config.unavailable_s,
                    store_target=config.store_target, data_plane=config.data_plane,
                    mac_key_file=config.mac_key_file, redis_password_file=config.redis_password_file,
-                   pin_memory=config.device.startswith("cuda") and torch.cuda.is_available())
+                   pin_memory=config.device.startswith("cuda") and torch.cuda.is_available(),
+                   shared_memory_bytes=config.shared_memory_bytes)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -164,6 +175,8 @@ class TierFetcher:
             self.reporter.close()
         if self.redis is not None:
             self.redis.close()
+        if self._shared is not None:
+            self._shared.close()
         if self.store is not None:
             self.store.close()
         self.channel.close()
@@ -249,23 +262,38 @@ class TierFetcher:
 
     def _place_hits(self, keys, values, layer, prec, ids, out) -> np.ndarray:
         """Open (MAC), check (CRC) and place Redis hits; returns the still-missing mask."""
-        try:
-            rows, records, crcs = dataplane.open_batch(self.seal, keys, values)
+        dense = self._manifest.codec == "dense"
+        try:  # dense records go straight into their rows of ``out``
+            rows, joined, lengths, crcs = dataplane.open_joined(self.seal, keys, values, out if dense else None)
         except ChecksumError as err:
             raise type(err)(f"model {self.model} layer {layer} {prec.name}: {err}") from None
         still = np.ones(ids.size, dtype=bool)
         if rows.size:
-            lengths = None if self._manifest.codec == "dense" else np.asarray([len(r) for r in records], np.int64)
-            joined = b"".join(records)
-            self.stats.decode_seconds += place(out, rows, joined, lengths, crcs, self.layout, prec, ids, self.verify)
+            if dense:
+                if self.verify:
+                    check_rows(out, rows, crcs, ids, prec)
+            else:
+                self.stats.decode_seconds += place(out, rows, joined, lengths, crcs, self.layout, prec, ids,
+                                                   self.verify)
+            nbytes = int(lengths.sum())
             still[rows] = False
             self.stats.redis_records += int(rows.size)
-            self.stats.redis_bytes += len(joined)
-            self.stats.bytes += len(joined)
+            self.stats.redis_bytes += nbytes
+            self.stats.bytes += nbytes
         return still
 
     def _from_store(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """Stream ``ids[rows]`` from the store into ``out[rows]``, chunk by chunk."""
+        """``ids[rows]`` from the store into ``out[rows]``: through the shared region on the
+        same host, else streamed chunk by chunk."""
+        shared = self._shared_reader()
+        if shared is not None:
+            try:
+                self._from_store_shared(shared, layer, prec, ids, rows, out)
+                return
+            except FailedPrecondition as err:  # the store no longer sees the region: stream from now on
+                log.warning("shared-memory reads stopped (%s): misses stream from the store", err)
+                self._shared = None
+                shared.close()
         req = common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
                                             neuron_ids=ids[rows].tolist())
         got = 0
@@ -282,6 +310,45 @@ class TierFetcher:
         if got != rows.size:
             raise ChecksumError(f"layer {layer} {prec.name}: the store sent {got} of {rows.size} records")
         self.stats.store_records += got
+
+    def _from_store_shared(self, shared: SharedReader, layer: int, prec: Precision, ids: np.ndarray,
+                           rows: np.ndarray, out: np.ndarray) -> None:
+        """A region's worth of records per read (a stored record is never longer than its
+        dense form), each placed into ``out`` (and checked, unless the store checked it)."""
+        step = max(1, shared.capacity // self.layout.num_bytes(prec))
+
+        def consume(chunk: np.ndarray, data: np.ndarray, resp) -> tuple[float, int]:
+            if len(resp.crc32c) != chunk.size:
+                raise ChecksumError(f"layer {layer} {prec.name}: the store read {len(resp.crc32c)} of "
+                                    f"{chunk.size} records")
+            lengths = np.asarray(resp.record_lengths, np.int64) if resp.record_lengths else None
+            return place(out, chunk, data, lengths, np.asarray(resp.crc32c, np.uint32), self.layout, prec, ids,
+                         self.verify and not resp.verified), int(resp.nbytes)
+
+        for lo in range(0, rows.size, step):
+            chunk = rows[lo : lo + step]
+            req = common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
+                                                neuron_ids=ids[chunk].tolist())
+            decode_s, nbytes = shared.read(req, lambda data, resp: consume(chunk, data, resp))
+            self.stats.shared_reads += 1
+            self.stats.decode_seconds += decode_s
+            self.stats.store_bytes += nbytes
+            self.stats.bytes += nbytes
+        self.stats.store_records += int(rows.size)
+
+    def _shared_reader(self) -> SharedReader | None:
+        """This worker's region, registered with the store at the first miss; None where the
+        store cannot see it (another host) or none can be made."""
+        with self._shared_lock:
+            if self._shared is None and not self._shared_tried and self.shared_memory_bytes > 0:
+                self._shared_tried = True
+                capacity = max(self.shared_memory_bytes, self.layout.num_bytes(Precision.FULL))
+                try:
+                    self._shared = SharedReader(self.store, capacity, self.deadline_s)
+                    log.info("misses land in shared region %s (%d KiB)", self._shared.region.name, capacity >> 10)
+                except (OSError, M2CacheError) as err:
+                    log.info("no shared memory with the store (%s): misses stream", err)
+            return self._shared
 
     def _usable_redis(self) -> RedisCache | None:
         if self.redis is None and self._plane_info is None:

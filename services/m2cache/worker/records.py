@@ -45,6 +45,16 @@ def place(out: np.ndarray, rows: np.ndarray, stored: bytes | memoryview, lengths
     return time.perf_counter() - t0
 
 
+def check_rows(out: np.ndarray, rows: np.ndarray, crcs: np.ndarray, ids: np.ndarray, prec: Precision) -> None:
+    """Dense records already in ``out[rows]``: every one's CRC-32C (one C call), the first
+    that fails named."""
+    size = out.shape[1]
+    lengths = np.full(rows.size, size, np.int64)
+    bad = np.flatnonzero(checksum.crc32c_spans(out.reshape(-1), rows * size, lengths) != crcs)
+    if bad.size:
+        raise ChecksumError(f"record neuron {int(ids[rows[bad[0]]])} {prec.name} arrived corrupted (CRC-32C)")
+
+
 def _name_bad(flat, lengths, size, crcs, ids, prec) -> None:
     lens = np.full(ids.size, size, np.int64) if lengths is None else lengths.astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
