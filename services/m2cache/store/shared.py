@@ -33,7 +33,8 @@ from m2cache.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
-DEFAULT_REGION_BYTES = 4 << 20  # a worker's region: its misses land here, this much per read
+DEFAULT_REGION_BYTES = 1 << 20  # a worker's region: its misses land here, this much per read; resident
+#                                 in the worker all along (a small model's memory slack is a few MiB)
 HEADER_BYTES = 4096
 MAGIC = b"M2CSHM01"
 TAG_BYTES = 16
