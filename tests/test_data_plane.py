@@ -252,7 +252,8 @@ def test_a_7b_shape_layer_arrives_cold_through_the_stack(tmp_path, redis_proc):
 @pytest.mark.parametrize("impl", ["c", "python"])
 def test_a_reply_opened_at_once_equals_the_values_opened_one_by_one(monkeypatch, impl):
     """dataplane.open_joined (seal.c, or its Python loop): records into their rows or back
-    to back, CRCs out, misses skipped; the first forged value is named, a short one refused."""
+    to back, CRCs out, misses skipped; the first forged value is named, a short one refused,
+    and (seal.c) a record sealed with a CRC it does not have is refused when asked."""
     from m2cache.dram import dataplane
 
     if impl == "python":
@@ -263,16 +264,16 @@ def test_a_reply_opened_at_once_equals_the_values_opened_one_by_one(monkeypatch,
     seal = dataplane.RecordSeal(rng.bytes(32))
     keys = dataplane.redis_keys(b"t:", "m", 3, 1, range(300))
     records = [rng.bytes(96) for _ in keys]
-    values = [seal.seal(k, r, i) for i, (k, r) in enumerate(zip(keys, records))]
+    values = [seal.seal(k, r, crc32c(r)) for k, r in zip(keys, records)]
     values[7] = values[250] = None  # misses
-    rows = np.ones((300, 96), np.uint8)
-    pos, joined, lengths, crcs = dataplane.open_joined(seal, keys, values, rows)
     want = [i for i in range(300) if i not in (7, 250)]
+    rows = np.ones((300, 96), np.uint8)
+    pos, joined, lengths, crcs, checked = dataplane.open_joined(seal, keys, values, rows, check_crc=True)
     assert pos.tolist() == want and joined is None and lengths.tolist() == [96] * len(want)
-    assert crcs.tolist() == want and all(rows[i].tobytes() == records[i] for i in want)
-    assert (rows[7] == 1).all() and (rows[250] == 1).all()
-    pos, joined, lengths, crcs = dataplane.open_joined(seal, keys, values)
-    assert joined.tobytes() == b"".join(records[i] for i in want) and crcs.tolist() == want
+    assert crcs.tolist() == [crc32c(records[i]) for i in want] and all(rows[i].tobytes() == records[i] for i in want)
+    assert (rows[7] == 1).all() and (rows[250] == 1).all() and checked == (impl == "c")
+    pos, joined, lengths, crcs, _ = dataplane.open_joined(seal, keys, values)
+    assert joined.tobytes() == b"".join(records[i] for i in want) and pos.tolist() == want
     forged = list(values)
     for i in (120, 200):  # the first forged one is named
         edited = bytearray(forged[i])
@@ -286,3 +287,9 @@ def test_a_reply_opened_at_once_equals_the_values_opened_one_by_one(monkeypatch,
         dataplane.open_joined(seal, keys, forged, rows)
     with pytest.raises(dataplane.BadSeal):  # a value sealed under another key is refused
         dataplane.open_joined(seal, keys[1:2], [values[0]], rows[:1])
+    wrong = list(values)
+    wrong[40] = seal.seal(keys[40], records[40], crc32c(records[40]) ^ 1)  # a tier that sealed bad bytes
+    if impl == "c":
+        with pytest.raises(errors.ChecksumError, match="layer 3 neuron 40 FULL in Redis differs from its CRC-32C"):
+            dataplane.open_joined(seal, keys, wrong, rows, check_crc=True)
+    assert dataplane.open_joined(seal, keys, wrong, rows)[4] is False  # not asked: the caller checks

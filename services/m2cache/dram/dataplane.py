@@ -120,18 +120,22 @@ def open_batch(seal: RecordSeal, keys: Sequence[bytes], values: Sequence[bytes |
 
 
 def open_joined(seal: RecordSeal, keys: Sequence[bytes], values: Sequence[bytes | None],
-                into: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+                into: np.ndarray | None = None, check_crc: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, bool]:
     """An MGET reply opened at once: positions of the hits [h], their records, each
-    record's length [h] and crc32c [h]. The records are back to back in a uint8 array;
-    or, with ``into`` (uint8 [len(values), record_bytes]: dense records), written into
-    its rows at the hits' positions (None is returned for them). Raises BadSeal naming
-    the key of the first value that fails its MAC, ChecksumError for a wrong length."""
+    record's length [h] and crc32c [h], and whether the records were checked against
+    those CRCs here (``check_crc`` and seal.c has hardware CRC; else the caller checks).
+    The records are back to back in a uint8 array; or, with ``into`` (uint8
+    [len(values), record_bytes]: dense records), written into its rows at the hits'
+    positions (None is returned for them). Raises BadSeal naming the key of the first
+    value that fails its MAC, ChecksumError for a wrong length or CRC."""
     pos = [i for i, v in enumerate(values) if v is not None]
     lib = _seal_library()
     rkey_len = len(keys[pos[0]]) if pos else 0
     hit_keys = b"".join([keys[i] for i in pos])
     if lib is None or len(hit_keys) != rkey_len * len(pos):  # (every key of a batch has one length)
-        return _open_in_python(seal, keys, values, into)
+        return (*_open_in_python(seal, keys, values, into), False)
+    checked = check_crc and bool(lib.m2seal_crc_supported())
     hits = [values[i] for i in pos]
     value_lens = np.fromiter(map(len, hits), np.int64, len(hits))
     lengths = value_lens - HEADER_BYTES
@@ -142,15 +146,17 @@ def open_joined(seal: RecordSeal, keys: Sequence[bytes], values: Sequence[bytes 
     status = np.zeros(1, np.int64)
     bad = lib.m2seal_open(seal.key, len(seal.key), hit_keys, rkey_len, (ctypes.c_char_p * len(hits))(*hits),
                        value_lens.ctypes.data, rows.ctypes.data, len(hits), 0 if into is None else into.shape[1],
-                       dest.ctypes.data, crcs.ctypes.data, status.ctypes.data)
+                       dest.ctypes.data, crcs.ctypes.data, int(checked), status.ctypes.data)
     if bad >= 0 and status[0] == 3:
         raise MemoryError("seal.c: no memory for a batch's offsets")
     if bad >= 0 and status[0] == 1:
         raise BadSeal(f"Redis value {keys[pos[bad]]!r} fails its MAC: refused (edited or forged)")
+    if bad >= 0 and status[0] == 4:
+        raise ChecksumError(f"record {describe_key(keys[pos[bad]])} in Redis differs from its CRC-32C")
     if bad >= 0:
         raise ChecksumError(f"Redis value {keys[pos[bad]]!r} has {int(value_lens[bad])} bytes: not a sealed record"
                             + ("" if into is None else f" of {into.shape[1]} bytes"))
-    return rows, records, lengths, crcs
+    return rows, records, lengths, crcs, checked
 
 
 def _open_in_python(seal, keys, values, into):
@@ -171,9 +177,10 @@ def _open_in_python(seal, keys, values, into):
 def _seal_library():
     """seal.c, or None (no compiler or OpenSSL headers, M2CACHE_KERNELS=torch)."""
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    return native.load(Path(__file__).with_name("seal.c"), "m2seal_abi_version", 3,
-                       {"m2seal_open": [ctypes.c_char_p, I64, ctypes.c_char_p, I64, P, P, P, I64, I64, P, P, P]},
-                       libs=("crypto",), restypes={"m2seal_open": I64})
+    return native.load(Path(__file__).with_name("seal.c"), "m2seal_abi_version", 4,
+                       {"m2seal_open": [ctypes.c_char_p, I64, ctypes.c_char_p, I64, P, P, P, I64, I64, P, P, I64, P],
+                        "m2seal_crc_supported": []},
+                       libs=("crypto",), restypes={"m2seal_open": I64, "m2seal_crc_supported": ctypes.c_int})
 
 
 def describe_key(rkey: bytes) -> str:

@@ -264,17 +264,18 @@ class TierFetcher:
         """Open (MAC), check (CRC) and place Redis hits; returns the still-missing mask."""
         dense = self._manifest.codec == "dense"
         try:  # dense records go straight into their rows of ``out``
-            rows, joined, lengths, crcs = dataplane.open_joined(self.seal, keys, values, out if dense else None)
+            rows, joined, lengths, crcs, checked = dataplane.open_joined(self.seal, keys, values,
+                                                                         out if dense else None, self.verify)
         except ChecksumError as err:
             raise type(err)(f"model {self.model} layer {layer} {prec.name}: {err}") from None
         still = np.ones(ids.size, dtype=bool)
         if rows.size:
             if dense:
-                if self.verify:
+                if self.verify and not checked:
                     check_rows(out, rows, crcs, ids, prec)
             else:
                 self.stats.decode_seconds += place(out, rows, joined, lengths, crcs, self.layout, prec, ids,
-                                                   self.verify)
+                                                   self.verify and not checked)
             nbytes = int(lengths.sum())
             still[rows] = False
             self.stats.redis_records += int(rows.size)
