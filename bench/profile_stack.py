@@ -37,6 +37,7 @@ def main() -> None:
     from m2cache.local.loader import load_model
     from m2cache.predictors.bands import BandRatios
     from m2cache.store.reader import NeuronStore
+    from m2cache.worker.compute import ComputeThread
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path)
@@ -50,20 +51,21 @@ def main() -> None:
     args = ap.parse_args()
 
     path = args.root / args.model
+    compute = ComputeThread()  # loaded where it decodes, as a served worker (worker/compute.py)
     store = NeuronStore(path)
     manifest = store.manifest
-    model, _tok, _bank = load_model(store, drop_pages=True, tokenizer=False)
+    model, _tok, _bank = compute.call(lambda: load_model(store, drop_pages=True, tokenizer=False))
     store.close()
     mixed = None
     if args.policy == "mixed":
-        mixed = load_policy("mixed", path, manifest, BandRatios(0.2, 0.25, 0.25), None)
+        mixed = compute.call(load_policy, "mixed", path, manifest, BandRatios(0.2, 0.25, 0.25), None)
     precisions = list(Precision) if mixed else [Precision.FULL]
     dram_budget = int(args.dram_fraction * manifest.num_layers * manifest.d_ffn
                       * sum(manifest.layout.num_bytes(p) for p in precisions))
     logs = Path(tempfile.mkdtemp(prefix="profile-stack-"))
     stack = ServiceStack(args.root, dram_budget, ",".join(p.name.lower() for p in precisions), logs, None)
     try:
-        worker = StackWorker(stack, args.model, manifest, model, args.fraction, mixed, 4)
+        worker = StackWorker(stack, args.model, manifest, model, args.fraction, mixed, 4, compute)
         worker.generate(PROMPT, 8, lambda i, t: None)  # warm: cache, Redis, kernels
         before = dataclasses.asdict(worker.runtime.fetcher.stats)
         times: list[float] = []
@@ -94,6 +96,7 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=1))
     finally:
         stack.close()
+        compute.close()
 
 
 if __name__ == "__main__":

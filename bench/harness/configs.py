@@ -153,10 +153,12 @@ def _stack(spec, store_path, group) -> list[dict]:
     from m2cache.store.reader import NeuronStore
     from m2cache.local.loader import load_model
     from bench.harness.systems_stack import ServiceStack, StackWorker
+    from m2cache.worker.compute import ComputeThread
 
-    mixed = _mixed(spec, store_path)
+    compute = ComputeThread()  # as a served worker: loaded where it decodes (worker/compute.py)
+    mixed = compute.call(_mixed, spec, store_path)
     store = NeuronStore(store_path)
-    model, _tok, _bank = load_model(store, drop_pages=True, tokenizer=False)
+    model, _tok, _bank = compute.call(lambda: load_model(store, drop_pages=True, tokenizer=False))
     manifest = store.manifest
     store.close()
     precisions = "full,int8,int4" if mixed else "full"
@@ -169,7 +171,7 @@ def _stack(spec, store_path, group) -> list[dict]:
         def build(f=f):
             holder["stack"] = ServiceStack(Path(spec["store_root"]), dram_budget, precisions,
                                            Path(spec["log_dir"]) / f"stack-{spec['model']}-{spec['policy']}-{f}", group)
-            return StackWorker(holder["stack"], spec["model"], manifest, model, f, mixed, spec["window"])
+            return StackWorker(holder["stack"], spec["model"], manifest, model, f, mixed, spec["window"], compute)
 
         label = {**_label(spec, "m2cache-stack", f, mixed), "dram_budget_bytes": dram_budget}
         try:
@@ -177,4 +179,5 @@ def _stack(spec, store_path, group) -> list[dict]:
         finally:
             if "stack" in holder:
                 holder["stack"].close()
+    compute.close()
     return out

@@ -21,6 +21,7 @@ from m2cache import grpc_util
 from m2cache.codec.format import Manifest
 from m2cache.worker import server as worker_server
 from m2cache.worker.choosers import Choosers, full_choose
+from m2cache.worker.compute import ComputeThread
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.fetcher import TierFetcher
 from m2cache.worker.runtime import WorkerRuntime
@@ -101,7 +102,9 @@ class StackWorker:
     name = "m2cache-stack"
 
     def __init__(self, stack: ServiceStack, model_name: str, manifest: Manifest, model, fraction: float,
-                 mixed=None, window: int = 4):
+                 mixed=None, window: int = 4, compute: ComputeThread | None = None):
+        """``compute``: the thread ``model`` (and ``mixed``) were loaded on, where the worker
+        decodes (worker/compute.py: a second OpenMP thread team halves the decode speed)."""
         self.stack = stack
         if fraction >= 1 and mixed is not None:  # as in-process: "100%" of a mixed policy holds every precision it uses
             fraction = all_resident_fraction(manifest, mixed.ratios.to_dict())
@@ -112,15 +115,15 @@ class StackWorker:
         full = full_choose(manifest.d_ffn)
         choosers = (Choosers(full, full, None) if mixed is None else
                     Choosers(full, mixed.choose(), mixed.ratios.to_dict()))
-        self.runtime = WorkerRuntime(self.config, fetcher, manifest, model, None, choosers)
-        touch_cache(self.runtime.cache)
+        self.runtime = WorkerRuntime(self.config, fetcher, manifest, model, None, choosers, compute=compute)
+        self.runtime.compute.call(touch_cache, self.runtime.cache)
         self.server, port, _ = worker_server.create_server(self.config, self.runtime)
         self.server.start()
         self.channel = grpc_util.channel(f"127.0.0.1:{port}")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info = {"cache_budget_bytes": self.runtime.cache.budget_bytes, "window": window,
                      "ratios": choosers.ratios,
-                     "transport": "data plane: Redis MGET + NeuronStore StreamNeurons over loopback TCP"}
+                     "transport": "data plane: Redis MGET + the store's reads into a shared-memory region"}
 
     def generate(self, prompt_ids, n_new, on_token):
         """Stream one request; tokens are clocked where the worker emits them (the

@@ -14,6 +14,7 @@ import torch
 from m2cache.errors import InvalidArgument, M2CacheError, ResourceExhausted
 from m2cache.model.generate import Sampling, sample
 from m2cache.model.model import CausalLM
+from m2cache.worker.compute import ComputeThread
 from m2cache.worker.detokenize import Detokenizer
 from m2cache.worker.provider import CachedProvider, Choose, DenseProvider
 
@@ -62,8 +63,11 @@ class Engine:
     """Owns the model, KV cache and provider; ``submit`` is thread-safe."""
 
     def __init__(self, model: CausalLM, provider: CachedProvider | DenseProvider, tokenizer, max_batch: int,
-                 max_queue: int, queue_timeout_s: float, max_context: int, attention=None):
-        """``attention``: the source of streamed layers' attention weights (dense_stream), if any."""
+                 max_queue: int, queue_timeout_s: float, max_context: int, attention=None,
+                 compute: ComputeThread | None = None):
+        """``attention``: the source of streamed layers' attention weights (dense_stream), if any;
+        ``compute``: the thread the model was built on, which the loop then runs on (worker/compute.py;
+        else a thread of its own)."""
         self.model = model
         self.provider = provider
         self.attention = attention
@@ -79,8 +83,9 @@ class Engine:
         self._stop = False
         self.requests = 0
         self.tokens = 0
-        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
-        self._thread.start()
+        self._own_compute = compute is None
+        self._compute = compute or ComputeThread()
+        self._loop_done = self._compute.submit(self._loop)
 
     # ---- API -----------------------------------------------------------------------
     def submit(self, request: Request, choose: Choose) -> Sequence:
@@ -99,7 +104,14 @@ class Engine:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        try:
+            self._loop_done.result(timeout=10)
+        except TimeoutError:
+            log.warning("the decode loop did not stop within 10 s")
+        except Exception:  # it died earlier: its sequences were failed then
+            log.exception("the decode loop had failed")
+        if self._own_compute:
+            self._compute.close()
         self.provider.close()
 
     @property
@@ -119,10 +131,24 @@ class Engine:
                 f"prompt ({len(r.prompt_ids)} tokens) + max_new_tokens ({r.max_new_tokens}) exceed the context length {self.max_context}")
 
     # ---- the loop --------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
     def _loop(self) -> None:
+        compute = self._compute
+        compute.waker = self._wake  # other tensor work (a cache fill, a warm-up) runs between steps
+        try:
+            self._serve_loop(compute)
+        finally:
+            compute.waker = None
+            compute.run_pending()
+
+    def _serve_loop(self, compute: ComputeThread) -> None:
         while True:
+            compute.run_pending()
             with self._cond:
-                while not self._stop and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active and not compute.has_pending():
                     self._cond.wait(timeout=0.5)
                 if self._stop:
                     break

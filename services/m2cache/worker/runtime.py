@@ -16,6 +16,7 @@ from m2cache.model.ffn import DenseFFN
 from m2cache.model.model import CausalLM, attention_names
 from m2cache.model.weights import compute_dtype
 from m2cache.worker.choosers import Choosers
+from m2cache.worker.compute import ComputeThread
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.dense_stream import AttentionStreamer, plan_resident
 from m2cache.worker import energy
@@ -39,7 +40,22 @@ def cache_shares(ratios: dict[str, float] | None, manifest: Manifest) -> dict[Pr
 
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest,
-                 model: CausalLM, tokenizer, choosers: Choosers, streamer: AttentionStreamer | None = None):
+                 model: CausalLM, tokenizer, choosers: Choosers, streamer: AttentionStreamer | None = None,
+                 compute: ComputeThread | None = None, owns_compute: bool = False):
+        """``compute``: the thread ``model`` was built on (worker/compute.py), where the cache is
+        built and the decode loop runs (closed with the runtime if ``owns_compute``); without one
+        the runtime starts its own."""
+        self._own_compute = compute is None or owns_compute
+        self.compute = compute or ComputeThread()
+        try:
+            self.compute.call(self._assemble, config, fetcher, manifest, model, tokenizer, choosers, streamer)
+        except BaseException:
+            if self._own_compute:
+                self.compute.close()
+            raise
+
+    def _assemble(self, config: WorkerConfig, fetcher: TierFetcher, manifest: Manifest, model: CausalLM, tokenizer,
+                  choosers: Choosers, streamer: AttentionStreamer | None) -> None:
         self.config = config
         self.model_name = config.model
         self.fetcher = fetcher
@@ -58,7 +74,7 @@ class WorkerRuntime:
             self.provider = CachedProvider(self.cache, manifest.layout, fetcher.neurons, manifest.num_layers,
                                            prefetch=config.prefetches)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
-                             config.queue_timeout_s, config.max_context, attention=streamer)
+                             config.queue_timeout_s, config.max_context, attention=streamer, compute=self.compute)
         self.energy = energy.for_engine(self.engine, config.hardware, config.grid_gco2_per_kwh)
         log.info("worker %s: model %s (%d layers, %s), %s, cache budget %.0f%% of FFN (%d MiB), window %d, tiers %s",
                  config.worker_id, config.model, manifest.num_layers, model.dtype,
@@ -70,10 +86,15 @@ class WorkerRuntime:
         """Load the model through the DramTier; ``choosers`` overrides the policy's."""
         fetcher = TierFetcher.from_config(config)
         manifest, policy = fetcher.manifest()
-        model, streamer = _build_model(config, manifest, fetcher)
-        tokenizer = _tokenizer(fetcher, manifest)
-        choosers = choosers or Choosers.build(config, manifest, policy)
-        return cls(config, fetcher, manifest, model, tokenizer, choosers, streamer)
+        compute = ComputeThread()  # the model is built where it will be decoded (worker/compute.py)
+        try:
+            model, streamer = compute.call(_build_model, config, manifest, fetcher)
+            tokenizer = _tokenizer(fetcher, manifest)
+            choosers = choosers or compute.call(Choosers.build, config, manifest, policy)
+        except BaseException:
+            compute.close()
+            raise
+        return cls(config, fetcher, manifest, model, tokenizer, choosers, streamer, compute, owns_compute=True)
 
     # ---- requests ------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -94,6 +115,8 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self.engine.close()
+        if self._own_compute:
+            self.compute.close()
         if self.streamer is not None:
             self.streamer.close()
         self.fetcher.close()
