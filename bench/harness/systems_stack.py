@@ -141,7 +141,8 @@ class StackWorker:
         try:
             return [m.token_id for m in self.stub.Generate(req, timeout=DEADLINE_S) if not m.HasField("stats")]
         finally:
-            engine._emit = emit
+            del engine._emit  # the class's method again (assigning the bound one back would be a
+            #                   cycle keeping the engine, its KV and its cache, alive after close)
 
     def counters(self) -> dict:
         """DRAM bytes: what the worker read from Redis itself (plus any through the tier);

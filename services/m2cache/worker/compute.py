@@ -36,6 +36,7 @@ class ComputeThread:
             if item is None:
                 return
             self._execute(item)
+            del item  # else the last call's arguments (an engine, its caches) live until the next one
 
     @staticmethod
     def _execute(item) -> None:
