@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from m2cache import errors, grpc_util
-from m2cache.codec.format import RECORDS_FILE, Precision
-from m2cache.store.reader import NeuronStore
+from m2cache.codec.format import Precision
 from m2cache.store.shared import SharedRegion
 from m2cache.store.shared_socket import SharedReader, SocketClient
 from m2cache.worker.fetcher import TierFetcher
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
-from tiers import DramHandle, StoreHandle
+from tiers import DramHandle, StoreHandle, flip_record_byte
 
 FULL = Precision.FULL
 
@@ -176,16 +175,7 @@ def test_regions_are_released_and_a_dead_callers_region_is_dropped(store_root):
 def test_a_corrupt_record_is_data_loss_naming_it(store_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(store_root / "tiny-llama", root / "tiny-llama")
-    reader = NeuronStore(root / "tiny-llama")
-    try:
-        (bad_at,), _ = reader.record_spans(0, Precision.INT8, np.asarray([17]))
-    finally:
-        reader.close()
-    with open(root / "tiny-llama" / RECORDS_FILE, "r+b") as f:
-        f.seek(int(bad_at) + 5)
-        byte = f.read(1)[0]
-        f.seek(int(bad_at) + 5)
-        f.write(bytes([byte ^ 0x40]))
+    flip_record_byte(root / "tiny-llama", 0, Precision.INT8, 17)
     handle = StoreHandle(root)
     shared = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
     try:

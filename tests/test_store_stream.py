@@ -18,7 +18,7 @@ from m2cache.codec.format import RECORDS_FILE, Manifest, Precision
 from m2cache.convert.store_writer import StoreWriter
 from m2cache.store.reader import NeuronStore
 from m2cache_client.pb import common_pb2
-from tiers import StoreHandle, status_of
+from tiers import StoreHandle, flip_record_byte, status_of
 
 FULL = Precision.FULL
 
@@ -137,15 +137,10 @@ def test_corrupt_and_truncated_records_are_named_over_the_wire(store_root, tmp_p
     shutil.copytree(store_root / "tiny-llama", root / "tiny-llama")
     reader = NeuronStore(root / "tiny-llama")
     try:
-        (bad_at,), _ = reader.record_spans(0, Precision.INT8, np.asarray([17]))
         (cut_at,), _ = reader.record_spans(2, Precision.INT4, np.asarray([50]))
     finally:
         reader.close()
-    with open(root / "tiny-llama" / RECORDS_FILE, "r+b") as f:
-        f.seek(int(bad_at) + 5)
-        byte = f.read(1)[0]
-        f.seek(int(bad_at) + 5)
-        f.write(bytes([byte ^ 0x40]))
+    flip_record_byte(root / "tiny-llama", 0, Precision.INT8, 17)
     os.truncate(root / "tiny-llama" / RECORDS_FILE, int(cut_at) + 1)
     handle = StoreHandle(root)
     try:

@@ -111,3 +111,22 @@ def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as err:
         return err.code(), err.details()
     raise AssertionError("call succeeded; expected an error status")
+
+
+def flip_record_byte(store_dir: Path, layer: int, prec, neuron: int, offset: int = 5) -> None:
+    """Corrupt one byte of a stored record in ``neurons.bin`` (its CRC no longer matches)."""
+    import numpy as np
+
+    from m2cache.codec.format import RECORDS_FILE
+    from m2cache.store.reader import NeuronStore
+
+    reader = NeuronStore(store_dir)
+    try:
+        (at,), _ = reader.record_spans(layer, prec, np.asarray([neuron]))
+    finally:
+        reader.close()
+    with open(store_dir / RECORDS_FILE, "r+b") as f:
+        f.seek(int(at) + offset)
+        byte = f.read(1)[0]
+        f.seek(int(at) + offset)
+        f.write(bytes([byte ^ 0x40]))

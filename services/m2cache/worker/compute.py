@@ -5,9 +5,9 @@ OpenMP (torch's and the C kernels') keeps a team of threads per thread that star
 parallel regions. When the model is built on one thread and decoded on another,
 the process holds two teams, more OpenMP threads than cores, and libgomp then
 stops spinning between regions ("throttled" waits): every parallel region wakes
-sleeping threads. Measured on SmolLM2-135M's dense path here (2 cores): 108 tok/s
-when one thread built and decoded, 42-48 when the main thread built and a second
-thread decoded, 72-88 when a thread that had exited built it. So a worker submits
+sleeping threads. Measured on SmolLM2-135M's dense path here (2 cores): 97-111 tok/s
+when one thread built and decoded, 35-47 when the main thread built and a second
+thread decoded, 72-88 when a thread that had exited built it (docs/BENCHMARKS.md). So a worker submits
 its build and its loop to one ComputeThread; nothing else in the process should
 run tensor work while it serves.
 """
