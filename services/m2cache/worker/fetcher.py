@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from m2cache import grpc_util
-from m2cache.codec.format import DTYPES, Manifest, Precision, RecordLayout, crc32
+from m2cache.codec.format import Manifest, Precision, RecordLayout
 from m2cache.dram import dataplane
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.errors import ChecksumError, FailedPrecondition, M2CacheError
 from m2cache.store.shared import DEFAULT_REGION_BYTES
 from m2cache.store.shared_socket import SharedReader
-from m2cache.worker.records import Reporter, check_rows, place
+from m2cache.worker.records import Reporter, assemble_dense, check_rows, place
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -389,31 +389,3 @@ class TierFetcher:
                                            np.asarray(resp.crc32c, np.uint32), self.layout, prec, ids, self.verify)
         self.stats.bytes += len(resp.payload)
 
-
-def assemble_dense(chunks, verify: bool = True) -> dict[str, torch.Tensor]:
-    """TensorChunk messages (consecutive chunks per tensor) -> name -> tensor, each
-    assembled into one preallocated buffer and checked against its crc32."""
-    out: dict[str, torch.Tensor] = {}
-    buf, meta, filled = None, None, 0
-    for chunk in chunks:
-        if chunk.offset == 0:
-            if buf is not None:
-                raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of "
-                                    f"{meta.total_bytes} B)")
-            buf, meta, filled = torch.empty(chunk.total_bytes, dtype=torch.uint8), chunk, 0
-        if meta is None or chunk.name != meta.name or chunk.offset != filled:
-            raise ChecksumError(f"dense tensor chunk {chunk.name!r} at {chunk.offset} arrived out of order")
-        n = len(chunk.data)
-        if filled + n > meta.total_bytes:
-            raise ChecksumError(f"dense tensor {meta.name!r} arrived with more than its {meta.total_bytes} B")
-        if n:
-            buf.numpy()[filled : filled + n] = np.frombuffer(chunk.data, dtype=np.uint8)
-        filled += n
-        if filled == meta.total_bytes:
-            if verify and crc32(buf.numpy()) != meta.crc32:
-                raise ChecksumError(f"dense tensor {meta.name!r} arrived corrupted")
-            out[meta.name] = buf.view(DTYPES[meta.dtype]).reshape(list(meta.shape))
-            buf, meta = None, None
-    if buf is not None:
-        raise ChecksumError(f"dense tensor {meta.name!r} arrived incomplete ({filled} of {meta.total_bytes} B)")
-    return out
