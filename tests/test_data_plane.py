@@ -18,19 +18,22 @@ import torch
 
 from m2cache import errors
 from m2cache.codec.checksum import crc32c
-from m2cache.codec.format import Manifest, Precision
+from m2cache.codec.format import RECORDS_FILE, Manifest, Precision
 from m2cache.convert.store_writer import StoreWriter
 from m2cache.dram.dataplane import HEADER_BYTES, TAG_BYTES
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
 from m2cache.worker.fetcher import TierFetcher
 from m2cache_client import Client, ModelNotFound
 from m2cache_client.errors import M2CacheClientError
-from tiers import DramHandle, StoreHandle, free_port, start_redis, wait_for
+from tiers import DramHandle, StoreHandle, drop_page_cache, free_port, start_redis, wait_for
 from worker_stack import WorkerHandle, reference_tokens
 
 MODEL = "tinystories-656k"
 PROMPT = [1, 365, 118, 263, 431]
 FULL = Precision.FULL
+# These tests are about the Redis path: the store here is on the same host, and its page
+# cache (read first by default, test_store_shared.py) would serve every miss before Redis.
+REDIS_PATH = {"page_cache_first": False}
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def tier(store_service, redis_proc):
 def test_workers_read_redis_directly_and_report_their_use(store_service, redis_proc):
     dram = DramHandle(store_service.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=1,
                       preload="used", preload_precisions="full")
-    worker = WorkerHandle(dram.target, MODEL, cache_fraction=0.1, window=1)
+    worker = WorkerHandle(dram.target, MODEL, cache_fraction=0.1, window=1, **REDIS_PATH)
     try:
         want = reference_tokens(store_service.catalog.get(MODEL), PROMPT, 12)
         assert worker.generate(PROMPT, 12)[0] == want
@@ -67,7 +70,7 @@ def test_hits_split_over_several_mgets_land_in_their_rows(tier, store_service, m
     from m2cache.worker import fetcher as fetcher_mod
 
     tier.wait_idle()
-    worker = WorkerHandle(tier.target, MODEL, cache_fraction=0.1, window=1)
+    worker = WorkerHandle(tier.target, MODEL, cache_fraction=0.1, window=1, **REDIS_PATH)
     try:
         record = worker.runtime.fetcher.layout.num_bytes(FULL)
         monkeypatch.setattr(fetcher_mod, "MGET_BYTES", 3 * record)
@@ -83,6 +86,33 @@ def test_hits_split_over_several_mgets_land_in_their_rows(tier, store_service, m
         worker.stop()
 
 
+def test_the_page_cache_comes_before_redis_and_redis_before_the_device(tier, store_service):
+    """Same host, page cache first: with the layer's pages cached every record comes from
+    the store's page cache; with them dropped, from Redis (every record pinned there; a
+    few pages may come back meanwhile), none from the device. Rows some nearer tier already filled stay as they are."""
+    tier.wait_idle()
+    store = store_service.catalog.get(MODEL)
+    fetcher = TierFetcher(tier.channel, MODEL, "w-nearest")
+    try:
+        manifest, _ = fetcher.manifest()
+        rb, ids = manifest.layout.num_bytes(FULL), torch.arange(0, manifest.d_ffn, 2)
+        want = np.empty((ids.numel(), rb), np.uint8)
+        store.read_into(0, FULL, ids.numpy(), want)  # the layer's pages are cached now
+        s, n = fetcher.stats, ids.numel()
+        assert np.array_equal(fetcher.neurons(0, FULL, ids, 0).numpy(), want)
+        assert s.page_cache_records == n and s.redis_records == 0 and s.store_records == 0
+        if drop_page_cache(store.path / RECORDS_FILE):  # (a file system in memory keeps them)
+            assert np.array_equal(fetcher.neurons(0, FULL, ids, 0).numpy(), want)
+            assert s.redis_records > n // 2 and s.page_cache_records + s.redis_records == 2 * n
+            assert s.store_records == 0
+        out = np.zeros((n, rb), np.uint8)
+        missing = np.arange(n) % 3 == 0  # the other rows: read from a nearer tier already
+        fetcher._from_redis(fetcher.redis, 0, FULL, ids.numpy(), out, missing)
+        assert not missing.any() and np.array_equal(out[::3], want[::3]) and not out[1::3].any()
+    finally:
+        fetcher.close()
+
+
 def test_a_record_forged_in_redis_is_data_loss_at_the_client_without_retries(tier, store_service):
     tier.wait_idle()
     key = tier.tier.cache.keys(MODEL, 1, int(FULL), [5])[0]
@@ -92,7 +122,7 @@ def test_a_record_forged_in_redis_is_data_loss_at_the_client_without_retries(tie
     value[TAG_BYTES:HEADER_BYTES] = struct.pack("<I", crc32c(bytes(record)))  # ... with its CRC made to match
     value[HEADER_BYTES:] = record
     tier.tier.cache.client.set(key, bytes(value))
-    worker = WorkerHandle(tier.target, MODEL)
+    worker = WorkerHandle(tier.target, MODEL, **REDIS_PATH)
     try:
         with Client([worker.target], model=MODEL, timeout_s=30) as client:
             with pytest.raises(M2CacheClientError) as info:
@@ -157,7 +187,8 @@ def test_redis_requires_its_password_and_the_stack_uses_it(store_service, tmp_pa
             info = dram.tier_plane()
             assert info.redis_password == b"" and info.mac_key == b""  # shared by file, never sent
             assert "horse" not in info.redis_url
-            worker = WorkerHandle(dram.target, MODEL, redis_password_file=str(secret), mac_key_file=str(key_file))
+            worker = WorkerHandle(dram.target, MODEL, redis_password_file=str(secret), mac_key_file=str(key_file),
+                                  **REDIS_PATH)
             try:
                 dram.wait_idle()
                 assert worker.generate(PROMPT, 6)[0] == reference_tokens(store_service.catalog.get(MODEL), PROMPT, 6)
@@ -175,7 +206,8 @@ def test_pooled_workers_share_one_tier(tier, store_service):
 
     tier.wait_idle()
     want = reference_tokens(store_service.catalog.get(MODEL), PROMPT, 16)
-    workers = [WorkerHandle(tier.target, MODEL, worker_id=f"pool-{i}", cache_fraction=0.1) for i in range(3)]
+    workers = [WorkerHandle(tier.target, MODEL, worker_id=f"pool-{i}", cache_fraction=0.1, **REDIS_PATH)
+               for i in range(3)]
     got, errs = {}, []
 
     def run(i):
@@ -226,9 +258,14 @@ def test_a_7b_shape_layer_arrives_cold_through_the_stack(tmp_path, redis_proc):
     try:
         manifest, _ = fetcher.manifest()
         assert manifest.d_ffn * rb == 11008 * 24576 > 256 << 20  # over the old unary payload limit
+        cold = drop_page_cache(tmp_path / "root" / "seven-b" / RECORDS_FILE)
         out = torch.empty((11008, rb), dtype=torch.uint8)
         got = fetcher.neurons(0, FULL, torch.arange(11008), 0, out=out)
-        assert got is out and fetcher.stats.store_records == 11008 and fetcher.stats.retries == 0
+        s = fetcher.stats
+        assert got is out and s.store_records + s.page_cache_records == 11008 and s.retries == 0
+        # a cold page is never waited for, so the device serves some (what the kernel's readahead
+        # brought in meanwhile, the page cache serves); a file system in memory is never cold
+        assert s.store_records > 0 or not cold
         stamps = out[:, :8].contiguous().view(torch.int64).reshape(-1)
         assert torch.equal(stamps, torch.arange(11008))
         want = np.empty((64, rb), np.uint8)

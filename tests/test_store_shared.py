@@ -4,8 +4,10 @@ the streamed ones (dense and bitmap stores, over the Unix socket and over gRPC);
 a region the store cannot see, another caller's tag, a bad name or a read past the
 region are refused with their status codes; the socket serves only registered
 regions; a corrupt record is DATA_LOSS naming it; regions are released; a layer
-over 512 MiB arrives through the region; the worker's fetcher uses the region on
-the same host and streams where the store cannot see it."""
+over 512 MiB arrives through the region; resident-only reads return exactly what
+the page cache holds (checked, corrupt records named) and nothing for a bitmap
+store; the worker's fetcher reads the page cache first, then the store's device
+through the region on the same host, and streams where the store cannot see it."""
 from __future__ import annotations
 
 import os
@@ -16,12 +18,12 @@ import pytest
 import torch
 
 from m2cache import errors, grpc_util
-from m2cache.codec.format import Precision
+from m2cache.codec.format import RECORDS_FILE, Precision
 from m2cache.store.shared import SharedRegion
 from m2cache.store.shared_socket import SharedReader, SocketClient
 from m2cache.worker.fetcher import TierFetcher
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
-from tiers import DramHandle, StoreHandle, flip_record_byte
+from tiers import DramHandle, StoreHandle, drop_page_cache, flip_record_byte
 
 FULL = Precision.FULL
 
@@ -71,7 +73,7 @@ def test_shared_reads_equal_the_stored_records(store_root, socket):
         handle.stop()
 
 
-def test_bitmap_records_arrive_as_stored_with_their_lengths(tmp_path):
+def test_bitmap_records_arrive_as_stored_with_their_lengths_and_offer_no_resident_reads(tmp_path):
     from checkpoints import make_tiny_checkpoint
     from m2cache.convert.prune import PruneSpec
     from m2cache.convert.writer import convert
@@ -87,6 +89,9 @@ def test_bitmap_records_arrive_as_stored_with_their_lengths(tmp_path):
         assert payload == want_payload and lengths == want_lengths.tolist()
         assert any(n < store.layout.num_bytes(Precision.INT4) for n in lengths)  # some really are bitmaps
         assert crcs == store.crc_table(2, Precision.INT4).tolist()
+        # the page cache holds them as stored, not dense: no resident reads, nothing written
+        resp = reader.read(_batch("opt-p40", 0, [1, 2]), lambda data, r: r, resident_only=True)
+        assert resp.resident_unsupported and resp.nbytes == 0
     finally:
         reader.close()
         handle.stop()
@@ -209,25 +214,70 @@ def test_a_layer_over_512_mib_arrives_through_the_region(tmp_path):
         handle.stop()
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_the_fetcher_reads_misses_through_the_region_on_the_same_host(store_root, redis_proc, tmp_path, shared):
-    """With the store on this host the misses land in the region; with the store's
-    shared-memory directory elsewhere (another host) they stream; the records agree."""
-    store = StoreHandle(store_root, **({} if shared else {"shared_memory_dir": str(tmp_path)}))
+def _resident(reader: SharedReader, model: str, layer: int, ids, prec=FULL):
+    """(absent rows, the region's rows, verified) of a resident-only read of ``ids``."""
+    def take(data, resp):
+        assert not resp.resident_unsupported and resp.nbytes == data.size
+        return np.asarray(resp.absent, np.int64), data.reshape(len(ids), -1).copy(), resp.verified
+    return reader.read(_batch(model, layer, list(ids), prec), take, resident_only=True)
+
+
+def test_resident_reads_return_what_the_page_cache_holds(store_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(store_root / "tiny-llama", root / "tiny-llama")
+    handle = StoreHandle(root)
+    reader = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
+    try:
+        store = handle.catalog.get("tiny-llama")
+        rb = store.layout.num_bytes(Precision.INT8)
+        ids = np.arange(0, store.manifest.d_ffn, 2)
+        want = np.frombuffer(store.get_neurons(1, ids, Precision.INT8), np.uint8).reshape(ids.size, rb)
+        dropped = drop_page_cache(root / "tiny-llama" / RECORDS_FILE)
+        absent, rows, verified = _resident(reader, "tiny-llama", 1, ids, Precision.INT8)
+        here = np.setdiff1d(np.arange(ids.size), absent)
+        assert verified and np.array_equal(rows[here], want[here])
+        if dropped:  # nothing was read from the device
+            assert absent.size == ids.size
+        store.read_into(1, Precision.INT8, ids[:20], np.empty((20, rb), np.uint8))  # now in the page cache
+        absent, rows, _ = _resident(reader, "tiny-llama", 1, ids, Precision.INT8)
+        assert not np.isin(np.arange(20), absent).any()
+        here = np.setdiff1d(np.arange(ids.size), absent)
+        assert np.array_equal(rows[here], want[here])
+        flip_record_byte(root / "tiny-llama", 1, Precision.INT8, int(ids[3]))  # the written page is cached
+        with pytest.raises(errors.ChecksumError, match=f"layer 1 neuron {int(ids[3])} INT8 fails its checksum"):
+            _resident(reader, "tiny-llama", 1, ids[:10], Precision.INT8)
+    finally:
+        reader.close()
+        handle.stop()
+
+
+@pytest.mark.parametrize("where", ["page cache", "device", "another host"])
+def test_the_fetcher_reads_the_nearest_copy_on_the_same_host(store_root, redis_proc, tmp_path, where):
+    """With the store on this host the fetcher takes what its page cache holds (no Redis,
+    no device); with that off the store reads its device into the region; with the
+    store's shared-memory directory elsewhere (another host) the misses stream. Redis
+    holds nothing (budget 0). The records agree every way."""
+    store = StoreHandle(store_root, **({"shared_memory_dir": str(tmp_path)} if where == "another host" else {}))
     dram = DramHandle(store.target, redis_proc.url, budget_bytes=0, num_pinned_layers=0, preload="used")
-    fetcher = TierFetcher(dram.channel, "tinystories-656k", "w-shared", shared_memory_bytes=64 << 10)
+    fetcher = TierFetcher(dram.channel, "tinystories-656k", "w-shared", shared_memory_bytes=64 << 10,
+                          page_cache_first=where == "page cache")
     try:
         manifest, _ = fetcher.manifest()
         ids = torch.arange(0, manifest.d_ffn, 3)
+        want = {}
         for prec in Precision:
-            got = fetcher.neurons(1, prec, ids, 1)
-            want = np.empty((ids.numel(), manifest.layout.num_bytes(prec)), np.uint8)
-            store.catalog.get("tinystories-656k").read_into(1, prec, ids.numpy(), want)
-            assert np.array_equal(got.numpy(), want)
-        if shared:  # FULL records alone are more than one 64 KiB region: several reads
-            assert fetcher.stats.shared_reads > len(Precision) and fetcher.stats.store_records == 3 * ids.numel()
+            want[prec] = np.empty((ids.numel(), manifest.layout.num_bytes(prec)), np.uint8)
+            store.catalog.get("tinystories-656k").read_into(1, prec, ids.numpy(), want[prec])  # pages now cached
+        for prec in Precision:
+            assert np.array_equal(fetcher.neurons(1, prec, ids, 1).numpy(), want[prec])
+        s, n = fetcher.stats, 3 * ids.numel()
+        if where == "page cache":  # FULL records alone are more than one 64 KiB region: several reads
+            assert s.page_cache_records == n and s.store_records == 0 and s.shared_reads > len(Precision)
+        elif where == "device":
+            assert s.page_cache_records == 0 and s.store_records == n and s.shared_reads > len(Precision)
         else:
-            assert fetcher.stats.shared_reads == 0 and fetcher.stats.store_records == 3 * ids.numel()
+            assert s.shared_reads == 0 and s.page_cache_records == 0 and s.store_records == n
+        assert s.redis_records == 0 and s.bytes == sum(w.nbytes for w in want.values())
     finally:
         fetcher.close()
         dram.stop()

@@ -4,6 +4,7 @@ every client call."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from pathlib import Path
@@ -130,3 +131,19 @@ def flip_record_byte(store_dir: Path, layer: int, prec, neuron: int, offset: int
         byte = f.read(1)[0]
         f.seek(int(at) + offset)
         f.write(bytes([byte ^ 0x40]))
+
+
+def drop_page_cache(path) -> bool:
+    """Ask the kernel to drop ``path``'s pages (written back first); True when it did (a read of its
+    first page must then wait on the device), False where the file lives in memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages (a store just written) are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+            return False
+        except BlockingIOError:
+            return True
+    finally:
+        os.close(fd)

@@ -145,14 +145,15 @@ class StackWorker:
             #                   cycle keeping the engine, its KV and its cache, alive after close)
 
     def counters(self) -> dict:
-        """DRAM bytes: what the worker read from Redis itself (plus any through the tier);
-        SSD bytes: the worker's misses streamed from the store plus what the tier read
-        from the store into Redis (admitted misses, preloads)."""
+        """DRAM bytes: what the worker read from Redis itself (plus any through the tier)
+        and from the store's page cache (same host, worker/same_host.py); SSD bytes: the
+        worker's misses read from the store's device plus what the tier read from the
+        store into Redis (admitted misses, preloads)."""
         hits, misses, b_hbm, b_fetched = self.runtime.snapshot()
         f = self.runtime.fetcher.stats
         d = self.stack.dram_stats()
         return {"hbm_bytes": b_hbm, "hbm_hits": hits, "hbm_misses": misses,
-                "fetched_bytes": b_fetched, "dram_bytes": f.redis_bytes + d.bytes_from_redis,
+                "fetched_bytes": b_fetched, "dram_bytes": f.redis_bytes + f.page_cache_bytes + d.bytes_from_redis,
                 "ssd_bytes": f.store_bytes + d.bytes_from_store + d.bytes_preloaded,
                 "ssd_read_through_bytes": f.store_bytes + d.bytes_from_store}
 

@@ -246,6 +246,28 @@ class NeuronStore:
         np.take(records, inverse.reshape(-1), axis=0, out=dest)
         return out
 
+    def read_resident(self, layer: int, prec: Precision | int | str, neuron_ids, out: np.ndarray) -> np.ndarray | None:
+        """The records of ``neuron_ids`` [m] that the page cache holds, into their rows of
+        ``out`` (uint8 [m, record_bytes], any order), CRC-checked when the store verifies;
+        returns the mask [m] of rows read, never waiting on the device. None where the
+        page cache cannot be asked alone (bitmap codec, O_DIRECT, no RWF_NOWAIT)."""
+        prec = Precision.parse(prec)
+        self.check_layer(layer)
+        ids = self.check_neurons(neuron_ids)
+        size = self.layout.num_bytes(prec)
+        if self.manifest.codec != "dense":
+            return None
+        if out.shape[0] < ids.size or out.shape[1:] != (size,) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise InvalidArgument(f"read_resident needs a contiguous uint8 [{ids.size}, {size}] buffer, got "
+                                  f"{out.dtype} {list(out.shape)}")
+        starts, lengths = self.record_spans(layer, prec, ids)
+        present = self.records.read_resident(starts, size, out[: ids.size])
+        if present is not None and self.verify and present.any():
+            rows = np.flatnonzero(present)
+            self._check_each(layer, prec, ids[rows], out, rows * size, lengths[rows],
+                             self.crc_table(layer, prec)[ids[rows]])
+        return present
+
     def _read_scattered(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                       crcs: np.ndarray, dest: np.ndarray) -> bool:
         """A scattered batch of fixed-size records (a cache's misses: records spread over a

@@ -21,10 +21,14 @@ two) skip the per-run Python: ``read_records`` reads them in C loops of preads
 (gather.c beside this file), split across the pool when large. The file is opened
 with POSIX_FADV_RANDOM: every read asks for exactly the bytes it needs, and the
 kernel's readahead only multiplied the device bytes of scattered reads.
+``read_resident`` is the same C loop with RWF_NOWAIT: it copies only what the page
+cache already holds (a same-host DRAM tier that costs no Redis round trip) and says
+which records those were.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import logging
 import mmap
@@ -124,6 +128,7 @@ class RecordFile:
             except OSError as err:  # e.g. tmpfs: no O_DIRECT
                 log.warning("O_DIRECT unavailable for %s (%s): reading through the page cache", self.path, err)
         self.task_bytes = task_bytes
+        self.nowait = hasattr(os, "RWF_NOWAIT")  # read_resident can ask the page cache alone
         self.io_threads = max(1, io_threads)
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="store-io")
         self._local = threading.local()
@@ -160,15 +165,42 @@ class RecordFile:
             for i, offset in enumerate(offsets.tolist()):
                 self._read_exact(self.fd, view[i * size : (i + 1) * size], offset)
             return
-        flat = dest.reshape(-1)
+        self._split(offsets, size, dest.reshape(-1), lambda o, d, _p: self._read_records_c(lib, o, size, d), None)
+
+    def read_resident(self, starts: np.ndarray, size: int, dest: np.ndarray) -> np.ndarray | None:
+        """The records of ``starts`` [m] that the page cache holds -> their rows of ``dest``
+        [m, size], without waiting on the device (preadv2 RWF_NOWAIT, gather.c); returns
+        the mask [m] of rows read. None where that cannot be asked (no C library, or a
+        kernel or file system without RWF_NOWAIT): the caller reads another way."""
+        lib = _gather_library()
+        if lib is None or not self.nowait or self.direct_fd is not None:  # O_DIRECT: no page cache by choice
+            return None
+        offsets = np.ascontiguousarray(starts, dtype=np.int64)
+        present = np.zeros(offsets.size, dtype=np.uint8)
+
+        def part(o: np.ndarray, d: np.ndarray, p: np.ndarray) -> None:
+            out = np.empty(2, dtype=np.int64)
+            lib.m2r_pread_resident(self.fd, o.ctypes.data, o.size, size, RECORD_GAP_BYTES, d.ctypes.data,
+                                   p.ctypes.data, out.ctypes.data)
+            if out[1] in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait = False
+            elif out[1]:
+                raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
+
+        self._split(offsets, size, dest.reshape(-1), part, present)
+        return present.view(bool) if self.nowait else None
+
+    def _split(self, offsets: np.ndarray, size: int, flat: np.ndarray, call, present: np.ndarray | None) -> None:
+        """``call(offsets part, dest part, present part)`` once, or once per pool thread
+        for a batch of more than RECORDS_PER_THREAD records a thread."""
         parts = min(self.io_threads, offsets.size // RECORDS_PER_THREAD)
-        if parts < 2:
-            self._read_records_c(lib, offsets, size, flat)
+        bounds = np.linspace(0, offsets.size, max(parts, 1) + 1).astype(np.int64).tolist()
+        pieces = [(offsets[a:b], flat[a * size : b * size], None if present is None else present[a:b])
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        if len(pieces) == 1:
+            call(*pieces[0])
             return
-        bounds = np.linspace(0, offsets.size, parts + 1).astype(np.int64).tolist()  # one C loop per pool thread
-        futures = [self.pool.submit(self._read_records_c, lib, offsets[a:b], size, flat[a * size : b * size])
-                   for a, b in zip(bounds[:-1], bounds[1:])]
-        for f in futures:
+        for f in [self.pool.submit(call, *piece) for piece in pieces]:
             f.result()  # re-raises ShortRead / OSError
 
     def _read_records_c(self, lib, offsets: np.ndarray, size: int, dest: np.ndarray) -> None:
@@ -220,5 +252,6 @@ class RecordFile:
 def _gather_library():
     """gather.c, or None (no compiler, M2CACHE_KERNELS=torch)."""
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 2,
-                       {"m2r_pread_records": [I32, P, I64, I64, I64, P, P]})
+    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 3,
+                       {"m2r_pread_records": [I32, P, I64, I64, I64, P, P],
+                        "m2r_pread_resident": [I32, P, I64, I64, I64, P, P, P]})

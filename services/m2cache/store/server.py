@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from m2cache import grpc_util
@@ -122,6 +123,8 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         """The records, as stored, read straight into the caller's shared-memory region."""
         store, prec, ids = self._neuron_request(request.batch)
         check_batch(ids.size, 0, self.config.max_batch_ids, 0)
+        if request.resident_only:
+            return self._read_resident(request, store, prec, ids, registered_only)
         lengths = store.stored_lengths(request.batch.layer, prec, ids)
         rb = store.layout.num_bytes(prec)
         nbytes = ids.size * rb if lengths is None else int(lengths.sum())
@@ -133,6 +136,24 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         return store_pb2.SharedReadResponse(record_bytes=rb, crc32c=got.crcs.tolist(), codec=store.manifest.codec,
                                             record_lengths=[] if lengths is None else lengths.tolist(),
                                             nbytes=nbytes, verified=store.verify)
+
+    def _read_resident(self, request, store, prec, ids, registered_only: bool) -> store_pb2.SharedReadResponse:
+        """What the page cache holds of the batch, each record at its row's place in the
+        region; the rest named in ``absent`` (the caller reads them from the next tier)."""
+        rb = store.layout.num_bytes(prec)
+        if store.manifest.codec != "dense":
+            return store_pb2.SharedReadResponse(record_bytes=rb, codec=store.manifest.codec, resident_unsupported=True)
+        dest = self.regions.view(request.region.name, request.region.tag, request.offset, ids.size * rb,
+                                 open_new=not registered_only).reshape(ids.size, rb)
+        present = store.read_resident(request.batch.layer, prec, ids, dest)
+        if present is None:
+            return store_pb2.SharedReadResponse(record_bytes=rb, codec="dense", resident_unsupported=True)
+        read = int(np.count_nonzero(present))
+        self.metrics.records.labels(request.batch.model).inc(read)
+        self.metrics.bytes.labels(request.batch.model, "resident").inc(read * rb)
+        crcs = [] if store.verify else store.crc_table(request.batch.layer, prec)[ids].tolist()
+        return store_pb2.SharedReadResponse(record_bytes=rb, codec="dense", nbytes=ids.size * rb, verified=store.verify,
+                                            absent=np.flatnonzero(~present).tolist(), crc32c=crcs)
 
     def _socket_read(self, request) -> store_pb2.SharedReadResponse:
         with self.metrics.rpc.observe("ReadNeuronsShared"):

@@ -188,10 +188,12 @@ class SharedReader:
             except Unavailable as err:
                 log.warning("%s: shared reads go over gRPC", err)
 
-    def read(self, batch, consume: Callable[[np.ndarray, store_pb2.SharedReadResponse], object]):
+    def read(self, batch, consume: Callable[[np.ndarray, store_pb2.SharedReadResponse], object],
+             resident_only: bool = False):
         """Read ``batch`` (a NeuronBatchRequest) into the region and return
-        ``consume(bytes written, answer)``, called before the next read may start."""
-        request = store_pb2.SharedReadRequest(batch=batch, region=self.ref)
+        ``consume(bytes written, answer)``, called before the next read may start.
+        ``resident_only``: only what the store's page cache holds (SharedReadRequest)."""
+        request = store_pb2.SharedReadRequest(batch=batch, region=self.ref, resident_only=resident_only)
         with self._lock:
             if self.region.data is None:
                 raise FailedPrecondition(f"shared region {self.region.name} is closed")

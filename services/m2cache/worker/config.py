@@ -37,6 +37,8 @@ class WorkerConfig:
     data_plane: bool = True  # read Redis and the store directly; false: every record through the DRAM tier
     shared_memory_bytes: int = DEFAULT_REGION_BYTES  # on the store's host its reads land in a shared region
     #                                                  of this size (store/shared.py); 0: misses stream
+    page_cache_first: bool = True  # on the store's host, what its page cache holds is read before Redis
+    #                                (worker/same_host.py): the nearest DRAM copy, no Redis round trip
     mac_key_file: str = ""  # the deployment's record-sealing key (as the DRAM tier's); empty = the tier's answer
     redis_password_file: str = ""  # the DRAM tier's Redis password; empty = the tier's answer
     metrics_port: int = 0  # 0: no Prometheus endpoint

@@ -1,14 +1,16 @@
 """The worker's view of the tiers below it.
 
 Control plane: the DramTier (manifest, where the bytes are, usage reports).
-Data plane, per fetch of one layer at one precision:
-1. Redis MGETs of the records' keys, about 1 MiB each; every value's MAC is checked
+Data plane, per fetch of one layer at one precision, nearest tier first:
+1. on the store's host, what its page cache holds, copied by the store into this
+   worker's shared-memory region without touching the device (worker/same_host.py;
+   one Unix-socket round trip per region's worth);
+2. Redis MGETs of the rest's keys, about 1 MiB each; every value's MAC is checked
    (dram/dataplane.py) and the records land in the caller's buffer;
-2. the misses come from the NeuronStore: on the same host it reads them straight into
-   this worker's shared-memory region (store/shared.py; one Unix-socket round trip per
-   region's worth), elsewhere they stream (StreamNeurons, large chunks);
-3. every record's CRC-32C is checked in one pass per batch;
-4. what was used and what missed is reported to the tier in the background.
+3. the misses come from the NeuronStore's device: on the same host read straight into
+   the region, elsewhere streamed (StreamNeurons, large chunks);
+4. every record's CRC-32C is checked in one pass per batch;
+5. what was used and what missed is reported to the tier in the background.
 With the DramTier gone the worker keeps reading Redis and the store; with
 Redis gone it reads everything from the store; with the store gone a fetch
 fails with a typed UNAVAILABLE within ``unavailable_s``, not the deadline.
@@ -34,8 +36,8 @@ from m2cache.dram import dataplane
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.errors import ChecksumError, FailedPrecondition, M2CacheError
 from m2cache.store.shared import DEFAULT_REGION_BYTES
-from m2cache.store.shared_socket import SharedReader
 from m2cache.worker.records import Reporter, assemble_dense, check_rows, place
+from m2cache.worker.same_host import SameHostStore
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ class FetchStats:
     redis_bytes: int = 0
     store_records: int = 0       # misses read from the NeuronStore
     store_bytes: int = 0
-    shared_reads: int = 0        # of those, reads into the shared region (same host)
+    shared_reads: int = 0        # round trips into the shared region (same host: page cache or store reads)
+    page_cache_records: int = 0  # misses the store's page cache held (same host), before Redis
+    page_cache_bytes: int = 0
 
 
 @dataclass
@@ -82,6 +86,7 @@ class TierFetcher:
     redis_retry_s: float = 1.0          # how long Redis stays "away" after a failure before a retry
     pin_memory: bool = False            # page-locked destination buffers (a CUDA worker's staging)
     shared_memory_bytes: int = DEFAULT_REGION_BYTES  # same-host misses land in a region this big; 0 = stream
+    page_cache_first: bool = True       # same host: what the store's page cache holds before Redis (same_host.py)
 
     def __post_init__(self) -> None:
         self.policy = grpc_util.RetryPolicy(self.deadline_s, min(self.unavailable_s, self.deadline_s),
@@ -95,7 +100,7 @@ class TierFetcher:
         self._plane_info = None
         self._manifest: Manifest | None = None
         self.reporter: Reporter | None = None
-        self._shared: SharedReader | None = None
+        self._shared: SameHostStore | None = None
         self._shared_tried = False
         self._shared_lock = threading.Lock()  # the prefetch thread fetches too
 
@@ -107,7 +112,7 @@ class TierFetcher:
                    store_target=config.store_target, data_plane=config.data_plane,
                    mac_key_file=config.mac_key_file, redis_password_file=config.redis_password_file,
                    pin_memory=config.device.startswith("cuda") and torch.cuda.is_available(),
-                   shared_memory_bytes=config.shared_memory_bytes)
+                   shared_memory_bytes=config.shared_memory_bytes, page_cache_first=config.page_cache_first)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -207,15 +212,14 @@ class TierFetcher:
         return out
 
     def _direct(self, layer: int, prec: Precision, ids: np.ndarray, current_layer: int, out: np.ndarray) -> None:
+        """Nearest first: the store's page cache (same host), Redis, the store's device."""
         missing = np.ones(ids.size, dtype=bool)
+        shared = self._shared_reader()
+        if shared is not None:
+            shared.resident(layer, prec, ids, np.arange(ids.size), out, missing)
         redis = self._usable_redis()
-        if redis is not None:
-            keys = redis.keys(self.model, layer, int(prec), ids.tolist())
-            group = max(1, MGET_BYTES // self.layout.num_bytes(prec))
-            for lo in range(0, ids.size, group):  # bounded round trips: a reply's buffers are held twice
-                if not self._redis_hits(redis, keys[lo : lo + group], layer, prec, ids[lo : lo + group],
-                                        out[lo : lo + group], missing[lo : lo + group]):
-                    break
+        if redis is not None and missing.any():
+            self._from_redis(redis, layer, prec, ids, out, missing)
         miss_rows = np.flatnonzero(missing)
         if miss_rows.size:
             self._from_store(layer, prec, ids, miss_rows, out)
@@ -223,6 +227,26 @@ class TierFetcher:
             self.reporter.add(current_layer, dram_pb2.LayerUse(layer=layer, precision=int(prec),
                                                                used_ids=ids.tolist(),
                                                                missed_ids=ids[miss_rows].tolist()))
+
+    def _from_redis(self, redis: RedisCache, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray,
+                    missing: np.ndarray) -> None:
+        """The ``missing`` rows from Redis, about MGET_BYTES a round trip; hits cleared in
+        ``missing``. Rows already read elsewhere go through a staging buffer."""
+        rows = np.flatnonzero(missing)
+        whole = rows.size == ids.size
+        sub_ids = ids if whole else ids[rows]
+        dest = out if whole else np.empty((rows.size, out.shape[1]), np.uint8)
+        left = np.ones(rows.size, dtype=bool)
+        keys = redis.keys(self.model, layer, int(prec), sub_ids.tolist())
+        group = max(1, MGET_BYTES // self.layout.num_bytes(prec))
+        for lo in range(0, rows.size, group):  # bounded round trips: a reply's buffers are held twice
+            if not self._redis_hits(redis, keys[lo : lo + group], layer, prec, sub_ids[lo : lo + group],
+                                    dest[lo : lo + group], left[lo : lo + group]):
+                break
+        if not whole:
+            hit = ~left
+            out[rows[hit]] = dest[hit]
+        missing[rows] = left
 
     def _redis_hits(self, redis: RedisCache, keys, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray,
                     missing: np.ndarray) -> bool:
@@ -289,7 +313,7 @@ class TierFetcher:
         shared = self._shared_reader()
         if shared is not None:
             try:
-                self._from_store_shared(shared, layer, prec, ids, rows, out)
+                shared.read(layer, prec, ids, rows, out)
                 return
             except FailedPrecondition as err:  # the store no longer sees the region: stream from now on
                 log.warning("shared-memory reads stopped (%s): misses stream from the store", err)
@@ -312,43 +336,15 @@ class TierFetcher:
             raise ChecksumError(f"layer {layer} {prec.name}: the store sent {got} of {rows.size} records")
         self.stats.store_records += got
 
-    def _from_store_shared(self, shared: SharedReader, layer: int, prec: Precision, ids: np.ndarray,
-                           rows: np.ndarray, out: np.ndarray) -> None:
-        """A region's worth of records per read (a stored record is never longer than its
-        dense form), each placed into ``out`` (and checked, unless the store checked it)."""
-        step = max(1, shared.capacity // self.layout.num_bytes(prec))
-
-        def consume(chunk: np.ndarray, data: np.ndarray, resp) -> tuple[float, int]:
-            if len(resp.crc32c) != chunk.size:
-                raise ChecksumError(f"layer {layer} {prec.name}: the store read {len(resp.crc32c)} of "
-                                    f"{chunk.size} records")
-            lengths = np.asarray(resp.record_lengths, np.int64) if resp.record_lengths else None
-            return place(out, chunk, data, lengths, np.asarray(resp.crc32c, np.uint32), self.layout, prec, ids,
-                         self.verify and not resp.verified), int(resp.nbytes)
-
-        for lo in range(0, rows.size, step):
-            chunk = rows[lo : lo + step]
-            req = common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
-                                                neuron_ids=ids[chunk].tolist())
-            decode_s, nbytes = shared.read(req, lambda data, resp: consume(chunk, data, resp))
-            self.stats.shared_reads += 1
-            self.stats.decode_seconds += decode_s
-            self.stats.store_bytes += nbytes
-            self.stats.bytes += nbytes
-        self.stats.store_records += int(rows.size)
-
-    def _shared_reader(self) -> SharedReader | None:
-        """This worker's region, registered with the store at the first miss; None where the
+    def _shared_reader(self) -> SameHostStore | None:
+        """This worker's region, registered with the store at the first fetch; None where the
         store cannot see it (another host) or none can be made."""
         with self._shared_lock:
-            if self._shared is None and not self._shared_tried and self.shared_memory_bytes > 0:
+            if self._shared is None and not self._shared_tried and self.shared_memory_bytes > 0 and self.store:
                 self._shared_tried = True
-                capacity = max(self.shared_memory_bytes, self.layout.num_bytes(Precision.FULL))
-                try:
-                    self._shared = SharedReader(self.store, capacity, self.deadline_s)
-                    log.info("misses land in shared region %s (%d KiB)", self._shared.region.name, capacity >> 10)
-                except (OSError, M2CacheError) as err:
-                    log.info("no shared memory with the store (%s): misses stream", err)
+                self._shared = SameHostStore.open(self.store, self.model, self.layout, self._manifest.codec == "dense",
+                                                  self.shared_memory_bytes, self.deadline_s, self.verify, self.stats,
+                                                  self.page_cache_first)
             return self._shared
 
     def _usable_redis(self) -> RedisCache | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\")\n\x0cSharedRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x0c\"5\n\x0cSharedOpened\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"|\n\x11SharedReadRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\xa6\x01\n\x12SharedReadResponse\x12\x14\n\x0crecord_bytes\x18\x01 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x02 \x03(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0erecord_lengths\x18\x04 \x03(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\x17\n\x15ReleaseRegionResponse2\xd5\x05\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12J\n\rStreamNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch0\x01\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12@\n\nOpenShared\x12\x18.m2cache.v1.SharedRegion\x1a\x18.m2cache.v1.SharedOpened\x12R\n\x11ReadNeuronsShared\x12\x1d.m2cache.v1.SharedReadRequest\x1a\x1e.m2cache.v1.SharedReadResponse\x12L\n\rReleaseRegion\x12\x18.m2cache.v1.SharedRegion\x1a!.m2cache.v1.ReleaseRegionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\")\n\x0cSharedRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x0c\"5\n\x0cSharedOpened\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"\x93\x01\n\x11SharedReadRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x15\n\rresident_only\x18\x04 \x01(\x08\"\xd4\x01\n\x12SharedReadResponse\x12\x14\n\x0crecord_bytes\x18\x01 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x02 \x03(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0erecord_lengths\x18\x04 \x03(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06\x61\x62sent\x18\t \x03(\r\x12\x1c\n\x14resident_unsupported\x18\n \x01(\x08\"\x17\n\x15ReleaseRegionResponse2\xd5\x05\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12J\n\rStreamNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch0\x01\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12@\n\nOpenShared\x12\x18.m2cache.v1.SharedRegion\x1a\x18.m2cache.v1.SharedOpened\x12R\n\x11ReadNeuronsShared\x12\x1d.m2cache.v1.SharedReadRequest\x1a\x1e.m2cache.v1.SharedReadResponse\x12L\n\rReleaseRegion\x12\x18.m2cache.v1.SharedRegion\x1a!.m2cache.v1.ReleaseRegionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDREGION']._serialized_end=104
   _globals['_SHAREDOPENED']._serialized_start=106
   _globals['_SHAREDOPENED']._serialized_end=159
-  _globals['_SHAREDREADREQUEST']._serialized_start=161
-  _globals['_SHAREDREADREQUEST']._serialized_end=285
-  _globals['_SHAREDREADRESPONSE']._serialized_start=288
-  _globals['_SHAREDREADRESPONSE']._serialized_end=454
-  _globals['_RELEASEREGIONRESPONSE']._serialized_start=456
-  _globals['_RELEASEREGIONRESPONSE']._serialized_end=479
-  _globals['_NEURONSTORE']._serialized_start=482
-  _globals['_NEURONSTORE']._serialized_end=1207
+  _globals['_SHAREDREADREQUEST']._serialized_start=162
+  _globals['_SHAREDREADREQUEST']._serialized_end=309
+  _globals['_SHAREDREADRESPONSE']._serialized_start=312
+  _globals['_SHAREDREADRESPONSE']._serialized_end=524
+  _globals['_RELEASEREGIONRESPONSE']._serialized_start=526
+  _globals['_RELEASEREGIONRESPONSE']._serialized_end=549
+  _globals['_NEURONSTORE']._serialized_start=552
+  _globals['_NEURONSTORE']._serialized_end=1277
 # @@protoc_insertion_point(module_scope)

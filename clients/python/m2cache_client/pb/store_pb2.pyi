@@ -24,17 +24,19 @@ class SharedOpened(_message.Message):
     def __init__(self, socket_path: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class SharedReadRequest(_message.Message):
-    __slots__ = ("batch", "region", "offset")
+    __slots__ = ("batch", "region", "offset", "resident_only")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ONLY_FIELD_NUMBER: _ClassVar[int]
     batch: _common_pb2.NeuronBatchRequest
     region: SharedRegion
     offset: int
-    def __init__(self, batch: _Optional[_Union[_common_pb2.NeuronBatchRequest, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+    resident_only: bool
+    def __init__(self, batch: _Optional[_Union[_common_pb2.NeuronBatchRequest, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ..., resident_only: _Optional[bool] = ...) -> None: ...
 
 class SharedReadResponse(_message.Message):
-    __slots__ = ("record_bytes", "crc32c", "codec", "record_lengths", "nbytes", "verified", "error_code", "error")
+    __slots__ = ("record_bytes", "crc32c", "codec", "record_lengths", "nbytes", "verified", "error_code", "error", "absent", "resident_unsupported")
     RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +45,8 @@ class SharedReadResponse(_message.Message):
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
     record_bytes: int
     crc32c: _containers.RepeatedScalarFieldContainer[int]
     codec: str
@@ -51,7 +55,9 @@ class SharedReadResponse(_message.Message):
     verified: bool
     error_code: str
     error: str
-    def __init__(self, record_bytes: _Optional[int] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., verified: _Optional[bool] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    absent: _containers.RepeatedScalarFieldContainer[int]
+    resident_unsupported: bool
+    def __init__(self, record_bytes: _Optional[int] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., verified: _Optional[bool] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., absent: _Optional[_Iterable[int]] = ..., resident_unsupported: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRegionResponse(_message.Message):
     __slots__ = ()

@@ -1,0 +1,131 @@
+"""The NeuronStore on this worker's host, through a shared-memory region (store/shared.py).
+
+Two reads, both one Unix-socket round trip per region's worth of records:
+- ``resident``: what the store's page cache already holds, never waiting on the device
+  (preadv2 RWF_NOWAIT in the store; a page it finds missing may start the kernel's
+  readahead, so a cold sequential read is partly served from the page cache). On one host the page cache is DRAM too, and the
+  nearest copy: it costs one copy into the region, where a Redis hit costs a TCP round
+  trip, Redis's own copy and a MAC check per record. What it cannot serve goes on to
+  Redis. When a read finds nothing resident (a cold store, or one whose pages the DRAM
+  tier's Redis holds instead), resident reads pause for ``RESIDENT_RETRY_S``.
+- ``read``: the misses, read by the store from its device into the region.
+Where the store cannot see the region (another host) neither is offered: ``open``
+returns None and the fetcher streams.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from m2cache.codec.format import Precision, RecordLayout
+from m2cache.errors import ChecksumError, M2CacheError
+from m2cache.store.shared_socket import SharedReader
+from m2cache.worker.records import check_rows, place
+from m2cache_client.pb import common_pb2
+
+log = logging.getLogger(__name__)
+RESIDENT_RETRY_S = 1.0  # after a resident read that found nothing, how long to go straight to Redis
+
+
+class SameHostStore:
+    """One worker's region with the store; ``stats`` is the fetcher's FetchStats."""
+
+    def __init__(self, reader: SharedReader, model: str, layout: RecordLayout, dense: bool, verify: bool, stats,
+                 resident_reads: bool = True):
+        self.reader = reader
+        self.model = model
+        self.layout = layout
+        self.verify = verify
+        self.stats = stats
+        self.resident_reads = resident_reads and dense  # bitmap records: the page cache holds stored, not dense, form
+        self._resident_after = 0.0
+
+    @classmethod
+    def open(cls, store_rpc, model: str, layout: RecordLayout, dense: bool, capacity: int, deadline_s: float,
+             verify: bool, stats, resident_reads: bool = True) -> "SameHostStore | None":
+        try:
+            reader = SharedReader(store_rpc, max(capacity, layout.num_bytes(Precision.FULL)), deadline_s)
+        except (OSError, M2CacheError) as err:
+            log.info("no shared memory with the store (%s): misses stream", err)
+            return None
+        log.info("misses land in shared region %s (%d KiB)", reader.region.name, reader.capacity >> 10)
+        return cls(reader, model, layout, dense, verify, stats, resident_reads)
+
+    def _request(self, layer: int, prec: Precision, ids: np.ndarray) -> common_pb2.NeuronBatchRequest:
+        return common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
+                                             neuron_ids=ids.tolist())
+
+    def _step(self, prec: Precision) -> int:
+        return max(1, self.reader.capacity // self.layout.num_bytes(prec))
+
+    def resident(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray,
+                 missing: np.ndarray) -> None:
+        """Rows ``rows`` of the batch that the store's page cache holds: read into ``out``
+        and cleared in ``missing``; the others are left for the next tier."""
+        if not self.resident_reads or not rows.size or time.monotonic() < self._resident_after:
+            return
+        rb = self.layout.num_bytes(prec)
+        step, served = self._step(prec), 0
+
+        def consume(chunk: np.ndarray, data: np.ndarray, resp) -> int:
+            if resp.resident_unsupported:
+                log.info("the store cannot read its page cache alone: misses go to Redis")
+                self.resident_reads = False
+                return 0
+            records = data.reshape(chunk.size, rb)
+            if not resp.absent and chunk[-1] - chunk[0] == chunk.size - 1:  # all here, one run of rows: one copy
+                got, crcs = chunk, np.asarray(resp.crc32c, np.uint32)
+                out[chunk[0] : chunk[-1] + 1] = records
+            else:
+                here = np.ones(chunk.size, dtype=bool)
+                here[np.asarray(resp.absent, dtype=np.int64)] = False
+                got, crcs = chunk[here], np.asarray(resp.crc32c, np.uint32)[here] if resp.crc32c else None
+                out[got] = records[here]
+            if got.size:
+                if self.verify and not resp.verified:
+                    check_rows(out, got, crcs, ids, prec)
+                missing[got] = False
+            return int(got.size)
+
+        for lo in range(0, rows.size, step):
+            chunk = rows[lo : lo + step]
+            request = self._request(layer, prec, ids[chunk])
+            got = self.reader.read(request, lambda data, resp: consume(chunk, data, resp), resident_only=True)
+            served += got
+            self.stats.shared_reads += 1
+            if not self.resident_reads:
+                return
+        self.stats.page_cache_records += served
+        self.stats.page_cache_bytes += served * rb
+        self.stats.bytes += served * rb
+        if not served:
+            self._resident_after = time.monotonic() + RESIDENT_RETRY_S
+
+    def read(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """``ids[rows]`` read by the store into the region, a region's worth at a time, each
+        placed into ``out[rows]`` (and checked, unless the store checked it). Raises
+        FailedPrecondition when the store no longer sees the region."""
+        step = self._step(prec)
+
+        def consume(chunk: np.ndarray, data: np.ndarray, resp) -> tuple[float, int]:
+            if len(resp.crc32c) != chunk.size:
+                raise ChecksumError(f"layer {layer} {prec.name}: the store read {len(resp.crc32c)} of "
+                                    f"{chunk.size} records")
+            lengths = np.asarray(resp.record_lengths, np.int64) if resp.record_lengths else None
+            return place(out, chunk, data, lengths, np.asarray(resp.crc32c, np.uint32), self.layout, prec, ids,
+                         self.verify and not resp.verified), int(resp.nbytes)
+
+        for lo in range(0, rows.size, step):
+            chunk = rows[lo : lo + step]
+            decode_s, nbytes = self.reader.read(self._request(layer, prec, ids[chunk]),
+                                                lambda data, resp: consume(chunk, data, resp))
+            self.stats.shared_reads += 1
+            self.stats.decode_seconds += decode_s
+            self.stats.store_bytes += nbytes
+            self.stats.bytes += nbytes
+        self.stats.store_records += int(rows.size)
+
+    def close(self) -> None:
+        self.reader.close()
