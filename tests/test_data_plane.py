@@ -113,6 +113,32 @@ def test_the_page_cache_comes_before_redis_and_redis_before_the_device(tier, sto
         fetcher.close()
 
 
+def test_with_the_store_gone_redis_still_serves_what_the_page_cache_did(store_root, redis_proc):
+    """The page cache comes first only while the store answers: with it gone, a fetch
+    of records Redis holds still succeeds (the page-cache reads pause)."""
+    store = StoreHandle(store_root)
+    dram = DramHandle(store.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
+                      preload_precisions="full")
+    fetcher = TierFetcher(dram.channel, MODEL, "w-store-gone", unavailable_s=0.5)
+    try:
+        dram.wait_idle()
+        manifest, _ = fetcher.manifest()
+        ids = torch.arange(0, manifest.d_ffn, 2)
+        want = np.empty((ids.numel(), manifest.layout.num_bytes(FULL)), np.uint8)
+        store.catalog.get(MODEL).read_into(1, FULL, ids.numpy(), want)
+        assert np.array_equal(fetcher.neurons(1, FULL, ids, 1).numpy(), want)
+        assert fetcher.stats.page_cache_records == ids.numel()
+        store.stop()
+        store = None
+        assert np.array_equal(fetcher.neurons(1, FULL, ids, 1).numpy(), want)
+        assert fetcher.stats.redis_records == ids.numel()
+    finally:
+        fetcher.close()
+        dram.stop()
+        if store is not None:
+            store.stop()
+
+
 def test_a_record_forged_in_redis_is_data_loss_at_the_client_without_retries(tier, store_service):
     tier.wait_idle()
     key = tier.tier.cache.keys(MODEL, 1, int(FULL), [5])[0]

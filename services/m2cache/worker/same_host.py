@@ -7,7 +7,8 @@ Two reads, both one Unix-socket round trip per region's worth of records:
   nearest copy: it costs one copy into the region, where a Redis hit costs a TCP round
   trip, Redis's own copy and a MAC check per record. What it cannot serve goes on to
   Redis. When a read finds nothing resident (a cold store, or one whose pages the DRAM
-  tier's Redis holds instead), resident reads pause for ``RESIDENT_RETRY_S``.
+  tier's Redis holds instead), resident reads pause for ``RESIDENT_RETRY_S``; when the
+  store fails one (gone, restarting), for ``AWAY_RETRY_S``, and Redis serves meanwhile.
 - ``read``: the misses, read by the store from its device into the region.
 Where the store cannot see the region (another host) neither is offered: ``open``
 returns None and the fetcher streams.
@@ -20,13 +21,14 @@ import time
 import numpy as np
 
 from m2cache.codec.format import Precision, RecordLayout
-from m2cache.errors import ChecksumError, M2CacheError
+from m2cache.errors import ChecksumError, DeadlineExceeded, FailedPrecondition, M2CacheError, Unavailable
 from m2cache.store.shared_socket import SharedReader
 from m2cache.worker.records import check_rows, place
 from m2cache_client.pb import common_pb2
 
 log = logging.getLogger(__name__)
 RESIDENT_RETRY_S = 1.0  # after a resident read that found nothing, how long to go straight to Redis
+AWAY_RETRY_S = 10.0  # after the store failed a resident read (gone, restarting): Redis and the rest serve
 
 
 class SameHostStore:
@@ -92,7 +94,12 @@ class SameHostStore:
         for lo in range(0, rows.size, step):
             chunk = rows[lo : lo + step]
             request = self._request(layer, prec, ids[chunk])
-            got = self.reader.read(request, lambda data, resp: consume(chunk, data, resp), resident_only=True)
+            try:
+                got = self.reader.read(request, lambda data, resp: consume(chunk, data, resp), resident_only=True)
+            except (Unavailable, DeadlineExceeded, FailedPrecondition) as err:  # Redis may hold the rest
+                log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
+                self._resident_after = time.monotonic() + AWAY_RETRY_S
+                break
             served += got
             self.stats.shared_reads += 1
             if not self.resident_reads:
@@ -101,7 +108,7 @@ class SameHostStore:
         self.stats.page_cache_bytes += served * rb
         self.stats.bytes += served * rb
         if not served:
-            self._resident_after = time.monotonic() + RESIDENT_RETRY_S
+            self._resident_after = max(self._resident_after, time.monotonic() + RESIDENT_RETRY_S)
 
     def read(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``ids[rows]`` read by the store into the region, a region's worth at a time, each
