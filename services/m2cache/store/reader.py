@@ -229,10 +229,7 @@ class NeuronStore:
         prec = Precision.parse(prec)
         ids = self.check_neurons(neuron_ids)
         size = self.layout.num_bytes(prec)
-        dest = out.numpy() if isinstance(out, torch.Tensor) else out
-        if dest.shape != (ids.size, size) or dest.dtype != np.uint8 or not dest.flags.c_contiguous:
-            raise InvalidArgument(f"read_into needs a contiguous uint8 [{ids.size}, {size}] buffer, got "
-                                  f"{dest.dtype} {list(dest.shape)}")
+        dest = _check_out("read_into", out.numpy() if isinstance(out, torch.Tensor) else out, ids.size, size)
         if self.manifest.codec == "dense" and (ids.size < 2 or bool(np.all(ids[1:] > ids[:-1]))):
             self.read_stored(layer, prec, ids, out=dest)
             return out
@@ -248,7 +245,7 @@ class NeuronStore:
 
     def read_resident(self, layer: int, prec: Precision | int | str, neuron_ids, out: np.ndarray) -> np.ndarray | None:
         """The records of ``neuron_ids`` [m] that the page cache holds, into their rows of
-        ``out`` (uint8 [m, record_bytes], any order), CRC-checked when the store verifies;
+        ``out`` (uint8 [m, record_bytes]; ids in any order), CRC-checked when the store verifies;
         returns the mask [m] of rows read, never waiting on the device. None where the
         page cache cannot be asked alone (bitmap codec, O_DIRECT, no RWF_NOWAIT)."""
         prec = Precision.parse(prec)
@@ -257,11 +254,9 @@ class NeuronStore:
         size = self.layout.num_bytes(prec)
         if self.manifest.codec != "dense":
             return None
-        if out.shape[0] < ids.size or out.shape[1:] != (size,) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise InvalidArgument(f"read_resident needs a contiguous uint8 [{ids.size}, {size}] buffer, got "
-                                  f"{out.dtype} {list(out.shape)}")
+        _check_out("read_resident", out, ids.size, size)
         starts, lengths = self.record_spans(layer, prec, ids)
-        present = self.records.read_resident(starts, size, out[: ids.size])
+        present = self.records.read_resident(starts, size, out)
         if present is not None and self.verify and present.any():
             rows = np.flatnonzero(present)
             self._check_each(layer, prec, ids[rows], out, rows * size, lengths[rows],
@@ -407,3 +402,9 @@ class NeuronStore:
         for name in self.manifest.files:
             (directory / name).write_bytes(self.get_file(name))
         return directory
+
+
+def _check_out(what: str, dest: np.ndarray, m: int, size: int) -> np.ndarray:
+    if dest.shape != (m, size) or dest.dtype != np.uint8 or not dest.flags.c_contiguous:
+        raise InvalidArgument(f"{what} needs a contiguous uint8 [{m}, {size}] buffer, got {dest.dtype} {list(dest.shape)}")
+    return dest

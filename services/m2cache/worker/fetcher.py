@@ -216,7 +216,7 @@ class TierFetcher:
         missing = np.ones(ids.size, dtype=bool)
         shared = self._shared_reader()
         if shared is not None:
-            shared.resident(layer, prec, ids, np.arange(ids.size), out, missing)
+            shared.resident(layer, prec, ids, out, missing)
         redis = self._usable_redis()
         if redis is not None and missing.any():
             self._from_redis(redis, layer, prec, ids, out, missing)

@@ -62,28 +62,28 @@ class SameHostStore:
     def _step(self, prec: Precision) -> int:
         return max(1, self.reader.capacity // self.layout.num_bytes(prec))
 
-    def resident(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray,
-                 missing: np.ndarray) -> None:
-        """Rows ``rows`` of the batch that the store's page cache holds: read into ``out``
-        and cleared in ``missing``; the others are left for the next tier."""
-        if not self.resident_reads or not rows.size or time.monotonic() < self._resident_after:
+    def resident(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray, missing: np.ndarray) -> None:
+        """The records of ``ids`` that the store's page cache holds: read into their rows of
+        ``out`` and cleared in ``missing``; the others are left for the next tier."""
+        if not self.resident_reads or not ids.size or time.monotonic() < self._resident_after:
             return
         rb = self.layout.num_bytes(prec)
         step, served = self._step(prec), 0
 
-        def consume(chunk: np.ndarray, data: np.ndarray, resp) -> int:
+        def consume(lo: int, data: np.ndarray, resp) -> int:
             if resp.resident_unsupported:
                 log.info("the store cannot read its page cache alone: misses go to Redis")
                 self.resident_reads = False
                 return 0
-            records = data.reshape(chunk.size, rb)
-            if not resp.absent and chunk[-1] - chunk[0] == chunk.size - 1:  # all here, one run of rows: one copy
-                got, crcs = chunk, np.asarray(resp.crc32c, np.uint32)
-                out[chunk[0] : chunk[-1] + 1] = records
+            n = data.size // rb
+            records = data.reshape(n, rb)
+            if not resp.absent:  # all here: one copy
+                got, crcs = np.arange(lo, lo + n), np.asarray(resp.crc32c, np.uint32)
+                out[lo : lo + n] = records
             else:
-                here = np.ones(chunk.size, dtype=bool)
+                here = np.ones(n, dtype=bool)
                 here[np.asarray(resp.absent, dtype=np.int64)] = False
-                got, crcs = chunk[here], np.asarray(resp.crc32c, np.uint32)[here] if resp.crc32c else None
+                got, crcs = lo + np.flatnonzero(here), np.asarray(resp.crc32c, np.uint32)[here] if resp.crc32c else None
                 out[got] = records[here]
             if got.size:
                 if self.verify and not resp.verified:
@@ -91,11 +91,10 @@ class SameHostStore:
                 missing[got] = False
             return int(got.size)
 
-        for lo in range(0, rows.size, step):
-            chunk = rows[lo : lo + step]
-            request = self._request(layer, prec, ids[chunk])
+        for lo in range(0, ids.size, step):
+            request = self._request(layer, prec, ids[lo : lo + step])
             try:
-                got = self.reader.read(request, lambda data, resp: consume(chunk, data, resp), resident_only=True)
+                got = self.reader.read(request, lambda data, resp: consume(lo, data, resp), resident_only=True)
             except (Unavailable, DeadlineExceeded, FailedPrecondition) as err:  # Redis may hold the rest
                 log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
                 self._resident_after = time.monotonic() + AWAY_RETRY_S
