@@ -5,8 +5,13 @@ One NeuronStore and one DramTier (its own password-protected Redis) as
 processes; for N = 1, 2, 4: N worker processes (``m2cache serve worker``, one
 torch thread each: OMP_NUM_THREADS=1), each decoding one greedy request
 concurrently. Reported: aggregate decode tokens/s, and the DRAM tier's bytes/s
-(what Redis sent to the workers, from its INFO counters, over the same window).
-Workers warm up first (one request each), so Redis holds what they use.
+(what Redis sent to the workers, from its INFO counters, over the same window)
+beside what the workers fetched below their HBM caches (their GetStats). Two read
+paths (``--paths``): "page-cache", the default on the store's host (each worker reads
+the store's records file itself, its page cache first: Redis holds nothing for
+them), and "redis" (``--page-cache-first false``: the workers read Redis, as workers
+on other hosts do). Workers warm up first (one request each), so Redis or the page
+cache holds what they use.
 
     python bench/bench_pool.py --json bench/out/pool.json
 """
@@ -30,7 +35,7 @@ import redis  # noqa: E402
 from bench.harness.synth import SynthShape, build_checkpoint, build_store  # noqa: E402
 from bench.harness.systems_stack import stop_child as stop  # noqa: E402
 from m2cache import grpc_util  # noqa: E402
-from m2cache_client.pb import worker_pb2, worker_pb2_grpc  # noqa: E402
+from m2cache_client.pb import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 
 def free_port() -> int:
@@ -60,6 +65,15 @@ def generate(target: str, model: str, prompt: list[int], n: int) -> int:
         return sum(1 for m in stub.Generate(req, timeout=1800) if not m.HasField("stats"))
 
 
+def fetched(targets: list[str]) -> int:
+    """Bytes the workers fetched below their HBM caches so far (Redis, page cache or store)."""
+    total = 0
+    for target in targets:
+        with grpc_util.channel(target) as ch:
+            total += worker_pb2_grpc.WorkerStub(ch).GetStats(common_pb2.StatsRequest(), timeout=30).bytes.dram
+    return total
+
+
 def redis_sent(client: redis.Redis) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
@@ -73,6 +87,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "pool")
+    ap.add_argument("--paths", nargs="+", choices=("page-cache", "redis"), default=["page-cache", "redis"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     shape = SynthShape(num_layers=args.layers, hidden=args.hidden, ffn=args.ffn, heads=16, kv_heads=4, vocab=8000)
@@ -94,18 +109,20 @@ def main() -> None:
                             "--preload-precisions", "full"], dram_t, "m2cache.v1.DramTier", logs / "dram.log"))
         rclient = redis.Redis(port=redis_port, password=secret.read_text())
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        for n in args.workers:
+        for path, n in [(path, n) for path in args.paths for n in args.workers]:
             targets = [f"127.0.0.1:{free_port()}" for _ in range(n)]
             workers = [serve(["worker", "--model", shape.name, "--dram-target", dram_t, "--address", t,
-                              "--worker-id", f"pool-{i}", "--cache-fraction", str(args.cache_fraction),
-                              "--redis-password-file", str(secret)], t, "m2cache.v1.Worker",
-                             logs / f"worker-{n}-{i}.log", env) for i, t in enumerate(targets)]
+                              "--worker-id", f"pool-{path}-{n}-{i}", "--cache-fraction", str(args.cache_fraction),
+                              "--redis-password-file", str(secret),
+                              "--page-cache-first", "true" if path == "page-cache" else "false"], t,
+                             "m2cache.v1.Worker", logs / f"worker-{path}-{n}-{i}.log", env)
+                       for i, t in enumerate(targets)]
             try:
                 for t in targets:  # warm-up: Redis gets what the workers use
                     generate(t, shape.name, prompt, 3)
                 time.sleep(2)
                 counts = [0] * n
-                sent0, t0 = redis_sent(rclient), time.perf_counter()
+                sent0, fetched0, t0 = redis_sent(rclient), fetched(targets), time.perf_counter()
                 threads = [threading.Thread(target=lambda i=i: counts.__setitem__(
                     i, generate(targets[i], shape.name, prompt, args.tokens))) for i in range(n)]
                 for th in threads:
@@ -113,18 +130,21 @@ def main() -> None:
                 for th in threads:
                     th.join()
                 wall, sent = time.perf_counter() - t0, redis_sent(rclient) - sent0
-                rows.append({"workers": n, "tokens": sum(counts), "wall_s": wall, "tok_per_s": sum(counts) / wall,
-                             "tier_bytes_per_s": sent / wall, "load_avg": os.getloadavg()})
-                print(f"workers {n}: {sum(counts)} tokens in {wall:.1f} s = {sum(counts) / wall:.3f} tok/s, "
-                      f"Redis sent {sent / wall / 1e6:.0f} MB/s; load {os.getloadavg()[0]:.1f}", flush=True)
+                got = fetched(targets) - fetched0
+                rows.append({"path": path, "workers": n, "tokens": sum(counts), "wall_s": wall,
+                             "tok_per_s": sum(counts) / wall, "tier_bytes_per_s": sent / wall,
+                             "fetched_bytes_per_s": got / wall, "load_avg": os.getloadavg()})
+                print(f"{path}, workers {n}: {sum(counts)} tokens in {wall:.1f} s = {sum(counts) / wall:.3f} tok/s, "
+                      f"Redis sent {sent / wall / 1e6:.0f} MB/s, workers fetched {got / wall / 1e6:.0f} MB/s; "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
             finally:
                 for w in workers:
                     stop(w)
     finally:
         for p in reversed(procs):
             stop(p)
-    base = rows[0]["tok_per_s"] if rows else 1.0
     for r in rows:
+        base = next(b["tok_per_s"] for b in rows if b["path"] == r["path"])  # that path's fewest workers
         r["speedup_vs_1"] = r["tok_per_s"] / base
     doc = {"shape": shape.name, "ffn_bytes": ffn_bytes, "cache_fraction": args.cache_fraction,
            "cores": os.cpu_count(), "rows": rows}

@@ -113,25 +113,33 @@ def test_the_page_cache_comes_before_redis_and_redis_before_the_device(tier, sto
         fetcher.close()
 
 
-def test_with_the_store_gone_redis_still_serves_what_the_page_cache_did(store_root, redis_proc):
-    """The page cache comes first only while the store answers: with it gone, a fetch
-    of records Redis holds still succeeds (the page-cache reads pause)."""
+@pytest.mark.parametrize("short_circuit", [True, False])
+def test_with_the_store_gone_redis_still_serves_what_the_page_cache_did(store_root, redis_proc, short_circuit):
+    """The page cache comes first only while it can be read: with the store gone, a
+    worker reading the store's file itself (short-circuit) still reads the layers whose
+    place in it it knows, and a fetch of anything else Redis holds still succeeds (the
+    page-cache reads pause); through the store, Redis serves it all."""
     store = StoreHandle(store_root)
     dram = DramHandle(store.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
                       preload_precisions="full")
-    fetcher = TierFetcher(dram.channel, MODEL, "w-store-gone", unavailable_s=0.5)
+    fetcher = TierFetcher(dram.channel, MODEL, "w-store-gone", unavailable_s=0.5, short_circuit=short_circuit)
     try:
         dram.wait_idle()
         manifest, _ = fetcher.manifest()
         ids = torch.arange(0, manifest.d_ffn, 2)
-        want = np.empty((ids.numel(), manifest.layout.num_bytes(FULL)), np.uint8)
-        store.catalog.get(MODEL).read_into(1, FULL, ids.numpy(), want)
-        assert np.array_equal(fetcher.neurons(1, FULL, ids, 1).numpy(), want)
-        assert fetcher.stats.page_cache_records == ids.numel()
+        want = {}
+        for layer in (0, 1):
+            want[layer] = np.empty((ids.numel(), manifest.layout.num_bytes(FULL)), np.uint8)
+            store.catalog.get(MODEL).read_into(layer, FULL, ids.numpy(), want[layer])
+        s, n = fetcher.stats, ids.numel()
+        assert np.array_equal(fetcher.neurons(0, FULL, ids, 0).numpy(), want[0])
+        assert s.page_cache_records == n
         store.stop()
         store = None
-        assert np.array_equal(fetcher.neurons(1, FULL, ids, 1).numpy(), want)
-        assert fetcher.stats.redis_records == ids.numel()
+        assert np.array_equal(fetcher.neurons(0, FULL, ids, 0).numpy(), want[0])
+        assert (s.page_cache_records, s.redis_records) == ((2 * n, 0) if short_circuit else (n, n))
+        assert np.array_equal(fetcher.neurons(1, FULL, ids, 1).numpy(), want[1])  # layer 1: never asked
+        assert s.redis_records == (n if short_circuit else 2 * n)
     finally:
         fetcher.close()
         dram.stop()
@@ -173,12 +181,16 @@ def test_an_unknown_model_is_not_found_at_the_client(tier, store_service):
         fetcher.manifest()
 
 
-def test_tier_gone_reads_through_and_store_gone_fails_fast(store_root, redis_proc):
+@pytest.mark.parametrize("short_circuit", [False, True])
+def test_tier_gone_reads_through_and_store_gone_fails_fast(store_root, redis_proc, short_circuit):
+    """Each tier lost in turn. With the store gone too, a worker that reads the store's
+    records file itself (short-circuit, same host) decodes on from it; one that asks
+    the store per read gets a typed UNAVAILABLE within unavailable_s."""
     store = StoreHandle(store_root)
     dram = DramHandle(store.target, redis_proc.url, budget_bytes=64 << 20, num_pinned_layers=2,
                       preload_precisions="full")
     worker = WorkerHandle(dram.target, MODEL, cache_fraction=0.1, window=1, fetch_deadline_s=30.0,
-                          unavailable_s=1.0)
+                          unavailable_s=1.0, short_circuit=short_circuit)
     try:
         want = reference_tokens(store.catalog.get(MODEL), PROMPT, 10)
         assert worker.generate(PROMPT, 10)[0] == want
@@ -187,6 +199,10 @@ def test_tier_gone_reads_through_and_store_gone_fails_fast(store_root, redis_pro
         redis_proc.kill()  # Redis gone too: everything from the store
         assert worker.generate(PROMPT, 10)[0] == want
         store.stop()  # and the store: a typed error within unavailable_s, never the 30 s deadline
+        if short_circuit:  # every layer's place in the file is known: the file is all it needs
+            assert worker.generate(PROMPT, 10)[0] == want
+            assert worker.runtime.fetcher.stats.local_records > 0
+            return
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             worker.generate(PROMPT, 10)

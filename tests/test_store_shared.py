@@ -251,16 +251,19 @@ def test_resident_reads_return_what_the_page_cache_holds(store_root, tmp_path):
         handle.stop()
 
 
-@pytest.mark.parametrize("where", ["page cache", "device", "another host"])
+@pytest.mark.parametrize("where", ["page cache, here", "page cache, by the store", "file, here", "device, by the store",
+                                   "another host"])
 def test_the_fetcher_reads_the_nearest_copy_on_the_same_host(store_root, redis_proc, tmp_path, where):
     """With the store on this host the fetcher takes what its page cache holds (no Redis,
-    no device); with that off the store reads its device into the region; with the
-    store's shared-memory directory elsewhere (another host) the misses stream. Redis
-    holds nothing (budget 0). The records agree every way."""
+    no device): read here from the store's records file (short-circuit, its descriptor
+    passed; no round trip) or by the store into the region. With page-cache reads off
+    the rest of the file is read the same two ways. With the store's shared-memory
+    directory elsewhere (another host) the misses stream. Redis holds nothing (budget
+    0). The records agree every way."""
     store = StoreHandle(store_root, **({"shared_memory_dir": str(tmp_path)} if where == "another host" else {}))
     dram = DramHandle(store.target, redis_proc.url, budget_bytes=0, num_pinned_layers=0, preload="used")
     fetcher = TierFetcher(dram.channel, "tinystories-656k", "w-shared", shared_memory_bytes=64 << 10,
-                          page_cache_first=where == "page cache")
+                          page_cache_first=where.startswith("page cache"), short_circuit=where.endswith("here"))
     try:
         manifest, _ = fetcher.manifest()
         ids = torch.arange(0, manifest.d_ffn, 3)
@@ -271,12 +274,14 @@ def test_the_fetcher_reads_the_nearest_copy_on_the_same_host(store_root, redis_p
         for prec in Precision:
             assert np.array_equal(fetcher.neurons(1, prec, ids, 1).numpy(), want[prec])
         s, n = fetcher.stats, 3 * ids.numel()
-        if where == "page cache":  # FULL records alone are more than one 64 KiB region: several reads
-            assert s.page_cache_records == n and s.store_records == 0 and s.shared_reads > len(Precision)
-        elif where == "device":
-            assert s.page_cache_records == 0 and s.store_records == n and s.shared_reads > len(Precision)
+        cached = s.page_cache_records if where.startswith("page cache") else s.store_records
+        assert cached == n and s.page_cache_records + s.store_records == n
+        if where.endswith("here"):  # no round trip at all
+            assert s.local_records == n and s.shared_reads == 0
+        elif where.endswith("by the store"):  # FULL records alone are more than one 64 KiB region: several reads
+            assert s.local_records == 0 and s.shared_reads > len(Precision)
         else:
-            assert s.shared_reads == 0 and s.page_cache_records == 0 and s.store_records == n
+            assert s.shared_reads == 0 and s.local_records == 0
         assert s.redis_records == 0 and s.bytes == sum(w.nbytes for w in want.values())
     finally:
         fetcher.close()

@@ -65,7 +65,7 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
     """Build, isolate, measure and close one configuration; failures become a result with ``error``.
 
     ``io_pids(system)``: the processes whose reads are the SSD tier's (default: this one);
-    the first of them is the one the cgroup limit is sized for."""
+    the cgroup limit is their anonymous memory plus the headroom."""
     result = {**label, "load_avg_start": os.getloadavg()}
     system = None
     try:
@@ -75,7 +75,7 @@ def run_config(spec: dict, label: dict, build, group: honest.MemoryLimit | None,
         files = [Path(spec["store_root"]) / spec["model"] / "data.mdb", *map(Path, spec.get("cache_files", []))]
         result["page_cache"] = honest.drop_caches(files)
         if group is not None and spec.get("ssd"):
-            result["cgroup_limit_bytes"] = honest.cap_page_cache(group, pids[0], spec["headroom_bytes"])
+            result["cgroup_limit_bytes"] = honest.cap_page_cache(group, pids, spec["headroom_bytes"])
             result["page_cache"] += f" + cgroup limit (anon + {spec['headroom_bytes'] >> 20} MiB)"
         result.update(measure(system, spec["prompt_ids"], spec["warmup"], spec["tokens"], pids))
         result["info"] = system.info
@@ -106,8 +106,7 @@ def main(spec_path: str, out_path: str) -> None:
     group = None
     if spec.get("cgroup") and honest.MemoryLimit.available():
         group = honest.MemoryLimit(f"m2c-bench-{os.getpid()}")
-        if spec["kind"] != "m2cache-stack":
-            group.add(os.getpid())
+        group.add(os.getpid())  # the stack's too: its worker reads the store's records file itself
     try:
         results = run_spec(spec, group)
     finally:

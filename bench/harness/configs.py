@@ -4,6 +4,8 @@ two kinds are not systems but measurements in their own process: "perplexity"
 (bench/harness/quality.py) and "record-trace" (bench/harness/trace.py)."""
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 from m2cache.codec.format import Precision
@@ -175,7 +177,9 @@ def _stack(spec, store_path, group) -> list[dict]:
 
         label = {**_label(spec, "m2cache-stack", f, mixed), "dram_budget_bytes": dram_budget}
         try:
-            out.append(run_config(spec, label, build, group, io_pids=lambda system: [system.stack.store.pid]))
+            # the store's reads and the worker's own (it reads the store's records file: short-circuit)
+            out.append(run_config(spec, label, build, group,
+                                  io_pids=lambda system: [system.stack.store.pid, os.getpid()]))
         finally:
             if "stack" in holder:
                 holder["stack"].close()

@@ -125,9 +125,9 @@ class MemoryLimit:
             log.warning("could not remove %s: %s", self.path, err)
 
 
-def cap_page_cache(group: MemoryLimit, pid: int, headroom_bytes: int) -> int:
-    """Limit ``group`` to ``pid``'s anonymous memory now plus ``headroom_bytes``
-    (working temporaries and at most that much page cache). Returns the limit."""
-    limit = anon_bytes(pid) + headroom_bytes
+def cap_page_cache(group: MemoryLimit, pids: list[int], headroom_bytes: int) -> int:
+    """Limit ``group`` to its processes' (``pids``) anonymous memory now plus
+    ``headroom_bytes`` (working temporaries and at most that much page cache). Returns the limit."""
+    limit = sum(anon_bytes(pid) for pid in pids) + headroom_bytes
     group.set_limit(limit)
     return limit

@@ -1,5 +1,6 @@
 """m2cache through the full service stack: a NeuronStore process (SSD, under a
-cgroup memory limit), a DramTier process with its own redis-server (DRAM), and
+cgroup memory limit with this process, whose worker reads the store's records file
+itself on this host), a DramTier process with its own redis-server (DRAM), and
 a Worker gRPC server driven over loopback by a streaming Generate call.
 
 The Worker runs in this (child) process so one model load serves every cache
@@ -147,8 +148,8 @@ class StackWorker:
     def counters(self) -> dict:
         """DRAM bytes: what the worker read from Redis itself (plus any through the tier)
         and from the store's page cache (same host, worker/same_host.py); SSD bytes: the
-        worker's misses read from the store's device plus what the tier read from the
-        store into Redis (admitted misses, preloads)."""
+        worker's misses read from the store's records file (by the store, or by the worker
+        itself: short-circuit) plus what the tier read from the store into Redis."""
         hits, misses, b_hbm, b_fetched = self.runtime.snapshot()
         f = self.runtime.fetcher.stats
         d = self.stack.dram_stats()

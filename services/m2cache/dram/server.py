@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from m2cache import grpc_util
-from m2cache.dram import dataplane
+from m2cache.dram import dataplane, id_sets
 from m2cache.dram.cache import RedisCache
 from m2cache.dram.config import DramConfig
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
@@ -48,8 +48,13 @@ class DramTierServicer(dram_pb2_grpc.DramTierServicer):
     def Report(self, request, context):
         """A worker's usage (what it used, what it read from the store); steers what Redis keeps."""
         with self.tier.stats.rpc.observe("Report"):
-            uses = [LayerUse(u.layer, u.precision, u.used_ids, u.missed_ids) for u in request.uses]
-            self.tier.report(request.model, request.caller_id or context.peer(), request.current_layer, uses)
+            d_ffn = self.tier.manifest(request.model, self._deadline(context)).d_ffn
+            uses = [LayerUse(u.layer, u.precision,
+                             id_sets.unpack(u.used_bits, u.used_ids, d_ffn, f"layer {u.layer}'s used neurons"),
+                             id_sets.unpack(u.missed_bits, u.missed_ids, d_ffn, f"layer {u.layer}'s missed neurons"))
+                    for u in request.uses]
+            self.tier.report(request.model, request.caller_id or context.peer(), request.current_layer, uses,
+                             request.page_cache_first)
             return dram_pb2.ReportAck()
 
     def _deadline(self, context) -> float:

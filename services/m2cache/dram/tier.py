@@ -245,9 +245,14 @@ class DramTier:
         return out
 
     # ---- the control plane: usage reports, admission, preloading ----------------
-    def report(self, model: str, caller_id: str, current_layer: int, uses: Sequence[LayerUse]) -> None:
+    def report(self, model: str, caller_id: str, current_layer: int, uses: Sequence[LayerUse],
+               page_cache_first: bool = False) -> None:
         """A worker's usage of some layers: admit its misses, remember what it used,
-        schedule the preloads ahead of it. Returns at once (the work is queued)."""
+        schedule the preloads ahead of it. Returns at once (the work is queued).
+        ``page_cache_first``: the worker reads the store's page cache before Redis (it
+        is on the store's host), so Redis need hold nothing for it: its misses are not
+        admitted nor layers preloaded ahead of it, and it does not steer eviction; what
+        it used still counts for the layers' preloads for other workers."""
         manifest = self._manifests.get(model) or self.manifest(model, time.monotonic() + self.config.store_timeout_s)
         self.stats.event("report")
         for use in uses:
@@ -257,10 +262,12 @@ class DramTier:
                 raise InvalidArgument(f"neuron id out of range in a report for {key}")
             with self._lock:
                 self._used[key] = used
+            if page_cache_first:
+                continue
             self.policy.resident(key, ())  # touch: the unit is in use
             if len(use.missed_ids):
                 self._submit(key, use.missed_ids, pinned=self.policy.is_pinned(use.layer))
-        if 0 <= current_layer < manifest.num_layers:
+        if 0 <= current_layer < manifest.num_layers and not page_cache_first:
             self._observe(caller_id, model, current_layer)
 
     def _observe(self, caller_id: str, model: str, current_layer: int) -> None:

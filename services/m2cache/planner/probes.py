@@ -321,7 +321,7 @@ def _child(spec_path: str, out_path: str) -> None:
         def isolate():
             honest.drop_caches([Path(spec["store"]) / "data.mdb"])
             if group is not None:
-                honest.cap_page_cache(group, os.getpid(), spec["headroom_bytes"])
+                honest.cap_page_cache(group, [os.getpid()], spec["headroom_bytes"])
 
         out = probe_engine(Path(spec["store"]), tuple(spec["variants"]), spec["probe_layers"], spec["tokens"],
                            spec.get("prompt"), mixed, before=isolate)

@@ -28,6 +28,8 @@ class StoreConfig:
     shared_memory_dir: str = SHM_DIR  # where same-host callers' regions are (ReadNeuronsShared); "" = off
     max_regions: int = 64           # shared regions mapped at once (least recently used dropped first)
     shared_socket: bool = True      # registered regions' reads over a Unix socket in shared_memory_dir
+    share_record_files: bool = True  # same host: pass a dense model's records file to registered callers on
+    # the socket, who read it themselves (short-circuit reads; off: every read is the store's)
     max_workers: int = 8            # gRPC handler threads
     metrics_port: int = 0           # Prometheus /metrics port, 0 = off
     grace_s: float = 5.0            # graceful-shutdown grace on SIGTERM

@@ -3,8 +3,9 @@ service and the in-process path both use this class.
 
 LMDB (``data.mdb``) holds the manifest, the per-record CRC-32C tables, the
 segment table, dense tensors and files; the records live in ``neurons.bin``
-and are read by store/segments.py (coalesced runs, preadv on a thread pool,
-CRC-32C per task). Records are handed out dense (``read_into``,
+and are read and checked by store/record_reads.py (coalesced runs or C loops of
+preads on store/segments.py's thread pool; a worker on this host reads them the
+same way). Records are handed out dense (``read_into``,
 ``get_neurons``) or as stored (``read_stored``, ``get_records``: bitmap-compressed
 where the store's codec is "bitmap", with their lengths)."""
 from __future__ import annotations
@@ -20,7 +21,7 @@ import lmdb
 import numpy as np
 import torch
 
-from m2cache.codec import bitmap, checksum
+from m2cache.codec import bitmap
 from m2cache.codec.format import (
     DTYPES,
     MANIFEST_KEY,
@@ -36,12 +37,12 @@ from m2cache.codec.format import (
     unpack_segment,
 )
 from m2cache.errors import ChecksumError, InvalidArgument, NotFound, StoreNotFound
-from m2cache.store.segments import RecordFile, ShortRead, plan
+from m2cache.store.record_reads import RecordReads
+from m2cache.store.segments import RecordFile
 
 log = logging.getLogger(__name__)
 DEFAULT_IO_THREADS = 4  # parallel preadv calls per store: enough queue depth for an SSD, cheap on 2 cores
 DEFAULT_TASK_BYTES = 4 << 20  # destination bytes per read task (one CRC-32C check each)
-SCATTERED_MIN_RECORDS_PER_RUN = 8  # a sorted batch with runs shorter than this on average is read in C loops
 
 
 # py-lmdb refuses a second handle on an environment a process already has open,
@@ -119,6 +120,7 @@ class NeuronStore:
             self.env.close()
             raise StoreNotFound(f"{self.path} has no {RECORDS_FILE}: not a finished m2cache store")
         self.records = RecordFile(records, io_threads, direct_io, DEFAULT_TASK_BYTES)
+        self.reads = RecordReads(self.records, verify, self.manifest.records_file_bytes)
         if self.records.size < self.manifest.records_file_bytes:
             log.error("%s is truncated: %d of %d bytes; reads past its end fail naming the records", records,
                       self.records.size, self.manifest.records_file_bytes)
@@ -183,6 +185,10 @@ class NeuronStore:
             self._tables[key] = value
         return value
 
+    def segment(self, layer: int, prec: Precision) -> tuple[int, int]:
+        """(offset, bytes) of (layer, prec)'s records in neurons.bin."""
+        return self._table(b"s", layer, Precision.parse(prec))
+
     def crc_table(self, layer: int, prec: Precision) -> np.ndarray:
         """CRC-32C of every stored record of (layer, prec) [d_ffn], uint32."""
         return self._table(b"c", layer, Precision.parse(prec))
@@ -196,7 +202,7 @@ class NeuronStore:
 
     def record_spans(self, layer: int, prec: Precision, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offset in neurons.bin and stored length of each record of ``ids`` [m] -> ([m], [m])."""
-        seg_offset, _nbytes = self._table(b"s", layer, prec)
+        seg_offset, _nbytes = self.segment(layer, prec)
         size = self.layout.num_bytes(prec)
         if self.manifest.codec == "dense":
             return seg_offset + ids * size, np.full(ids.size, size, dtype=np.int64)
@@ -217,9 +223,8 @@ class NeuronStore:
         crcs = self.crc_table(layer, prec)[ids]
         total = int(lengths.sum())
         payload = np.empty(total, dtype=np.uint8) if out is None else out.reshape(-1)[:total]
-        if not self._read_scattered(layer, prec, ids, starts, lengths, crcs, payload):
-            self._read(layer, prec, ids, starts, lengths, crcs, payload)
         dense = self.manifest.codec == "dense"
+        self.reads.read(layer, prec, ids, starts, lengths, crcs, payload, fixed=dense)
         return StoredRecords(payload, None if dense else lengths, crcs, self.layout.num_bytes(prec))
 
     def read_into(self, layer: int, prec: Precision | int | str, neuron_ids, out) -> np.ndarray | torch.Tensor:
@@ -255,68 +260,8 @@ class NeuronStore:
         if self.manifest.codec != "dense":
             return None
         _check_out("read_resident", out, ids.size, size)
-        starts, lengths = self.record_spans(layer, prec, ids)
-        present = self.records.read_resident(starts, size, out)
-        if present is not None and self.verify and present.any():
-            rows = np.flatnonzero(present)
-            self._check_each(layer, prec, ids[rows], out, rows * size, lengths[rows],
-                             self.crc_table(layer, prec)[ids[rows]])
-        return present
-
-    def _read_scattered(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                      crcs: np.ndarray, dest: np.ndarray) -> bool:
-        """A scattered batch of fixed-size records (a cache's misses: records spread over a
-        layer) costs a Python call per run on the task path; read them in C loops instead
-        (RecordFile.read_records), check each one's CRC in one call. False (nothing read)
-        where that does not apply: bitmap records, O_DIRECT, unsorted ids, or batches that
-        are mostly contiguous (runs of SCATTERED_MIN_RECORDS_PER_RUN records or more on
-        average: the task path reads each run with one syscall straight into place)."""
-        if self.manifest.codec != "dense" or self.records.direct_fd is not None or ids.size < 2:
-            return False
-        if not bool(np.all(ids[1:] > ids[:-1])):
-            return False  # unsorted
-        runs = 1 + int(np.count_nonzero(ids[1:] != ids[:-1] + 1))
-        if runs * SCATTERED_MIN_RECORDS_PER_RUN < ids.size:
-            return False  # mostly contiguous: a few long runs
-        size = int(lengths[0])
-        try:
-            self.records.read_records(starts, size, dest.reshape(ids.size, size))
-        except ShortRead as err:
-            self._short_read(layer, prec, ids, starts, lengths, err)
-        if self.verify:
-            self._check_each(layer, prec, ids, dest, np.arange(ids.size, dtype=np.int64) * size, lengths, crcs)
-        return True
-
-    def _short_read(self, layer, prec, ids, starts, lengths, err: ShortRead):
-        row = int(np.searchsorted(starts + lengths, err.offset, side="right"))
-        nid = int(ids[min(row, ids.size - 1)])
-        raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated "
-                            f"({RECORDS_FILE} ends at byte {self.records.size} of "
-                            f"{self.manifest.records_file_bytes})") from None
-
-    def _read(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-              crcs: np.ndarray, dest: np.ndarray) -> None:
-        tasks = plan(starts, lengths, crcs if self.verify else None, self.records.task_bytes)
-        try:
-            bad = self.records.read(dest, tasks)
-        except ShortRead as err:
-            self._short_read(layer, prec, ids, starts, lengths, err)
-        if bad:
-            self._name_bad_record(layer, prec, ids, lengths, crcs, dest, bad[0])
-
-    def _name_bad_record(self, layer, prec, ids, lengths, crcs, dest, task) -> None:
-        """A task failed its CRC: check its records one by one to name the first bad one."""
-        rows = np.arange(task.row_lo, task.row_hi)
-        starts = task.dest_lo + np.concatenate([[0], np.cumsum(lengths[rows][:-1])]).astype(np.int64)
-        self._check_each(layer, prec, ids[rows], dest, starts, lengths[rows], crcs[rows])
-        raise ChecksumError(f"record layer {layer} neuron {int(ids[task.row_lo])} {prec.name} fails its checksum")
-
-    @staticmethod
-    def _check_each(layer, prec, ids, dest, starts, lengths, crcs) -> None:
-        """Every record's CRC-32C (one C call); the first that fails is named."""
-        wrong = np.flatnonzero(checksum.crc32c_spans(dest, starts, lengths) != crcs)
-        if wrong.size:
-            raise ChecksumError(f"record layer {layer} neuron {int(ids[wrong[0]])} {prec.name} fails its checksum")
+        starts, _lengths = self.record_spans(layer, prec, ids)
+        return self.reads.resident(layer, prec, ids, starts, size, self.crc_table(layer, prec)[ids], out)
 
     def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
         """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""

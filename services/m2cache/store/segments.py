@@ -112,12 +112,14 @@ def _task_crcs(crcs: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.nd
 
 
 class RecordFile:
-    """``neurons.bin`` opened for parallel positional reads. Thread-safe."""
+    """``neurons.bin`` opened for parallel positional reads. Thread-safe. ``fd``: a
+    descriptor of it to adopt instead of opening ``path`` (one the store passed; it is
+    closed with this object, and ``path`` only names it in errors)."""
 
     def __init__(self, path: str | os.PathLike, io_threads: int = 4, direct: bool = False,
-                 task_bytes: int = 4 << 20):
+                 task_bytes: int = 4 << 20, fd: int | None = None):
         self.path = str(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         self.size = os.fstat(self.fd).st_size
         if hasattr(os, "posix_fadvise"):  # reads are exact spans: readahead only inflates scattered misses
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)

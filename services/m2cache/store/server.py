@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, POLICY_KEY, Precision
-from m2cache.errors import InvalidArgument, ResourceExhausted
+from m2cache.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from m2cache.metrics import RpcMetrics, start_metrics_server
 from m2cache.store.catalog import StoreCatalog, check_batch, chunk_bounds
 from m2cache.store.config import StoreConfig
@@ -155,9 +155,37 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         return store_pb2.SharedReadResponse(record_bytes=rb, codec="dense", nbytes=ids.size * rb, verified=store.verify,
                                             absent=np.flatnonzero(~present).tolist(), crc32c=crcs)
 
-    def _socket_read(self, request) -> store_pb2.SharedReadResponse:
-        with self.metrics.rpc.observe("ReadNeuronsShared"):
-            return self.read_shared(request, registered_only=True)
+    def _socket_request(self, request: store_pb2.SocketRequest) -> tuple[store_pb2.SocketResponse, list[int]]:
+        kind = request.WhichOneof("kind")
+        if kind == "read":
+            with self.metrics.rpc.observe("ReadNeuronsShared"):
+                return store_pb2.SocketResponse(read=self.read_shared(request.read, registered_only=True)), []
+        if kind == "record_file":
+            with self.metrics.rpc.observe("RecordFile"):
+                resp, fds = self.record_file(request.record_file)
+                return store_pb2.SocketResponse(record_file=resp), fds
+        raise InvalidArgument("an empty shared-memory socket request")
+
+    def record_file(self, request: store_pb2.RecordFileRequest) -> tuple[store_pb2.RecordFileResponse, list[int]]:
+        """Short-circuit reads: where a layer's records of one precision lie, their CRCs, and
+        (``want_fd``) the records file's descriptor, for a caller with a registered region."""
+        store = self.catalog.get(request.model)
+        if not self.config.share_record_files:
+            raise FailedPrecondition("this store shares no records file (share_record_files is off)")
+        if store.manifest.codec != "dense":
+            raise FailedPrecondition(f"model {request.model}'s records are {store.manifest.codec}-coded: "
+                                     "the store reads them (and callers get them dense)")
+        if store.records.direct_fd is not None:
+            raise FailedPrecondition("this store reads with O_DIRECT: its records bypass the page cache")
+        self.regions.view(request.region.name, request.region.tag, 0, 0, open_new=False)
+        prec = Precision.parse(request.precision)
+        store.check_layer(request.layer)
+        seg_offset, _nbytes = store.segment(request.layer, prec)
+        crcs = store.crc_table(request.layer, prec).astype("<u4", copy=False)
+        resp = store_pb2.RecordFileResponse(segment_offset=seg_offset, record_bytes=store.layout.num_bytes(prec),
+                                            crc32c=crcs.tobytes(), file_bytes=store.manifest.records_file_bytes,
+                                            fd_attached=request.want_fd)
+        return resp, [store.records.fd] if request.want_fd else []
 
     def ReleaseRegion(self, request, context):
         with self.metrics.rpc.observe("ReleaseRegion"):
@@ -170,7 +198,7 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
             if self._socket_server is None and self.config.shared_socket and not self._socket_tried:
                 self._socket_tried = True
                 try:
-                    self._socket_server = SocketServer(self.config.shared_memory_dir, self._socket_read)
+                    self._socket_server = SocketServer(self.config.shared_memory_dir, self._socket_request)
                 except OSError as err:
                     log.warning("no shared-memory socket in %s (%s): shared reads go over gRPC",
                                 self.config.shared_memory_dir, err)

@@ -2,14 +2,18 @@
 
 A gRPC call costs 0.5-1 ms here (Python gRPC on loopback), more than reading a
 megabyte of records from the page cache, so a caller that registered a region
-(OpenShared, over the authenticated gRPC channel) sends its reads over a Unix
+(OpenShared, over the authenticated gRPC channel) sends its requests over a Unix
 socket instead: each request and answer is one frame, a 4-byte little-endian
-length and a SharedReadRequest / SharedReadResponse, about 20 us a round trip.
-The answer's ``error_code`` is a gRPC status name on failure, mapped back to the
-typed errors of errors.py as a gRPC status would be. The server accepts only
-peers of its own uid, and reads only into regions registered over gRPC, with
-their tag; like the region itself, this exists only on one host (Plasma's
-design: a Unix socket for control, shared memory for the bytes).
+length and a SocketRequest / SocketResponse, about 20 us a round trip. Two kinds:
+- ``read``: records read by the store into the caller's region (SharedReadRequest);
+- ``record_file``: where a layer's records lie and their CRCs, with the records
+  file's descriptor attached (SCM_RIGHTS), so the caller reads them itself
+  (short-circuit reads, as HDFS's DataNode hands its block files to local clients).
+A failed request's ``error_code`` is a gRPC status name, mapped back to the typed
+errors of errors.py as a gRPC status would be. The server accepts only peers of
+its own uid, and serves only regions registered over gRPC, with their tag; like
+the region itself, this exists only on one host (Plasma's design: a Unix socket
+for control, shared memory for the bytes).
 """
 from __future__ import annotations
 
@@ -55,14 +59,43 @@ def _recv_frame(sock: socket.socket) -> bytes | None:
     return _recv_exact(sock, n)
 
 
-def _send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_LEN.pack(len(payload)) + payload)
+def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:
+    frame = _LEN.pack(len(payload)) + payload
+    if not fds:
+        sock.sendall(frame)
+        return
+    sent = socket.send_fds(sock, [frame], list(fds))  # the descriptors ride on the frame's first bytes
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def _recv_frame_fds(sock: socket.socket, max_fds: int) -> tuple[bytes | None, list[int]]:
+    """A frame and the descriptors sent with it (each made close-on-exec)."""
+    head, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, max_fds)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if not head:
+        return None, fds
+    if len(head) < _LEN.size:
+        rest = _recv_exact(sock, _LEN.size - len(head))
+        if rest is None:
+            return None, fds
+        head += rest
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes over the {MAX_FRAME}-byte limit")
+    return _recv_exact(sock, n), fds
+
+
+Handler = Callable[[store_pb2.SocketRequest], tuple[store_pb2.SocketResponse, list[int]]]
 
 
 class SocketServer:
-    """Serves SharedReadRequests on a Unix socket in ``directory``, one thread per peer."""
+    """Serves SocketRequests on a Unix socket in ``directory``, one thread per peer;
+    ``handle`` answers one with the descriptors to pass along (the handler's own: they
+    are duplicated into the peer, not closed here)."""
 
-    def __init__(self, directory: str, handle: Callable[[store_pb2.SharedReadRequest], store_pb2.SharedReadResponse]):
+    def __init__(self, directory: str, handle: Handler):
         self.path = Path(directory) / f"m2cache-store-{os.getpid()}-{secrets.token_hex(8)}.sock"
         self.handle = handle
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,7 +131,8 @@ class SocketServer:
                 frame = _recv_frame(peer)
                 if frame is None:
                     return
-                _send_frame(peer, self._answer(frame).SerializeToString())
+                answer, fds = self._answer(frame)
+                _send_frame(peer, answer.SerializeToString(), fds)
         except (OSError, ValueError) as err:
             if not self._closed.is_set():
                 log.info("shared-memory socket peer dropped: %s", err)
@@ -107,14 +141,14 @@ class SocketServer:
                 self._peers.discard(peer)
             peer.close()
 
-    def _answer(self, frame: bytes) -> store_pb2.SharedReadResponse:
+    def _answer(self, frame: bytes) -> tuple[store_pb2.SocketResponse, list[int]]:
         try:
-            return self.handle(store_pb2.SharedReadRequest.FromString(frame))
+            return self.handle(store_pb2.SocketRequest.FromString(frame))
         except M2CacheError as err:
-            return store_pb2.SharedReadResponse(error_code=err.code, error=str(err))
+            return store_pb2.SocketResponse(error_code=err.code, error=str(err)), []
         except Exception as err:  # the peer gets INTERNAL, the store keeps serving
-            log.exception("shared-memory read failed")
-            return store_pb2.SharedReadResponse(error_code="INTERNAL", error=f"{type(err).__name__}: {err}")
+            log.exception("shared-memory socket request failed")
+            return store_pb2.SocketResponse(error_code="INTERNAL", error=f"{type(err).__name__}: {err}"), []
 
     def close(self) -> None:
         self._closed.set()
@@ -138,22 +172,38 @@ class SocketClient:
             self._sock.close()
             raise Unavailable(f"the store's shared-memory socket {path}: {err}") from None
 
-    def read(self, request: store_pb2.SharedReadRequest) -> store_pb2.SharedReadResponse:
-        """The store's answer, or its typed error; Unavailable when the socket fails."""
+    def request(self, request: store_pb2.SocketRequest, max_fds: int = 0) -> tuple[store_pb2.SocketResponse, list[int]]:
+        """The store's answer and the descriptors it passed (at most ``max_fds``; the
+        caller's to close), or its typed error; Unavailable when the socket fails."""
+        fds: list[int] = []
         try:
             _send_frame(self._sock, request.SerializeToString())
-            frame = _recv_frame(self._sock)
+            if max_fds:
+                frame, fds = _recv_frame_fds(self._sock, max_fds)
+            else:
+                frame = _recv_frame(self._sock)
         except (OSError, ValueError) as err:
+            _close_all(fds)
             raise Unavailable(f"the store's shared-memory socket {self.path}: {err}") from None
         if frame is None:
+            _close_all(fds)
             raise Unavailable(f"the store closed its shared-memory socket {self.path}")
-        resp = store_pb2.SharedReadResponse.FromString(frame)
+        resp = store_pb2.SocketResponse.FromString(frame)
         if resp.error_code:
-            raise error_for_code(resp.error_code, "NeuronStore shared read", resp.error)
-        return resp
+            _close_all(fds)
+            raise error_for_code(resp.error_code, f"NeuronStore socket {request.WhichOneof('kind')}", resp.error)
+        return resp, fds
+
+    def read(self, request: store_pb2.SharedReadRequest) -> store_pb2.SharedReadResponse:
+        return self.request(store_pb2.SocketRequest(read=request))[0].read
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class SharedReader:
@@ -200,12 +250,32 @@ class SharedReader:
             resp = self._read(request)
             return consume(self.region.data[: resp.nbytes], resp)
 
+    def record_file(self, model: str, layer: int, prec: int, want_fd: bool
+                    ) -> tuple[store_pb2.RecordFileResponse, int | None]:
+        """Where (layer, prec)'s records lie in the model's records file, and with ``want_fd``
+        the file's descriptor (the caller's to close). FailedPrecondition where the store has
+        no socket or will not share the file."""
+        request = store_pb2.RecordFileRequest(model=model, layer=layer, precision=prec, region=self.ref,
+                                              want_fd=want_fd)
+        with self._lock:
+            resp, fds = self._call(request, "record_file", 1 if want_fd else 0)
+        fd = fds[0] if fds else None
+        _close_all(fds[1:])
+        if want_fd and fd is None:
+            raise FailedPrecondition(f"the store passed no descriptor for model {model}'s records")
+        return resp.record_file, fd
+
     def _read(self, request):
+        return self._call(request, "read")[0].read
+
+    def _call(self, request, kind: str, max_fds: int = 0) -> tuple[store_pb2.SocketResponse, list[int]]:
         for again in (False, True):
-            if self.socket is None:  # the store has no socket
-                return self.rpc.unary("ReadNeuronsShared", request)
+            if self.socket is None:  # the store has no socket: reads go over gRPC
+                if kind == "read":
+                    return store_pb2.SocketResponse(read=self.rpc.unary("ReadNeuronsShared", request)), []
+                raise FailedPrecondition("the store has no shared-memory socket: no short-circuit reads")
             try:
-                return self.socket.read(request)
+                return self.socket.request(store_pb2.SocketRequest(**{kind: request}), max_fds)
             except FailedPrecondition:  # the store dropped its mapping (it keeps a bounded number)
                 if again:
                     raise

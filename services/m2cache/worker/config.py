@@ -39,6 +39,8 @@ class WorkerConfig:
     #                                                  of this size (store/shared.py); 0: misses stream
     page_cache_first: bool = True  # on the store's host, what its page cache holds is read before Redis
     #                                (worker/same_host.py): the nearest DRAM copy, no Redis round trip
+    short_circuit: bool = True  # on the store's host, read its records file here (its descriptor passed over its
+    #                             socket, worker/short_circuit.py) instead of asking the store per read
     mac_key_file: str = ""  # the deployment's record-sealing key (as the DRAM tier's); empty = the tier's answer
     redis_password_file: str = ""  # the DRAM tier's Redis password; empty = the tier's answer
     metrics_port: int = 0  # 0: no Prometheus endpoint

@@ -2,13 +2,14 @@
 
 Control plane: the DramTier (manifest, where the bytes are, usage reports).
 Data plane, per fetch of one layer at one precision, nearest tier first:
-1. on the store's host, what its page cache holds, copied by the store into this
-   worker's shared-memory region without touching the device (worker/same_host.py;
-   one Unix-socket round trip per region's worth);
+1. on the store's host, what its page cache holds, without touching the device
+   (worker/same_host.py): read by this worker from the store's records file, whose
+   descriptor the store passed (short_circuit.py), or else copied by the store into
+   this worker's shared-memory region (one Unix-socket round trip per region's worth);
 2. Redis MGETs of the rest's keys, about 1 MiB each; every value's MAC is checked
    (dram/dataplane.py) and the records land in the caller's buffer;
-3. the misses come from the NeuronStore's device: on the same host read straight into
-   the region, elsewhere streamed (StreamNeurons, large chunks);
+3. the misses come from the NeuronStore's device: on the same host read here from the
+   shared file or by the store into the region, elsewhere streamed (StreamNeurons);
 4. every record's CRC-32C is checked in one pass per batch;
 5. what was used and what missed is reported to the tier in the background.
 With the DramTier gone the worker keeps reading Redis and the store; with
@@ -32,7 +33,7 @@ import torch
 
 from m2cache import grpc_util
 from m2cache.codec.format import Manifest, Precision, RecordLayout
-from m2cache.dram import dataplane
+from m2cache.dram import dataplane, id_sets
 from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.errors import ChecksumError, FailedPrecondition, M2CacheError
 from m2cache.store.shared import DEFAULT_REGION_BYTES
@@ -59,6 +60,7 @@ class FetchStats:
     shared_reads: int = 0        # round trips into the shared region (same host: page cache or store reads)
     page_cache_records: int = 0  # misses the store's page cache held (same host), before Redis
     page_cache_bytes: int = 0
+    local_records: int = 0       # of the page cache's and the store's, read by this worker itself (short-circuit)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TierFetcher:
     pin_memory: bool = False            # page-locked destination buffers (a CUDA worker's staging)
     shared_memory_bytes: int = DEFAULT_REGION_BYTES  # same-host misses land in a region this big; 0 = stream
     page_cache_first: bool = True       # same host: what the store's page cache holds before Redis (same_host.py)
+    short_circuit: bool = True          # same host: read the store's records file here (short_circuit.py)
 
     def __post_init__(self) -> None:
         self.policy = grpc_util.RetryPolicy(self.deadline_s, min(self.unavailable_s, self.deadline_s),
@@ -112,7 +115,8 @@ class TierFetcher:
                    store_target=config.store_target, data_plane=config.data_plane,
                    mac_key_file=config.mac_key_file, redis_password_file=config.redis_password_file,
                    pin_memory=config.device.startswith("cuda") and torch.cuda.is_available(),
-                   shared_memory_bytes=config.shared_memory_bytes, page_cache_first=config.page_cache_first)
+                   shared_memory_bytes=config.shared_memory_bytes, page_cache_first=config.page_cache_first,
+                   short_circuit=config.short_circuit)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -160,8 +164,11 @@ class TierFetcher:
             self.redis = RedisCache(info.redis_url, info.key_prefix, self.redis_timeout_s, password)
 
     def _send_report(self, current_layer: int, uses: list) -> None:
+        shared = self._shared
         self.rpc.stub.Report(dram_pb2.UsageReport(model=self.model, caller_id=self.caller_id,
-                                                  current_layer=current_layer, uses=uses), timeout=5.0)
+                                                  current_layer=current_layer, uses=uses,
+                                                  page_cache_first=shared is not None and shared.reads_page_cache),
+                             timeout=5.0)
 
     def dense(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Dense tensors by name (all of them when ``names`` is None), streamed in
@@ -224,9 +231,10 @@ class TierFetcher:
         if miss_rows.size:
             self._from_store(layer, prec, ids, miss_rows, out)
         if self.reporter is not None:
-            self.reporter.add(current_layer, dram_pb2.LayerUse(layer=layer, precision=int(prec),
-                                                               used_ids=ids.tolist(),
-                                                               missed_ids=ids[miss_rows].tolist()))
+            d_ffn = self._manifest.d_ffn
+            self.reporter.add(current_layer, dram_pb2.LayerUse(
+                layer=layer, precision=int(prec), used_bits=id_sets.pack(ids, d_ffn),
+                missed_bits=id_sets.pack(ids[miss_rows], d_ffn) if miss_rows.size else b""))
 
     def _from_redis(self, redis: RedisCache, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray,
                     missing: np.ndarray) -> None:
@@ -342,9 +350,10 @@ class TierFetcher:
         with self._shared_lock:
             if self._shared is None and not self._shared_tried and self.shared_memory_bytes > 0 and self.store:
                 self._shared_tried = True
-                self._shared = SameHostStore.open(self.store, self.model, self.layout, self._manifest.codec == "dense",
-                                                  self.shared_memory_bytes, self.deadline_s, self.verify, self.stats,
-                                                  self.page_cache_first)
+                self._shared = SameHostStore.open(self.store, self.model, self.layout, self._manifest.d_ffn,
+                                                  self._manifest.codec == "dense", self.shared_memory_bytes,
+                                                  self.deadline_s, self.verify, self.stats, self.page_cache_first,
+                                                  self.short_circuit)
             return self._shared
 
     def _usable_redis(self) -> RedisCache | None:

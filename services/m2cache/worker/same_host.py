@@ -1,6 +1,9 @@
-"""The NeuronStore on this worker's host, through a shared-memory region (store/shared.py).
+"""The NeuronStore on this worker's host: its records file read here, or its reads into a region.
 
-Two reads, both one Unix-socket round trip per region's worth of records:
+Where the store shares a model's records file (a dense store, by default), this worker
+reads it itself (worker/short_circuit.py: the page cache's records with no round trip,
+then the device's), exactly as an in-process run does. Otherwise, through a shared-memory
+region (store/shared.py), two reads, both one Unix-socket round trip per region's worth:
 - ``resident``: what the store's page cache already holds, never waiting on the device
   (preadv2 RWF_NOWAIT in the store; a page it finds missing may start the kernel's
   readahead, so a cold sequential read is partly served from the page cache). On one host the page cache is DRAM too, and the
@@ -10,7 +13,7 @@ Two reads, both one Unix-socket round trip per region's worth of records:
   tier's Redis holds instead), resident reads pause for ``RESIDENT_RETRY_S``; when the
   store fails one (gone, restarting), for ``AWAY_RETRY_S``, and Redis serves meanwhile.
 - ``read``: the misses, read by the store from its device into the region.
-Where the store cannot see the region (another host) neither is offered: ``open``
+Where the store cannot see the region (another host) none of this is offered: ``open``
 returns None and the fetcher streams.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import ChecksumError, DeadlineExceeded, FailedPrecondition, M2CacheError, Unavailable
 from m2cache.store.shared_socket import SharedReader
 from m2cache.worker.records import check_rows, place
+from m2cache.worker.short_circuit import LocalRecords
 from m2cache_client.pb import common_pb2
 
 log = logging.getLogger(__name__)
@@ -32,11 +36,13 @@ AWAY_RETRY_S = 10.0  # after the store failed a resident read (gone, restarting)
 
 
 class SameHostStore:
-    """One worker's region with the store; ``stats`` is the fetcher's FetchStats."""
+    """One worker's region with the store, and its records file when the store shares it
+    (``local``); ``stats`` is the fetcher's FetchStats."""
 
     def __init__(self, reader: SharedReader, model: str, layout: RecordLayout, dense: bool, verify: bool, stats,
-                 resident_reads: bool = True):
+                 resident_reads: bool = True, local: LocalRecords | None = None):
         self.reader = reader
+        self.local = local
         self.model = model
         self.layout = layout
         self.verify = verify
@@ -45,15 +51,24 @@ class SameHostStore:
         self._resident_after = 0.0
 
     @classmethod
-    def open(cls, store_rpc, model: str, layout: RecordLayout, dense: bool, capacity: int, deadline_s: float,
-             verify: bool, stats, resident_reads: bool = True) -> "SameHostStore | None":
+    def open(cls, store_rpc, model: str, layout: RecordLayout, d_ffn: int, dense: bool, capacity: int,
+             deadline_s: float, verify: bool, stats, resident_reads: bool = True, short_circuit: bool = True
+             ) -> "SameHostStore | None":
         try:
             reader = SharedReader(store_rpc, max(capacity, layout.num_bytes(Precision.FULL)), deadline_s)
         except (OSError, M2CacheError) as err:
             log.info("no shared memory with the store (%s): misses stream", err)
             return None
-        log.info("misses land in shared region %s (%d KiB)", reader.region.name, reader.capacity >> 10)
-        return cls(reader, model, layout, dense, verify, stats, resident_reads)
+        local = LocalRecords.open(reader, model, layout, d_ffn, verify) if short_circuit and dense else None
+        if local is None:
+            log.info("misses land in shared region %s (%d KiB)", reader.region.name, reader.capacity >> 10)
+        return cls(reader, model, layout, dense, verify, stats, resident_reads, local)
+
+    @property
+    def reads_page_cache(self) -> bool:
+        """Whether fetches read the page cache here first now (not paused): then Redis
+        need hold nothing for this worker (the DRAM tier is told in its reports)."""
+        return self.resident_reads and time.monotonic() >= self._resident_after
 
     def _request(self, layer: int, prec: Precision, ids: np.ndarray) -> common_pb2.NeuronBatchRequest:
         return common_pb2.NeuronBatchRequest(model=self.model, layer=layer, precision=int(prec),
@@ -66,6 +81,9 @@ class SameHostStore:
         """The records of ``ids`` that the store's page cache holds: read into their rows of
         ``out`` and cleared in ``missing``; the others are left for the next tier."""
         if not self.resident_reads or not ids.size or time.monotonic() < self._resident_after:
+            return
+        if self.local is not None:
+            self._resident_here(layer, prec, ids, out, missing)
             return
         rb = self.layout.num_bytes(prec)
         step, served = self._step(prec), 0
@@ -109,10 +127,44 @@ class SameHostStore:
         if not served:
             self._resident_after = max(self._resident_after, time.monotonic() + RESIDENT_RETRY_S)
 
+    def _resident_here(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray,
+                       missing: np.ndarray) -> None:
+        """``resident``, short-circuited: a syscall per run of records, so a read that finds
+        nothing costs little and is not paused."""
+        try:
+            present = self.local.resident(layer, prec, ids, out)
+        except (Unavailable, DeadlineExceeded, FailedPrecondition) as err:  # this layer's table: the store is away
+            log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
+            self._resident_after = time.monotonic() + AWAY_RETRY_S
+            return
+        if present is None:
+            log.info("this file system cannot read its page cache alone: misses go to Redis")
+            self.resident_reads = False
+            return
+        missing &= ~present
+        served = int(np.count_nonzero(present))
+        nbytes = served * self.layout.num_bytes(prec)
+        self.stats.page_cache_records += served
+        self.stats.page_cache_bytes += nbytes
+        self.stats.local_records += served
+        self.stats.bytes += nbytes
+
     def read(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """``ids[rows]`` read by the store into the region, a region's worth at a time, each
-        placed into ``out[rows]`` (and checked, unless the store checked it). Raises
-        FailedPrecondition when the store no longer sees the region."""
+        """``ids[rows]`` into ``out[rows]``: read here (short-circuit), else by the store into
+        the region, a region's worth at a time, each placed and checked (unless the store
+        checked it). Raises FailedPrecondition when the store no longer sees the region."""
+        if self.local is not None:
+            whole = rows.size == ids.size
+            dest = out if whole else np.empty((rows.size, out.shape[1]), np.uint8)
+            self.local.read(layer, prec, ids if whole else ids[rows], dest)
+            if not whole:
+                out[rows] = dest
+            nbytes = int(dest.nbytes)
+            self.stats.store_records += int(rows.size)
+            self.stats.local_records += int(rows.size)
+            self.stats.store_bytes += nbytes
+            self.stats.bytes += nbytes
+            return
         step = self._step(prec)
 
         def consume(chunk: np.ndarray, data: np.ndarray, resp) -> tuple[float, int]:
@@ -134,4 +186,6 @@ class SameHostStore:
         self.stats.store_records += int(rows.size)
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
         self.reader.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15m2cache/v1/dram.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"k\n\x10\x44ramFetchRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12\x15\n\rcurrent_layer\x18\x02 \x01(\r\x12\x11\n\tcaller_id\x18\x03 \x01(\t\"4\n\x10\x44\x61taPlaneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\"\x8b\x01\n\rDataPlaneInfo\x12\x11\n\tredis_url\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x14\n\x0cstore_target\x18\x03 \x01(\t\x12\x16\n\x0eredis_password\x18\x04 \x01(\x0c\x12\x0f\n\x07mac_key\x18\x05 \x01(\x0c\x12\x14\n\x0credis_run_id\x18\x06 \x01(\t\"i\n\x08LayerUse\x12\r\n\x05layer\x18\x01 \x01(\r\x12(\n\tprecision\x18\x02 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x10\n\x08used_ids\x18\x03 \x03(\r\x12\x12\n\nmissed_ids\x18\x04 \x03(\r\"j\n\x0bUsageReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\x12\x15\n\rcurrent_layer\x18\x03 \x01(\r\x12\"\n\x04uses\x18\x04 \x03(\x0b\x32\x14.m2cache.v1.LayerUse\"\x0b\n\tReportAck\"H\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\"\xdf\x02\n\tDramStats\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.LayerStats\x12\x18\n\x10\x62ytes_from_redis\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_from_store\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x10\n\x08preloads\x18\x06 \x01(\x04\x12\x16\n\x0epreload_misses\x18\x07 \x01(\x04\x12\x19\n\x11mean_preload_lead\x18\x08 \x01(\x01\x12\x10\n\x08redis_up\x18\t \x01(\x08\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x17\n\x0f\x62ytes_preloaded\x18\x0b \x01(\x04\x12\x18\n\x10preloads_skipped\x18\x0c \x01(\x04\x12\x1a\n\x12\x63hecksum_refetches\x18\r \x01(\x04\x12\x0f\n\x07reports\x18\x0e \x01(\x04\x32\x90\x04\n\x08\x44ramTier\x12\x44\n\tDataPlane\x12\x1c.m2cache.v1.DataPlaneRequest\x1a\x19.m2cache.v1.DataPlaneInfo\x12\x38\n\x06Report\x12\x17.m2cache.v1.UsageReport\x1a\x15.m2cache.v1.ReportAck\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12\x45\n\x0c\x46\x65tchNeurons\x12\x1c.m2cache.v1.DramFetchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12;\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x15.m2cache.v1.DramStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15m2cache/v1/dram.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\"k\n\x10\x44ramFetchRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12\x15\n\rcurrent_layer\x18\x02 \x01(\r\x12\x11\n\tcaller_id\x18\x03 \x01(\t\"4\n\x10\x44\x61taPlaneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\"\x8b\x01\n\rDataPlaneInfo\x12\x11\n\tredis_url\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x14\n\x0cstore_target\x18\x03 \x01(\t\x12\x16\n\x0eredis_password\x18\x04 \x01(\x0c\x12\x0f\n\x07mac_key\x18\x05 \x01(\x0c\x12\x14\n\x0credis_run_id\x18\x06 \x01(\t\"\x91\x01\n\x08LayerUse\x12\r\n\x05layer\x18\x01 \x01(\r\x12(\n\tprecision\x18\x02 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12\x10\n\x08used_ids\x18\x03 \x03(\r\x12\x12\n\nmissed_ids\x18\x04 \x03(\r\x12\x11\n\tused_bits\x18\x05 \x01(\x0c\x12\x13\n\x0bmissed_bits\x18\x06 \x01(\x0c\"\x84\x01\n\x0bUsageReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\x12\x15\n\rcurrent_layer\x18\x03 \x01(\r\x12\"\n\x04uses\x18\x04 \x03(\x0b\x32\x14.m2cache.v1.LayerUse\x12\x18\n\x10page_cache_first\x18\x05 \x01(\x08\"\x0b\n\tReportAck\"H\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\"\xdf\x02\n\tDramStats\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.m2cache.v1.LayerStats\x12\x18\n\x10\x62ytes_from_redis\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_from_store\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x10\n\x08preloads\x18\x06 \x01(\x04\x12\x16\n\x0epreload_misses\x18\x07 \x01(\x04\x12\x19\n\x11mean_preload_lead\x18\x08 \x01(\x01\x12\x10\n\x08redis_up\x18\t \x01(\x08\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x17\n\x0f\x62ytes_preloaded\x18\x0b \x01(\x04\x12\x18\n\x10preloads_skipped\x18\x0c \x01(\x04\x12\x1a\n\x12\x63hecksum_refetches\x18\r \x01(\x04\x12\x0f\n\x07reports\x18\x0e \x01(\x04\x32\x90\x04\n\x08\x44ramTier\x12\x44\n\tDataPlane\x12\x1c.m2cache.v1.DataPlaneRequest\x1a\x19.m2cache.v1.DataPlaneInfo\x12\x38\n\x06Report\x12\x17.m2cache.v1.UsageReport\x1a\x15.m2cache.v1.ReportAck\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12\x45\n\x0c\x46\x65tchNeurons\x12\x1c.m2cache.v1.DramFetchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12;\n\x08GetStats\x12\x18.m2cache.v1.StatsRequest\x1a\x15.m2cache.v1.DramStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,16 +38,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATAPLANEREQUEST']._serialized_end=223
   _globals['_DATAPLANEINFO']._serialized_start=226
   _globals['_DATAPLANEINFO']._serialized_end=365
-  _globals['_LAYERUSE']._serialized_start=367
-  _globals['_LAYERUSE']._serialized_end=472
-  _globals['_USAGEREPORT']._serialized_start=474
-  _globals['_USAGEREPORT']._serialized_end=580
-  _globals['_REPORTACK']._serialized_start=582
-  _globals['_REPORTACK']._serialized_end=593
-  _globals['_LAYERSTATS']._serialized_start=595
-  _globals['_LAYERSTATS']._serialized_end=667
-  _globals['_DRAMSTATS']._serialized_start=670
-  _globals['_DRAMSTATS']._serialized_end=1021
-  _globals['_DRAMTIER']._serialized_start=1024
-  _globals['_DRAMTIER']._serialized_end=1552
+  _globals['_LAYERUSE']._serialized_start=368
+  _globals['_LAYERUSE']._serialized_end=513
+  _globals['_USAGEREPORT']._serialized_start=516
+  _globals['_USAGEREPORT']._serialized_end=648
+  _globals['_REPORTACK']._serialized_start=650
+  _globals['_REPORTACK']._serialized_end=661
+  _globals['_LAYERSTATS']._serialized_start=663
+  _globals['_LAYERSTATS']._serialized_end=735
+  _globals['_DRAMSTATS']._serialized_start=738
+  _globals['_DRAMSTATS']._serialized_end=1089
+  _globals['_DRAMTIER']._serialized_start=1092
+  _globals['_DRAMTIER']._serialized_end=1620
 # @@protoc_insertion_point(module_scope)

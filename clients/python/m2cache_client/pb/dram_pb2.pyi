@@ -42,28 +42,34 @@ class DataPlaneInfo(_message.Message):
     def __init__(self, redis_url: _Optional[str] = ..., key_prefix: _Optional[str] = ..., store_target: _Optional[str] = ..., redis_password: _Optional[bytes] = ..., mac_key: _Optional[bytes] = ..., redis_run_id: _Optional[str] = ...) -> None: ...
 
 class LayerUse(_message.Message):
-    __slots__ = ("layer", "precision", "used_ids", "missed_ids")
+    __slots__ = ("layer", "precision", "used_ids", "missed_ids", "used_bits", "missed_bits")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     USED_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSED_IDS_FIELD_NUMBER: _ClassVar[int]
+    USED_BITS_FIELD_NUMBER: _ClassVar[int]
+    MISSED_BITS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     precision: _common_pb2.Precision
     used_ids: _containers.RepeatedScalarFieldContainer[int]
     missed_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., used_ids: _Optional[_Iterable[int]] = ..., missed_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    used_bits: bytes
+    missed_bits: bytes
+    def __init__(self, layer: _Optional[int] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., used_ids: _Optional[_Iterable[int]] = ..., missed_ids: _Optional[_Iterable[int]] = ..., used_bits: _Optional[bytes] = ..., missed_bits: _Optional[bytes] = ...) -> None: ...
 
 class UsageReport(_message.Message):
-    __slots__ = ("model", "caller_id", "current_layer", "uses")
+    __slots__ = ("model", "caller_id", "current_layer", "uses", "page_cache_first")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CALLER_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_LAYER_FIELD_NUMBER: _ClassVar[int]
     USES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_CACHE_FIRST_FIELD_NUMBER: _ClassVar[int]
     model: str
     caller_id: str
     current_layer: int
     uses: _containers.RepeatedCompositeFieldContainer[LayerUse]
-    def __init__(self, model: _Optional[str] = ..., caller_id: _Optional[str] = ..., current_layer: _Optional[int] = ..., uses: _Optional[_Iterable[_Union[LayerUse, _Mapping]]] = ...) -> None: ...
+    page_cache_first: bool
+    def __init__(self, model: _Optional[str] = ..., caller_id: _Optional[str] = ..., current_layer: _Optional[int] = ..., uses: _Optional[_Iterable[_Union[LayerUse, _Mapping]]] = ..., page_cache_first: _Optional[bool] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ()

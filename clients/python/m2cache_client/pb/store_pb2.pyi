@@ -36,15 +36,13 @@ class SharedReadRequest(_message.Message):
     def __init__(self, batch: _Optional[_Union[_common_pb2.NeuronBatchRequest, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ..., resident_only: _Optional[bool] = ...) -> None: ...
 
 class SharedReadResponse(_message.Message):
-    __slots__ = ("record_bytes", "crc32c", "codec", "record_lengths", "nbytes", "verified", "error_code", "error", "absent", "resident_unsupported")
+    __slots__ = ("record_bytes", "crc32c", "codec", "record_lengths", "nbytes", "verified", "absent", "resident_unsupported")
     RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     RECORD_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
-    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
     record_bytes: int
@@ -53,12 +51,58 @@ class SharedReadResponse(_message.Message):
     record_lengths: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     verified: bool
-    error_code: str
-    error: str
     absent: _containers.RepeatedScalarFieldContainer[int]
     resident_unsupported: bool
-    def __init__(self, record_bytes: _Optional[int] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., verified: _Optional[bool] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., absent: _Optional[_Iterable[int]] = ..., resident_unsupported: _Optional[bool] = ...) -> None: ...
+    def __init__(self, record_bytes: _Optional[int] = ..., crc32c: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., record_lengths: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., verified: _Optional[bool] = ..., absent: _Optional[_Iterable[int]] = ..., resident_unsupported: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRegionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RecordFileRequest(_message.Message):
+    __slots__ = ("model", "layer", "precision", "region", "want_fd")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    WANT_FD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    layer: int
+    precision: _common_pb2.Precision
+    region: SharedRegion
+    want_fd: bool
+    def __init__(self, model: _Optional[str] = ..., layer: _Optional[int] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., want_fd: _Optional[bool] = ...) -> None: ...
+
+class RecordFileResponse(_message.Message):
+    __slots__ = ("segment_offset", "record_bytes", "crc32c", "file_bytes", "fd_attached")
+    SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FD_ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    segment_offset: int
+    record_bytes: int
+    crc32c: bytes
+    file_bytes: int
+    fd_attached: bool
+    def __init__(self, segment_offset: _Optional[int] = ..., record_bytes: _Optional[int] = ..., crc32c: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., fd_attached: _Optional[bool] = ...) -> None: ...
+
+class SocketRequest(_message.Message):
+    __slots__ = ("read", "record_file")
+    READ_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FILE_FIELD_NUMBER: _ClassVar[int]
+    read: SharedReadRequest
+    record_file: RecordFileRequest
+    def __init__(self, read: _Optional[_Union[SharedReadRequest, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileRequest, _Mapping]] = ...) -> None: ...
+
+class SocketResponse(_message.Message):
+    __slots__ = ("read", "record_file", "error_code", "error")
+    READ_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FILE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    read: SharedReadResponse
+    record_file: RecordFileResponse
+    error_code: str
+    error: str
+    def __init__(self, read: _Optional[_Union[SharedReadResponse, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileResponse, _Mapping]] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,96 @@
+"""Checked reads of ``neurons.bin`` records, given where they lie and their CRC-32Cs.
+
+The store's reader (store/reader.py: spans and CRCs from LMDB) and a worker on the
+store's host (worker/same_host.py: spans and CRCs from the store's socket, the file's
+descriptor passed with them) read records the same way, so a record is found and
+checked the same way whichever process reads it:
+- ``read``: any batch, as stored, back to back; scattered batches of fixed-size records
+  in C loops of preads, the rest as coalesced runs on the file's thread pool;
+- ``resident``: only what the page cache holds, never waiting on the device.
+A record that fails its CRC, or that the file ends before, is a ChecksumError naming it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from m2cache.codec import checksum
+from m2cache.codec.format import RECORDS_FILE, Precision
+from m2cache.errors import ChecksumError
+from m2cache.store.segments import RecordFile, ShortRead, plan
+
+SCATTERED_MIN_RECORDS_PER_RUN = 8  # a sorted batch with runs shorter than this on average is read in C loops
+
+
+class RecordReads:
+    """Reads of one records file; ``expected_bytes`` is its size when whole (named when it is short)."""
+
+    def __init__(self, records: RecordFile, verify: bool, expected_bytes: int):
+        self.records = records
+        self.verify = verify
+        self.expected_bytes = expected_bytes
+
+    def read(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+             crcs: np.ndarray, dest: np.ndarray, fixed: bool) -> None:
+        """Records of ``ids`` [m] at file offsets ``starts`` with ``lengths`` -> ``dest`` (flat
+        uint8) back to back, checked against ``crcs`` when verifying. ``fixed``: every record
+        is ``lengths[0]`` long (the dense codec)."""
+        if not (fixed and self._read_scattered(layer, prec, ids, starts, lengths, crcs, dest)):
+            self._read_tasks(layer, prec, ids, starts, lengths, crcs, dest)
+
+    def resident(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, size: int,
+                 crcs: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """The fixed-size records of ``ids`` [m] the page cache holds -> their rows of ``out``
+        [m, size], checked when verifying; the mask [m] of rows read, or None where the page
+        cache cannot be asked alone (RecordFile.read_resident)."""
+        present = self.records.read_resident(starts, size, out)
+        if present is not None and self.verify and present.any():
+            rows = np.flatnonzero(present)
+            self.check_each(layer, prec, ids[rows], out, rows * size, np.full(rows.size, size, np.int64), crcs[rows])
+        return present
+
+    def _read_scattered(self, layer, prec, ids, starts, lengths, crcs, dest) -> bool:
+        """A scattered batch of fixed-size records (a cache's misses: records spread over a
+        layer) costs a Python call per run on the task path; read them in C loops instead
+        (RecordFile.read_records), check each one's CRC in one call. False (nothing read)
+        where that does not apply: O_DIRECT, unsorted ids, or batches that are mostly
+        contiguous (runs of SCATTERED_MIN_RECORDS_PER_RUN records or more on average: the
+        task path reads each run with one syscall straight into place)."""
+        if self.records.direct_fd is not None or ids.size < 2 or not bool(np.all(ids[1:] > ids[:-1])):
+            return False
+        runs = 1 + int(np.count_nonzero(ids[1:] != ids[:-1] + 1))
+        if runs * SCATTERED_MIN_RECORDS_PER_RUN < ids.size:
+            return False  # mostly contiguous: a few long runs
+        size = int(lengths[0])
+        try:
+            self.records.read_records(starts, size, dest.reshape(-1)[: ids.size * size].reshape(ids.size, size))
+        except ShortRead as err:
+            self._short_read(layer, prec, ids, starts, lengths, err)
+        if self.verify:
+            self.check_each(layer, prec, ids, dest, np.arange(ids.size, dtype=np.int64) * size, lengths, crcs)
+        return True
+
+    def _read_tasks(self, layer, prec, ids, starts, lengths, crcs, dest) -> None:
+        tasks = plan(starts, lengths, crcs if self.verify else None, self.records.task_bytes)
+        try:
+            bad = self.records.read(dest, tasks)
+        except ShortRead as err:
+            self._short_read(layer, prec, ids, starts, lengths, err)
+        if bad:  # a task failed its CRC: check its records one by one to name the first bad one
+            task = bad[0]
+            rows = np.arange(task.row_lo, task.row_hi)
+            at = task.dest_lo + np.concatenate([[0], np.cumsum(lengths[rows][:-1])]).astype(np.int64)
+            self.check_each(layer, prec, ids[rows], dest, at, lengths[rows], crcs[rows])
+            raise ChecksumError(f"record layer {layer} neuron {int(ids[task.row_lo])} {prec.name} fails its checksum")
+
+    def _short_read(self, layer, prec, ids, starts, lengths, err: ShortRead):
+        row = int(np.searchsorted(starts + lengths, err.offset, side="right"))
+        nid = int(ids[min(row, ids.size - 1)])
+        raise ChecksumError(f"record layer {layer} neuron {nid} {prec.name} is missing or truncated "
+                            f"({RECORDS_FILE} ends at byte {self.records.size} of {self.expected_bytes})") from None
+
+    @staticmethod
+    def check_each(layer, prec, ids, dest, starts, lengths, crcs) -> None:
+        """Every record's CRC-32C (one C call); the first that fails is named."""
+        wrong = np.flatnonzero(checksum.crc32c_spans(dest, starts, lengths) != crcs)
+        if wrong.size:
+            raise ChecksumError(f"record layer {layer} neuron {int(ids[wrong[0]])} {prec.name} fails its checksum")
