@@ -62,7 +62,7 @@ class RecordReads:
             return False  # mostly contiguous: a few long runs
         size = int(lengths[0])
         try:
-            self.records.read_records(starts, size, dest.reshape(-1)[: ids.size * size].reshape(ids.size, size))
+            self.records.read_records(starts, size, dest.reshape(ids.size, size))
         except ShortRead as err:
             self._short_read(layer, prec, ids, starts, lengths, err)
         if self.verify:

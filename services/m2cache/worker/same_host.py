@@ -80,7 +80,7 @@ class SameHostStore:
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray, missing: np.ndarray) -> None:
         """The records of ``ids`` that the store's page cache holds: read into their rows of
         ``out`` and cleared in ``missing``; the others are left for the next tier."""
-        if not self.resident_reads or not ids.size or time.monotonic() < self._resident_after:
+        if not ids.size or not self.reads_page_cache:
             return
         if self.local is not None:
             self._resident_here(layer, prec, ids, out, missing)
@@ -114,16 +114,13 @@ class SameHostStore:
             try:
                 got = self.reader.read(request, lambda data, resp: consume(lo, data, resp), resident_only=True)
             except (Unavailable, DeadlineExceeded, FailedPrecondition) as err:  # Redis may hold the rest
-                log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
-                self._resident_after = time.monotonic() + AWAY_RETRY_S
+                self._away(err)
                 break
             served += got
             self.stats.shared_reads += 1
             if not self.resident_reads:
                 return
-        self.stats.page_cache_records += served
-        self.stats.page_cache_bytes += served * rb
-        self.stats.bytes += served * rb
+        self._count_page_cache(served, rb, local=False)
         if not served:
             self._resident_after = max(self._resident_after, time.monotonic() + RESIDENT_RETRY_S)
 
@@ -134,20 +131,26 @@ class SameHostStore:
         try:
             present = self.local.resident(layer, prec, ids, out)
         except (Unavailable, DeadlineExceeded, FailedPrecondition) as err:  # this layer's table: the store is away
-            log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
-            self._resident_after = time.monotonic() + AWAY_RETRY_S
+            self._away(err)
             return
         if present is None:
             log.info("this file system cannot read its page cache alone: misses go to Redis")
             self.resident_reads = False
             return
         missing &= ~present
-        served = int(np.count_nonzero(present))
-        nbytes = served * self.layout.num_bytes(prec)
+        self._count_page_cache(int(np.count_nonzero(present)), self.layout.num_bytes(prec), local=True)
+
+    def _away(self, err: Exception) -> None:
+        """The store failed a page-cache read (gone, restarting): Redis serves for a while."""
+        log.warning("page-cache reads paused for %.0f s: %s", AWAY_RETRY_S, err)
+        self._resident_after = time.monotonic() + AWAY_RETRY_S
+
+    def _count_page_cache(self, served: int, record_bytes: int, local: bool) -> None:
         self.stats.page_cache_records += served
-        self.stats.page_cache_bytes += nbytes
-        self.stats.local_records += served
-        self.stats.bytes += nbytes
+        self.stats.page_cache_bytes += served * record_bytes
+        self.stats.bytes += served * record_bytes
+        if local:
+            self.stats.local_records += served
 
     def read(self, layer: int, prec: Precision, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``ids[rows]`` into ``out[rows]``: read here (short-circuit), else by the store into
