@@ -3,7 +3,8 @@ read by a real store server straight into the caller's shared-memory region equa
 the streamed ones (dense and bitmap stores, over the Unix socket and over gRPC);
 a region the store cannot see, another caller's tag, a bad name or a read past the
 region are refused with their status codes; the socket serves only registered
-regions; a corrupt record is DATA_LOSS naming it; regions are released; a layer
+regions, a socket-registered one only on its own connection; a corrupt record is
+DATA_LOSS naming it; named regions (the fallback) are released; a layer
 over 512 MiB arrives through the region; resident-only reads return exactly what
 the page cache holds (checked, corrupt records named) and nothing for a bitmap
 store; the worker's fetcher reads the page cache first, then the store's device
@@ -43,8 +44,9 @@ def _copy(data, resp):
 
 
 def _mapped(handle: StoreHandle, reader: SharedReader) -> bool:
-    """Whether the store still maps ``reader``'s region: asked on its socket, which reads
-    only into regions it maps (and never maps one on its own)."""
+    """Whether the store still maps ``reader``'s named region: asked on its socket (on a
+    connection of its own, as any serves a named region), which reads only into regions
+    it maps (and never maps one on its own)."""
     client = SocketClient(str(reader.socket.path), 10.0)
     try:
         client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1]), region=reader.ref))
@@ -60,7 +62,7 @@ def test_shared_reads_equal_the_stored_records(store_root, socket):
     handle = StoreHandle(store_root, shared_socket=socket)
     reader = SharedReader(_rpc(handle), 1 << 20, timeout_s=30)
     try:
-        assert (reader.socket is not None) == socket
+        assert (reader.socket is not None) == socket and reader.region.anonymous == socket  # memfd with a socket
         for model in ("tiny-llama", "tiny-opt"):
             store = handle.catalog.get(model)
             for prec in Precision:
@@ -141,8 +143,10 @@ def test_the_socket_serves_only_registered_regions_and_goes_with_the_store(store
                 client.read(store_pb2.SharedReadRequest(batch=_batch("nope", 0, [1]), region=reader.ref))
             with pytest.raises(errors.InvalidArgument, match="out of range"):
                 client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 99, [1]), region=reader.ref))
-            assert client.read(store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1, 2]),
-                                                           region=reader.ref)).nbytes > 0
+            mine = store_pb2.SharedReadRequest(batch=_batch("tiny-llama", 0, [1, 2]), region=reader.ref)
+            with pytest.raises(errors.FailedPrecondition, match="not registered on this connection"):
+                client.read(mine)  # the region was registered on the reader's connection
+            assert reader.socket.read(mine).nbytes > 0
         finally:
             client.close()
     finally:
@@ -152,20 +156,26 @@ def test_the_socket_serves_only_registered_regions_and_goes_with_the_store(store
     assert not os.path.exists(path)  # removed with the store
 
 
-def test_regions_are_released_and_a_dead_callers_region_is_dropped(store_root):
+def _named(handle: StoreHandle) -> SharedReader:
+    """A reader with a named region (the fallback where there is no memfd_create)."""
+    return SharedReader(_rpc(handle), 1 << 16, timeout_s=30, anonymous=False)
+
+
+def test_named_regions_are_released_and_a_dead_callers_region_is_dropped(store_root):
     handle = StoreHandle(store_root, max_regions=4)
     try:
-        first = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)
-        keep = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)
+        first = _named(handle)
+        keep = _named(handle)
+        assert not first.region.anonymous and first.region.path.exists()
         assert _mapped(handle, first) and _mapped(handle, keep)
         socket_path = first.socket.path
         first.close()  # released: unmapped, and its file gone
         first.socket = SocketClient(str(socket_path), 10.0)
         assert not _mapped(handle, first) and not first.region.path.exists()
         keep.region.path.unlink()  # a caller that died without a release
-        newer = SharedReader(_rpc(handle), 1 << 16, timeout_s=30)  # the next registration sweeps it
+        newer = _named(handle)  # the next registration sweeps it
         assert not _mapped(handle, keep) and _mapped(handle, newer)
-        live = [SharedReader(_rpc(handle), 1 << 16, timeout_s=30) for _ in range(5)]  # over max_regions
+        live = [_named(handle) for _ in range(5)]  # over max_regions
         assert not _mapped(handle, newer)  # the least recently used went
         for r in [newer] + live:  # an evicted region registers again at its next read
             payload, *_ = r.read(_batch("tiny-llama", 1, [7, 8]), _copy)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from m2cache import grpc_util
 from m2cache.dram import server as dram_server
@@ -34,15 +35,20 @@ def start_redis(port: int | None = None) -> RedisProcess:
 
 
 class StoreHandle:
-    """A running NeuronStore server and a stub to it."""
+    """A running NeuronStore server and a stub to it; ``registry``: its metrics."""
 
     def __init__(self, root: Path, port: int = 0, **overrides):
         self.config = StoreConfig(root=root, address=f"127.0.0.1:{port}", **overrides)
-        self.server, self.port, self.catalog = store_server.create_server(self.config)
+        self.registry = CollectorRegistry()
+        self.server, self.port, self.catalog = store_server.create_server(self.config, self.registry)
         self.server.start()
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc_util.channel(self.target)
         self.stub = store_pb2_grpc.NeuronStoreStub(self.channel)
+
+    def regions_mapped(self) -> int:
+        """The shared-memory regions the store maps now (its m2cache_store_shared_regions gauge)."""
+        return int(self.registry.get_sample_value("m2cache_store_shared_regions"))
 
     def stop(self) -> None:
         self.channel.close()

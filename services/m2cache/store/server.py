@@ -3,16 +3,19 @@
 
 Streamed responses are pipelined: the next chunk is read (on a small thread
 pool, its I/O on the store's own pool) while the current one is sent. Callers on
-the same host read into their shared-memory regions instead (store/shared.py)."""
+the same host read into their shared-memory regions instead (store/shared.py,
+store/shared_socket.py): a region registered on the store's Unix socket is tied to
+that connection and unmapped when it closes."""
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from m2cache import grpc_util
 from m2cache.codec.format import DTYPES, POLICY_KEY, Precision
@@ -21,7 +24,7 @@ from m2cache.metrics import RpcMetrics, start_metrics_server
 from m2cache.store.catalog import StoreCatalog, check_batch, chunk_bounds
 from m2cache.store.config import StoreConfig
 from m2cache.store.shared import RegionMaps
-from m2cache.store.shared_socket import SocketServer
+from m2cache.store.shared_socket import Peer, SocketServer
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ class StoreMetrics:
         self.rpc = RpcMetrics("store", registry)
         self.records = Counter("m2cache_store_records", "neuron records served", ["model"], registry=registry)
         self.bytes = Counter("m2cache_store_bytes", "bytes served", ["model", "kind"], registry=registry)
+        self.regions = Gauge("m2cache_store_shared_regions", "same-host callers' shared-memory regions mapped now",
+                             registry=registry)
 
 
 class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
@@ -44,6 +49,7 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         self.metrics = metrics
         self.readers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="stream-read")
         self.regions = RegionMaps(config.shared_memory_dir, config.max_regions)
+        metrics.regions.set_function(self.regions.__len__)
         self._socket_server: SocketServer | None = None
         self._socket_lock = threading.Lock()
         self._socket_tried = False
@@ -107,8 +113,18 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
                 batch.first = lo
                 yield batch
 
+    def SharedSocket(self, request, context):
+        """The socket on which a same-host caller registers its memfd region, and the token
+        the registration presents (so only callers that passed this channel's checks register)."""
+        with self.metrics.rpc.observe("SharedSocket"):
+            self.regions.check_enabled()
+            sock = self._socket()
+            if sock is None:
+                return store_pb2.SharedSocketInfo()
+            return store_pb2.SharedSocketInfo(socket_path=str(sock.path), token=sock.token)
+
     def OpenShared(self, request, context):
-        """Map the caller's region (checking its tag); answer with the socket for its reads."""
+        """Map the caller's named region (checking its tag); answer with the socket for its reads."""
         with self.metrics.rpc.observe("OpenShared"):
             self.regions.view(request.name, request.tag, 0, 0)
             sock = self._socket()
@@ -119,17 +135,18 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         with self.metrics.rpc.observe("ReadNeuronsShared"):
             return self.read_shared(request)
 
-    def read_shared(self, request, registered_only: bool = False) -> store_pb2.SharedReadResponse:
-        """The records, as stored, read straight into the caller's shared-memory region."""
+    def read_shared(self, request, peer: Peer | None = None) -> store_pb2.SharedReadResponse:
+        """The records, as stored, read straight into the caller's shared-memory region
+        (``peer``: the socket connection asking, which serves only what it may see)."""
         store, prec, ids = self._neuron_request(request.batch)
         check_batch(ids.size, 0, self.config.max_batch_ids, 0)
         if request.resident_only:
-            return self._read_resident(request, store, prec, ids, registered_only)
+            return self._read_resident(request, store, prec, ids, peer)
         lengths = store.stored_lengths(request.batch.layer, prec, ids)
         rb = store.layout.num_bytes(prec)
         nbytes = ids.size * rb if lengths is None else int(lengths.sum())
         dest = self.regions.view(request.region.name, request.region.tag, request.offset, nbytes,
-                                 open_new=not registered_only)
+                                 open_new=peer is None, peer=peer)
         got = store.read_stored(request.batch.layer, prec, ids, out=dest)
         self.metrics.records.labels(request.batch.model).inc(ids.size)
         self.metrics.bytes.labels(request.batch.model, "neurons").inc(nbytes)
@@ -137,14 +154,14 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
                                             record_lengths=[] if lengths is None else lengths.tolist(),
                                             nbytes=nbytes, verified=store.verify)
 
-    def _read_resident(self, request, store, prec, ids, registered_only: bool) -> store_pb2.SharedReadResponse:
+    def _read_resident(self, request, store, prec, ids, peer: Peer | None) -> store_pb2.SharedReadResponse:
         """What the page cache holds of the batch, each record at its row's place in the
         region; the rest named in ``absent`` (the caller reads them from the next tier)."""
         rb = store.layout.num_bytes(prec)
         if store.manifest.codec != "dense":
             return store_pb2.SharedReadResponse(record_bytes=rb, codec=store.manifest.codec, resident_unsupported=True)
         dest = self.regions.view(request.region.name, request.region.tag, request.offset, ids.size * rb,
-                                 open_new=not registered_only).reshape(ids.size, rb)
+                                 open_new=peer is None, peer=peer).reshape(ids.size, rb)
         present = store.read_resident(request.batch.layer, prec, ids, dest)
         if present is None:
             return store_pb2.SharedReadResponse(record_bytes=rb, codec="dense", resident_unsupported=True)
@@ -155,20 +172,43 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
         return store_pb2.SharedReadResponse(record_bytes=rb, codec="dense", nbytes=ids.size * rb, verified=store.verify,
                                             absent=np.flatnonzero(~present).tolist(), crc32c=crcs)
 
-    def _socket_request(self, request: store_pb2.SocketRequest) -> tuple[store_pb2.SocketResponse, list[int]]:
+    def _socket_request(self, request: store_pb2.SocketRequest, fds: list[int], peer: Peer
+                        ) -> tuple[store_pb2.SocketResponse, list[int]]:
         kind = request.WhichOneof("kind")
         if kind == "read":
             with self.metrics.rpc.observe("ReadNeuronsShared"):
-                return store_pb2.SocketResponse(read=self.read_shared(request.read, registered_only=True)), []
+                return store_pb2.SocketResponse(read=self.read_shared(request.read, peer)), []
         if kind == "record_file":
             with self.metrics.rpc.observe("RecordFile"):
-                resp, fds = self.record_file(request.record_file)
-                return store_pb2.SocketResponse(record_file=resp), fds
+                resp, out_fds = self.record_file(request.record_file, peer)
+                return store_pb2.SocketResponse(record_file=resp), out_fds
+        if kind == "register":
+            with self.metrics.rpc.observe("RegisterRegion"):
+                return store_pb2.SocketResponse(registered=self.register_region(request.register, fds, peer)), []
         raise InvalidArgument("an empty shared-memory socket request")
 
-    def record_file(self, request: store_pb2.RecordFileRequest) -> tuple[store_pb2.RecordFileResponse, list[int]]:
+    def register_region(self, request: store_pb2.RegisterRegion, fds: list[int], peer: Peer
+                        ) -> store_pb2.RegionRegistered:
+        """Map the caller's memfd region (its descriptor passed with the request) for this
+        connection alone, until it closes."""
+        if not hmac.compare_digest(request.token, self._socket_server.token):
+            raise FailedPrecondition("RegisterRegion needs the token SharedSocket gives (over gRPC)")
+        if len(fds) != 1:
+            raise InvalidArgument(f"RegisterRegion carries the region's descriptor, and only it ({len(fds)} came)")
+        name = self.regions.register_fd(fds[0], request.tag, request.capacity, peer)
+        return store_pb2.RegionRegistered(region=store_pb2.SharedRegion(name=name, tag=request.tag),
+                                          capacity=self.regions.capacity(name))
+
+    def _peer_closed(self, peer: Peer) -> None:
+        dropped = self.regions.release_peer(peer)
+        if dropped:
+            log.info("shared-memory peer %d gone: unmapped its %d region(s)", peer.pid, dropped)
+
+    def record_file(self, request: store_pb2.RecordFileRequest, peer: Peer
+                    ) -> tuple[store_pb2.RecordFileResponse, list[int]]:
         """Short-circuit reads: where a layer's records of one precision lie, their CRCs, and
-        (``want_fd``) the records file's descriptor, for a caller with a registered region."""
+        (``want_fd``) the records file's descriptor, for a caller with a region registered
+        (on this connection, or a named one over gRPC): the proof that it is on this host."""
         store = self.catalog.get(request.model)
         if not self.config.share_record_files:
             raise FailedPrecondition("this store shares no records file (share_record_files is off)")
@@ -177,7 +217,7 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
                                      "the store reads them (and callers get them dense)")
         if store.records.direct_fd is not None:
             raise FailedPrecondition("this store reads with O_DIRECT: its records bypass the page cache")
-        self.regions.view(request.region.name, request.region.tag, 0, 0, open_new=False)
+        self.regions.view(request.region.name, request.region.tag, 0, 0, open_new=False, peer=peer)
         prec = Precision.parse(request.precision)
         store.check_layer(request.layer)
         seg_offset, _nbytes = store.segment(request.layer, prec)
@@ -193,12 +233,13 @@ class NeuronStoreServicer(store_pb2_grpc.NeuronStoreServicer):
             return store_pb2.ReleaseRegionResponse()
 
     def _socket(self) -> SocketServer | None:
-        """The Unix socket for registered regions' reads, made at the first OpenShared."""
+        """The Unix socket for same-host callers, made at the first SharedSocket or OpenShared."""
         with self._socket_lock:
             if self._socket_server is None and self.config.shared_socket and not self._socket_tried:
                 self._socket_tried = True
                 try:
-                    self._socket_server = SocketServer(self.config.shared_memory_dir, self._socket_request)
+                    self._socket_server = SocketServer(self.config.shared_memory_dir, self._socket_request,
+                                                       on_close=self._peer_closed)
                 except OSError as err:
                     log.warning("no shared-memory socket in %s (%s): shared reads go over gRPC",
                                 self.config.shared_memory_dir, err)

@@ -1,28 +1,38 @@
 """The same-host doorbell of the NeuronStore's shared-memory path.
 
 A gRPC call costs 0.5-1 ms here (Python gRPC on loopback), more than reading a
-megabyte of records from the page cache, so a caller that registered a region
-(OpenShared, over the authenticated gRPC channel) sends its requests over a Unix
-socket instead: each request and answer is one frame, a 4-byte little-endian
-length and a SocketRequest / SocketResponse, about 20 us a round trip. Two kinds:
+megabyte of records from the page cache, so a same-host caller sends its requests
+over the store's Unix socket instead: each request and answer is one frame, a
+4-byte little-endian length and a SocketRequest / SocketResponse, about 20 us a
+round trip. Three kinds:
+- ``register``: the caller's anonymous region (a sealed memfd, store/shared.py),
+  its descriptor attached (SCM_RIGHTS), presenting the token the caller got over
+  the authenticated gRPC channel (SharedSocket). The store maps it for this
+  connection alone, and unmaps it when the connection closes (EOF or error), as it
+  does when a caller is killed: nothing of a caller outlives it;
 - ``read``: records read by the store into the caller's region (SharedReadRequest);
 - ``record_file``: where a layer's records lie and their CRCs, with the records
-  file's descriptor attached (SCM_RIGHTS), so the caller reads them itself
-  (short-circuit reads, as HDFS's DataNode hands its block files to local clients).
+  file's descriptor attached, so the caller reads them itself (short-circuit
+  reads, as HDFS's DataNode hands its block files to local clients).
 A failed request's ``error_code`` is a gRPC status name, mapped back to the typed
 errors of errors.py as a gRPC status would be. The server accepts only peers of
-its own uid, and serves only regions registered over gRPC, with their tag; like
-the region itself, this exists only on one host (Plasma's design: a Unix socket
-for control, shared memory for the bytes).
+its own uid, and serves a region, with its tag, only on the connection that
+registered it (or any connection for a named region registered over gRPC, the
+fallback: OpenShared); like the region itself, this exists only on one host
+(Plasma's design: a Unix socket for control, shared memory for the bytes). A
+caller looks for the socket the store names in its own shared-memory directory,
+so it finds it only where the two share that directory (/dev/shm).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +46,7 @@ from m2cache_client.pb import store_pb2
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
 MAX_FRAME = 64 << 20  # a request names at most 65,536 ids (about 0.4 MB); an answer carries their CRCs
+MAX_PASSED_FDS = 1  # descriptors a request may carry (RegisterRegion's); the kernel drops any more
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -70,34 +81,52 @@ def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> Non
 
 
 def _recv_frame_fds(sock: socket.socket, max_fds: int) -> tuple[bytes | None, list[int]]:
-    """A frame and the descriptors sent with it (each made close-on-exec)."""
+    """A frame and the descriptors sent with it (each made close-on-exec; closed here
+    if the frame fails)."""
     head, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, max_fds)
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    if not head:
-        return None, fds
-    if len(head) < _LEN.size:
-        rest = _recv_exact(sock, _LEN.size - len(head))
-        if rest is None:
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        if not head:
             return None, fds
-        head += rest
-    (n,) = _LEN.unpack(head)
-    if n > MAX_FRAME:
-        raise ValueError(f"frame of {n} bytes over the {MAX_FRAME}-byte limit")
-    return _recv_exact(sock, n), fds
+        if len(head) < _LEN.size:
+            rest = _recv_exact(sock, _LEN.size - len(head))
+            if rest is None:
+                return None, fds
+            head += rest
+        (n,) = _LEN.unpack(head)
+        if n > MAX_FRAME:
+            raise ValueError(f"frame of {n} bytes over the {MAX_FRAME}-byte limit")
+        return _recv_exact(sock, n), fds
+    except BaseException:
+        _close_all(fds)
+        raise
 
 
-Handler = Callable[[store_pb2.SocketRequest], tuple[store_pb2.SocketResponse, list[int]]]
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One connection to the socket: what it registers is its alone, and goes with it."""
+
+    pid: int     # the peer's process (SO_PEERCRED), for the logs
+    serial: int  # this server's count of connections: two connections are never equal
+
+
+# (request, the descriptors that came with it, its connection) -> (answer, descriptors to pass)
+Handler = Callable[[store_pb2.SocketRequest, list[int], Peer], tuple[store_pb2.SocketResponse, list[int]]]
 
 
 class SocketServer:
     """Serves SocketRequests on a Unix socket in ``directory``, one thread per peer;
     ``handle`` answers one with the descriptors to pass along (the handler's own: they
-    are duplicated into the peer, not closed here)."""
+    are duplicated into the peer, not closed here); the descriptors a request brought
+    are closed once it is answered. ``on_close(peer)`` once a connection has ended.
+    ``token``: what a registration presents (given out over gRPC)."""
 
-    def __init__(self, directory: str, handle: Handler):
+    def __init__(self, directory: str, handle: Handler, on_close: Callable[[Peer], object] = lambda peer: None):
         self.path = Path(directory) / f"m2cache-store-{os.getpid()}-{secrets.token_hex(8)}.sock"
         self.handle = handle
+        self.on_close = on_close
+        self.token = secrets.token_bytes(16)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket file 0600: only this uid connects
         try:
@@ -107,43 +136,49 @@ class SocketServer:
         self._sock.listen(64)
         self._closed = threading.Event()
         self._peers: set[socket.socket] = set()
+        self._serials = itertools.count()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="shared-accept", daemon=True).start()
 
     def _accept(self) -> None:
         while not self._closed.is_set():
             try:
-                peer, _ = self._sock.accept()
+                conn, _ = self._sock.accept()
             except OSError:
                 return  # closed
-            uid = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != os.getuid():
                 log.warning("shared-memory socket: refused a peer of uid %d", uid)
-                peer.close()
+                conn.close()
                 continue
             with self._lock:
-                self._peers.add(peer)
-            threading.Thread(target=self._serve, args=(peer,), name="shared-peer", daemon=True).start()
+                self._peers.add(conn)
+            peer = Peer(pid, next(self._serials))
+            threading.Thread(target=self._serve, args=(conn, peer), name="shared-peer", daemon=True).start()
 
-    def _serve(self, peer: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: Peer) -> None:
         try:
             while True:
-                frame = _recv_frame(peer)
-                if frame is None:
-                    return
-                answer, fds = self._answer(frame)
-                _send_frame(peer, answer.SerializeToString(), fds)
+                frame, fds = _recv_frame_fds(conn, MAX_PASSED_FDS)  # one recvmsg for the head, as recv was
+                try:
+                    if frame is None:
+                        return
+                    answer, out_fds = self._answer(frame, fds, peer)
+                finally:
+                    _close_all(fds)
+                _send_frame(conn, answer.SerializeToString(), out_fds)
         except (OSError, ValueError) as err:
             if not self._closed.is_set():
-                log.info("shared-memory socket peer dropped: %s", err)
+                log.info("shared-memory socket peer %d dropped: %s", peer.pid, err)
         finally:
             with self._lock:
-                self._peers.discard(peer)
-            peer.close()
+                self._peers.discard(conn)
+            conn.close()
+            self.on_close(peer)
 
-    def _answer(self, frame: bytes) -> tuple[store_pb2.SocketResponse, list[int]]:
+    def _answer(self, frame: bytes, fds: list[int], peer: Peer) -> tuple[store_pb2.SocketResponse, list[int]]:
         try:
-            return self.handle(store_pb2.SocketRequest.FromString(frame))
+            return self.handle(store_pb2.SocketRequest.FromString(frame), fds, peer)
         except M2CacheError as err:
             return store_pb2.SocketResponse(error_code=err.code, error=str(err)), []
         except Exception as err:  # the peer gets INTERNAL, the store keeps serving
@@ -154,8 +189,8 @@ class SocketServer:
         self._closed.set()
         self._sock.close()
         with self._lock:
-            for peer in self._peers:
-                peer.shutdown(socket.SHUT_RDWR)
+            for conn in self._peers:
+                conn.shutdown(socket.SHUT_RDWR)
         self.path.unlink(missing_ok=True)
 
 
@@ -167,35 +202,42 @@ class SocketClient:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
-            self._sock.connect(path)
+            self._sock.connect(str(path))
         except OSError as err:
             self._sock.close()
             raise Unavailable(f"the store's shared-memory socket {path}: {err}") from None
 
-    def request(self, request: store_pb2.SocketRequest, max_fds: int = 0) -> tuple[store_pb2.SocketResponse, list[int]]:
+    def request(self, request: store_pb2.SocketRequest, max_fds: int = 0, fds: list[int] = ()
+                ) -> tuple[store_pb2.SocketResponse, list[int]]:
         """The store's answer and the descriptors it passed (at most ``max_fds``; the
-        caller's to close), or its typed error; Unavailable when the socket fails."""
-        fds: list[int] = []
+        caller's to close), or its typed error; Unavailable when the socket fails.
+        ``fds``: descriptors passed with the request (still the caller's)."""
+        got: list[int] = []
         try:
-            _send_frame(self._sock, request.SerializeToString())
+            _send_frame(self._sock, request.SerializeToString(), fds)
             if max_fds:
-                frame, fds = _recv_frame_fds(self._sock, max_fds)
+                frame, got = _recv_frame_fds(self._sock, max_fds)
             else:
                 frame = _recv_frame(self._sock)
         except (OSError, ValueError) as err:
-            _close_all(fds)
+            _close_all(got)
             raise Unavailable(f"the store's shared-memory socket {self.path}: {err}") from None
         if frame is None:
-            _close_all(fds)
+            _close_all(got)
             raise Unavailable(f"the store closed its shared-memory socket {self.path}")
         resp = store_pb2.SocketResponse.FromString(frame)
         if resp.error_code:
-            _close_all(fds)
+            _close_all(got)
             raise error_for_code(resp.error_code, f"NeuronStore socket {request.WhichOneof('kind')}", resp.error)
-        return resp, fds
+        return resp, got
 
     def read(self, request: store_pb2.SharedReadRequest) -> store_pb2.SharedReadResponse:
         return self.request(store_pb2.SocketRequest(read=request))[0].read
+
+    def register(self, region: SharedRegion, token: bytes) -> store_pb2.RegionRegistered:
+        """Pass the anonymous ``region``'s memfd to the store: its name there, for this connection."""
+        request = store_pb2.RegisterRegion(capacity=region.capacity, tag=region.tag, token=token)
+        return self.request(store_pb2.SocketRequest(register=request), fds=[region.fd])[0].registered
 
     def close(self) -> None:
         self._sock.close()
@@ -207,22 +249,29 @@ def _close_all(fds: list[int]) -> None:
 
 
 class SharedReader:
-    """A caller's same-host path to one store: a region of ``capacity`` bytes registered
-    over gRPC (``rpc``: a grpc_util.Rpc to the NeuronStore), its reads sent on the
-    store's socket (over gRPC where the store has none). Thread-safe: one read at a
-    time, since every read lands in the one region. Raises FailedPrecondition when
-    the store cannot see the region (then stream), OSError when no region can be made."""
+    """A caller's same-host path to one store: a region of ``capacity`` bytes and its reads.
+    Where the store has a socket that this host's ``directory`` holds, an anonymous region
+    (memfd) registered on it and every request sent there; else (no socket, no memfd, or
+    ``anonymous`` False) a named region in ``directory`` registered over gRPC (``rpc``: a
+    grpc_util.Rpc to the NeuronStore), its reads on the socket OpenShared names, or over
+    gRPC. Thread-safe: one read at a time, since every read lands in the one region.
+    Raises FailedPrecondition when the store cannot see the region (then stream), OSError
+    when no region can be made."""
 
-    def __init__(self, rpc, capacity: int, timeout_s: float, directory: str = SHM_DIR):
+    def __init__(self, rpc, capacity: int, timeout_s: float, directory: str = SHM_DIR, anonymous: bool = True):
         self.rpc = rpc
         self.timeout_s = timeout_s
-        self.region = SharedRegion(capacity, directory)
-        self.ref = store_pb2.SharedRegion(name=self.region.name, tag=self.region.tag)
+        self.directory = directory
         self.socket: SocketClient | None = None
+        self._token = b""
         self._lock = threading.Lock()
+        region = self._anonymous_region(capacity) if anonymous else None
+        self.region = region if region is not None else SharedRegion(capacity, directory)
+        self.ref = store_pb2.SharedRegion(name=self.region.name, tag=self.region.tag)
         try:
             self._register()
         except BaseException:
+            self._close_socket()
             self.region.close()
             raise
 
@@ -230,7 +279,44 @@ class SharedReader:
     def capacity(self) -> int:
         return self.region.capacity
 
+    def _anonymous_region(self, capacity: int) -> SharedRegion | None:
+        """A memfd region, with the store's socket connected; None where either is missing."""
+        try:
+            info = self.rpc.unary("SharedSocket", store_pb2.SharedSocketRequest())
+        except M2CacheError as err:
+            if err.code != "UNIMPLEMENTED":
+                raise
+            return None  # a store older than SharedSocket: a named region
+        if not info.socket_path:
+            return None
+        try:
+            region = SharedRegion(capacity, anonymous=True)
+        except (AttributeError, OSError) as err:  # no memfd_create here (an old kernel, a sandbox)
+            log.info("no anonymous shared region (%s): a named one in %s", err, self.directory)
+            return None
+        try:
+            self._connect(info)
+        except Unavailable as err:  # another host's socket (or another /dev/shm): a named region, or streams
+            log.info("%s: a named shared region", err)
+            region.close()
+            return None
+        return region
+
+    def _connect(self, info: store_pb2.SharedSocketInfo) -> None:
+        """The store's socket, looked for in this caller's shared-memory directory."""
+        self.socket = SocketClient(str(Path(self.directory) / Path(info.socket_path).name), self.timeout_s)
+        self._token = info.token
+
     def _register(self) -> None:
+        """(Again:) the region registered with the store, and its socket connected."""
+        if self.region.anonymous:
+            if self.socket is None:  # the socket broke (the store restarted): a new connection
+                info = self.rpc.unary("SharedSocket", store_pb2.SharedSocketRequest())
+                if not info.socket_path:
+                    raise FailedPrecondition("the store has no shared-memory socket any more")
+                self._connect(info)
+            self.ref = self.socket.register(self.region, self._token).region
+            return
         opened = self.rpc.unary("OpenShared", self.ref)
         if self.socket is None and opened.socket_path:
             try:
@@ -243,10 +329,10 @@ class SharedReader:
         """Read ``batch`` (a NeuronBatchRequest) into the region and return
         ``consume(bytes written, answer)``, called before the next read may start.
         ``resident_only``: only what the store's page cache holds (SharedReadRequest)."""
-        request = store_pb2.SharedReadRequest(batch=batch, region=self.ref, resident_only=resident_only)
         with self._lock:
             if self.region.data is None:
-                raise FailedPrecondition(f"shared region {self.region.name} is closed")
+                raise FailedPrecondition(f"shared region {self.ref.name} is closed")
+            request = store_pb2.SharedReadRequest(batch=batch, region=self.ref, resident_only=resident_only)
             resp = self._read(request)
             return consume(self.region.data[: resp.nbytes], resp)
 
@@ -255,9 +341,9 @@ class SharedReader:
         """Where (layer, prec)'s records lie in the model's records file, and with ``want_fd``
         the file's descriptor (the caller's to close). FailedPrecondition where the store has
         no socket or will not share the file."""
-        request = store_pb2.RecordFileRequest(model=model, layer=layer, precision=prec, region=self.ref,
-                                              want_fd=want_fd)
         with self._lock:
+            request = store_pb2.RecordFileRequest(model=model, layer=layer, precision=prec, region=self.ref,
+                                                  want_fd=want_fd)
             resp, fds = self._call(request, "record_file", 1 if want_fd else 0)
         fd = fds[0] if fds else None
         _close_all(fds[1:])
@@ -270,7 +356,10 @@ class SharedReader:
 
     def _call(self, request, kind: str, max_fds: int = 0) -> tuple[store_pb2.SocketResponse, list[int]]:
         for again in (False, True):
-            if self.socket is None:  # the store has no socket: reads go over gRPC
+            if self.socket is None and self.region.anonymous:  # a reconnection failed before
+                self._register()
+                request.region.CopyFrom(self.ref)
+            if self.socket is None:  # a named region, the store without a socket: reads go over gRPC
                 if kind == "read":
                     return store_pb2.SocketResponse(read=self.rpc.unary("ReadNeuronsShared", request)), []
                 raise FailedPrecondition("the store has no shared-memory socket: no short-circuit reads")
@@ -279,22 +368,28 @@ class SharedReader:
             except FailedPrecondition:  # the store dropped its mapping (it keeps a bounded number)
                 if again:
                     raise
-            except Unavailable:  # the socket broke: the store restarted, or is gone (OpenShared says which)
+            except Unavailable:  # the socket broke: the store restarted, or is gone (a new registration says which)
                 if again:
                     raise
-                self.socket.close()
-                self.socket = None
+                self._close_socket()
             self._register()
+            request.region.CopyFrom(self.ref)  # an anonymous region's name is the store's: new at each registration
+
+    def _close_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
 
     def close(self) -> None:
-        """Release the region (after a read in flight); later reads are FailedPrecondition."""
+        """Release the region (after a read in flight); later reads are FailedPrecondition.
+        An anonymous region goes when the socket closes; a named one is released over gRPC."""
         with self._lock:
             if self.region.data is None:
                 return
-            try:
-                self.rpc.stub.ReleaseRegion(self.ref, timeout=2.0)
-            except Exception as err:  # the store is gone: it maps nothing of ours any more
-                log.debug("ReleaseRegion: %s", err)
-            if self.socket is not None:
-                self.socket.close()
+            if not self.region.anonymous:
+                try:
+                    self.rpc.stub.ReleaseRegion(self.ref, timeout=2.0)
+                except Exception as err:  # the store is gone: it maps nothing of ours any more
+                    log.debug("ReleaseRegion: %s", err)
+            self._close_socket()
             self.region.close()

@@ -3,7 +3,9 @@
 Where the store shares a model's records file (a dense store, by default), this worker
 reads it itself (worker/short_circuit.py: the page cache's records with no round trip,
 then the device's), exactly as an in-process run does. Otherwise, through a shared-memory
-region (store/shared.py), two reads, both one Unix-socket round trip per region's worth:
+region (store/shared.py: a memfd registered on the store's socket, which the store unmaps
+when this process's connection closes, however it ends), two reads, both one Unix-socket
+round trip per region's worth:
 - ``resident``: what the store's page cache already holds, never waiting on the device
   (preadv2 RWF_NOWAIT in the store; a page it finds missing may start the kernel's
   readahead, so a cold sequential read is partly served from the page cache). On one host the page cache is DRAM too, and the
@@ -61,7 +63,8 @@ class SameHostStore:
             return None
         local = LocalRecords.open(reader, model, layout, d_ffn, verify) if short_circuit and dense else None
         if local is None:
-            log.info("misses land in shared region %s (%d KiB)", reader.region.name, reader.capacity >> 10)
+            log.info("misses land in shared region %s (%s, %d KiB)", reader.ref.name,
+                     "a memfd" if reader.region.anonymous else reader.region.path, reader.capacity >> 10)
         return cls(reader, model, layout, dense, verify, stats, resident_reads, local)
 
     @property

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from m2cache_client.pb import common_pb2 as m2cache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\")\n\x0cSharedRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x0c\"5\n\x0cSharedOpened\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"\x93\x01\n\x11SharedReadRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x15\n\rresident_only\x18\x04 \x01(\x08\"\xbd\x01\n\x12SharedReadResponse\x12\x14\n\x0crecord_bytes\x18\x01 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x02 \x03(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0erecord_lengths\x18\x04 \x03(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x0e\n\x06\x61\x62sent\x18\t \x03(\r\x12\x1c\n\x14resident_unsupported\x18\n \x01(\x08J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"\x17\n\x15ReleaseRegionResponse\"\x96\x01\n\x11RecordFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12(\n\tprecision\x18\x03 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12(\n\x06region\x18\x04 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0f\n\x07want_fd\x18\x05 \x01(\x08\"{\n\x12RecordFileResponse\x12\x16\n\x0esegment_offset\x18\x01 \x01(\x04\x12\x14\n\x0crecord_bytes\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x66\x64_attached\x18\x05 \x01(\x08\"|\n\rSocketRequest\x12-\n\x04read\x18\x01 \x01(\x0b\x32\x1d.m2cache.v1.SharedReadRequestH\x00\x12\x34\n\x0brecord_file\x18\x02 \x01(\x0b\x32\x1d.m2cache.v1.RecordFileRequestH\x00\x42\x06\n\x04kind\"\xa2\x01\n\x0eSocketResponse\x12.\n\x04read\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.SharedReadResponseH\x00\x12\x35\n\x0brecord_file\x18\x02 \x01(\x0b\x32\x1e.m2cache.v1.RecordFileResponseH\x00\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\tB\x06\n\x04kind2\xd5\x05\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12J\n\rStreamNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch0\x01\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12@\n\nOpenShared\x12\x18.m2cache.v1.SharedRegion\x1a\x18.m2cache.v1.SharedOpened\x12R\n\x11ReadNeuronsShared\x12\x1d.m2cache.v1.SharedReadRequest\x1a\x1e.m2cache.v1.SharedReadResponse\x12L\n\rReleaseRegion\x12\x18.m2cache.v1.SharedRegion\x1a!.m2cache.v1.ReleaseRegionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16m2cache/v1/store.proto\x12\nm2cache.v1\x1a\x17m2cache/v1/common.proto\")\n\x0cSharedRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x0c\"\x15\n\x13SharedSocketRequest\"6\n\x10SharedSocketInfo\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\">\n\x0eRegisterRegion\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x04\x12\x0b\n\x03tag\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x0c\"N\n\x10RegionRegistered\x12(\n\x06region\x18\x01 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"5\n\x0cSharedOpened\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"\x93\x01\n\x11SharedReadRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.NeuronBatchRequest\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x15\n\rresident_only\x18\x04 \x01(\x08\"\xbd\x01\n\x12SharedReadResponse\x12\x14\n\x0crecord_bytes\x18\x01 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x02 \x03(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0erecord_lengths\x18\x04 \x03(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x0e\n\x06\x61\x62sent\x18\t \x03(\r\x12\x1c\n\x14resident_unsupported\x18\n \x01(\x08J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"\x17\n\x15ReleaseRegionResponse\"\x96\x01\n\x11RecordFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12(\n\tprecision\x18\x03 \x01(\x0e\x32\x15.m2cache.v1.Precision\x12(\n\x06region\x18\x04 \x01(\x0b\x32\x18.m2cache.v1.SharedRegion\x12\x0f\n\x07want_fd\x18\x05 \x01(\x08\"{\n\x12RecordFileResponse\x12\x16\n\x0esegment_offset\x18\x01 \x01(\x04\x12\x14\n\x0crecord_bytes\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x66\x64_attached\x18\x05 \x01(\x08\"\xac\x01\n\rSocketRequest\x12-\n\x04read\x18\x01 \x01(\x0b\x32\x1d.m2cache.v1.SharedReadRequestH\x00\x12\x34\n\x0brecord_file\x18\x02 \x01(\x0b\x32\x1d.m2cache.v1.RecordFileRequestH\x00\x12.\n\x08register\x18\x03 \x01(\x0b\x32\x1a.m2cache.v1.RegisterRegionH\x00\x42\x06\n\x04kind\"\xd6\x01\n\x0eSocketResponse\x12.\n\x04read\x18\x01 \x01(\x0b\x32\x1e.m2cache.v1.SharedReadResponseH\x00\x12\x35\n\x0brecord_file\x18\x02 \x01(\x0b\x32\x1e.m2cache.v1.RecordFileResponseH\x00\x12\x32\n\nregistered\x18\x05 \x01(\x0b\x32\x1c.m2cache.v1.RegionRegisteredH\x00\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\tB\x06\n\x04kind2\xa4\x06\n\x0bNeuronStore\x12K\n\nListModels\x12\x1d.m2cache.v1.ListModelsRequest\x1a\x1e.m2cache.v1.ListModelsResponse\x12@\n\x0bGetManifest\x12\x1b.m2cache.v1.ManifestRequest\x1a\x14.m2cache.v1.Manifest\x12G\n\x0c\x46\x65tchNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch\x12J\n\rStreamNeurons\x12\x1e.m2cache.v1.NeuronBatchRequest\x1a\x17.m2cache.v1.NeuronBatch0\x01\x12>\n\nFetchDense\x12\x18.m2cache.v1.DenseRequest\x1a\x16.m2cache.v1.DenseBatch\x12\x42\n\x0bStreamDense\x12\x18.m2cache.v1.DenseRequest\x1a\x17.m2cache.v1.TensorChunk0\x01\x12:\n\tFetchFile\x12\x17.m2cache.v1.FileRequest\x1a\x14.m2cache.v1.FileBlob\x12M\n\x0cSharedSocket\x12\x1f.m2cache.v1.SharedSocketRequest\x1a\x1c.m2cache.v1.SharedSocketInfo\x12@\n\nOpenShared\x12\x18.m2cache.v1.SharedRegion\x1a\x18.m2cache.v1.SharedOpened\x12R\n\x11ReadNeuronsShared\x12\x1d.m2cache.v1.SharedReadRequest\x1a\x1e.m2cache.v1.SharedReadResponse\x12L\n\rReleaseRegion\x12\x18.m2cache.v1.SharedRegion\x1a!.m2cache.v1.ReleaseRegionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHAREDREGION']._serialized_start=63
   _globals['_SHAREDREGION']._serialized_end=104
-  _globals['_SHAREDOPENED']._serialized_start=106
-  _globals['_SHAREDOPENED']._serialized_end=159
-  _globals['_SHAREDREADREQUEST']._serialized_start=162
-  _globals['_SHAREDREADREQUEST']._serialized_end=309
-  _globals['_SHAREDREADRESPONSE']._serialized_start=312
-  _globals['_SHAREDREADRESPONSE']._serialized_end=501
-  _globals['_RELEASEREGIONRESPONSE']._serialized_start=503
-  _globals['_RELEASEREGIONRESPONSE']._serialized_end=526
-  _globals['_RECORDFILEREQUEST']._serialized_start=529
-  _globals['_RECORDFILEREQUEST']._serialized_end=679
-  _globals['_RECORDFILERESPONSE']._serialized_start=681
-  _globals['_RECORDFILERESPONSE']._serialized_end=804
-  _globals['_SOCKETREQUEST']._serialized_start=806
-  _globals['_SOCKETREQUEST']._serialized_end=930
-  _globals['_SOCKETRESPONSE']._serialized_start=933
-  _globals['_SOCKETRESPONSE']._serialized_end=1095
-  _globals['_NEURONSTORE']._serialized_start=1098
-  _globals['_NEURONSTORE']._serialized_end=1823
+  _globals['_SHAREDSOCKETREQUEST']._serialized_start=106
+  _globals['_SHAREDSOCKETREQUEST']._serialized_end=127
+  _globals['_SHAREDSOCKETINFO']._serialized_start=129
+  _globals['_SHAREDSOCKETINFO']._serialized_end=183
+  _globals['_REGISTERREGION']._serialized_start=185
+  _globals['_REGISTERREGION']._serialized_end=247
+  _globals['_REGIONREGISTERED']._serialized_start=249
+  _globals['_REGIONREGISTERED']._serialized_end=327
+  _globals['_SHAREDOPENED']._serialized_start=329
+  _globals['_SHAREDOPENED']._serialized_end=382
+  _globals['_SHAREDREADREQUEST']._serialized_start=385
+  _globals['_SHAREDREADREQUEST']._serialized_end=532
+  _globals['_SHAREDREADRESPONSE']._serialized_start=535
+  _globals['_SHAREDREADRESPONSE']._serialized_end=724
+  _globals['_RELEASEREGIONRESPONSE']._serialized_start=726
+  _globals['_RELEASEREGIONRESPONSE']._serialized_end=749
+  _globals['_RECORDFILEREQUEST']._serialized_start=752
+  _globals['_RECORDFILEREQUEST']._serialized_end=902
+  _globals['_RECORDFILERESPONSE']._serialized_start=904
+  _globals['_RECORDFILERESPONSE']._serialized_end=1027
+  _globals['_SOCKETREQUEST']._serialized_start=1030
+  _globals['_SOCKETREQUEST']._serialized_end=1202
+  _globals['_SOCKETRESPONSE']._serialized_start=1205
+  _globals['_SOCKETRESPONSE']._serialized_end=1419
+  _globals['_NEURONSTORE']._serialized_start=1422
+  _globals['_NEURONSTORE']._serialized_end=2226
 # @@protoc_insertion_point(module_scope)

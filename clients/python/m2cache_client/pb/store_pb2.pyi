@@ -15,6 +15,36 @@ class SharedRegion(_message.Message):
     tag: bytes
     def __init__(self, name: _Optional[str] = ..., tag: _Optional[bytes] = ...) -> None: ...
 
+class SharedSocketRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedSocketInfo(_message.Message):
+    __slots__ = ("socket_path", "token")
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    socket_path: str
+    token: bytes
+    def __init__(self, socket_path: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRegion(_message.Message):
+    __slots__ = ("capacity", "tag", "token")
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    capacity: int
+    tag: bytes
+    token: bytes
+    def __init__(self, capacity: _Optional[int] = ..., tag: _Optional[bytes] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class RegionRegistered(_message.Message):
+    __slots__ = ("region", "capacity")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    region: SharedRegion
+    capacity: int
+    def __init__(self, region: _Optional[_Union[SharedRegion, _Mapping]] = ..., capacity: _Optional[int] = ...) -> None: ...
+
 class SharedOpened(_message.Message):
     __slots__ = ("socket_path", "capacity")
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -88,21 +118,25 @@ class RecordFileResponse(_message.Message):
     def __init__(self, segment_offset: _Optional[int] = ..., record_bytes: _Optional[int] = ..., crc32c: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., fd_attached: _Optional[bool] = ...) -> None: ...
 
 class SocketRequest(_message.Message):
-    __slots__ = ("read", "record_file")
+    __slots__ = ("read", "record_file", "register")
     READ_FIELD_NUMBER: _ClassVar[int]
     RECORD_FILE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
     read: SharedReadRequest
     record_file: RecordFileRequest
-    def __init__(self, read: _Optional[_Union[SharedReadRequest, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileRequest, _Mapping]] = ...) -> None: ...
+    register: RegisterRegion
+    def __init__(self, read: _Optional[_Union[SharedReadRequest, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileRequest, _Mapping]] = ..., register: _Optional[_Union[RegisterRegion, _Mapping]] = ...) -> None: ...
 
 class SocketResponse(_message.Message):
-    __slots__ = ("read", "record_file", "error_code", "error")
+    __slots__ = ("read", "record_file", "registered", "error_code", "error")
     READ_FIELD_NUMBER: _ClassVar[int]
     RECORD_FILE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     read: SharedReadResponse
     record_file: RecordFileResponse
+    registered: RegionRegistered
     error_code: str
     error: str
-    def __init__(self, read: _Optional[_Union[SharedReadResponse, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileResponse, _Mapping]] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, read: _Optional[_Union[SharedReadResponse, _Mapping]] = ..., record_file: _Optional[_Union[RecordFileResponse, _Mapping]] = ..., registered: _Optional[_Union[RegionRegistered, _Mapping]] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

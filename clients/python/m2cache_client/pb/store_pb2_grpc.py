@@ -71,6 +71,11 @@ class NeuronStoreStub:
                 request_serializer=m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
                 response_deserializer=m2cache_dot_v1_dot_common__pb2.FileBlob.FromString,
                 _registered_method=True)
+        self.SharedSocket = channel.unary_unary(
+                '/m2cache.v1.NeuronStore/SharedSocket',
+                request_serializer=m2cache_dot_v1_dot_store__pb2.SharedSocketRequest.SerializeToString,
+                response_deserializer=m2cache_dot_v1_dot_store__pb2.SharedSocketInfo.FromString,
+                _registered_method=True)
         self.OpenShared = channel.unary_unary(
                 '/m2cache.v1.NeuronStore/OpenShared',
                 request_serializer=m2cache_dot_v1_dot_store__pb2.SharedRegion.SerializeToString,
@@ -141,12 +146,25 @@ class NeuronStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharedSocket(self, request, context):
+        """Same host only: the store's Unix socket, on which a caller registers a region
+        it made with memfd_create by passing its descriptor (RegisterRegion), then
+        sends its SharedReadRequests (a round trip there costs a few tens of
+        microseconds, a gRPC call here 0.5-1 ms). The store maps such a region for
+        that connection alone and unmaps it when the connection closes, so a caller
+        that is killed leaves nothing behind. FAILED_PRECONDITION when the store reads
+        into no shared memory; an empty socket_path when it has no socket.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenShared(self, request, context):
-        """Same host only. A caller registers a shared-memory region it created
-        (SharedRegion); FAILED_PRECONDITION when the store cannot see it (another
-        host or /dev/shm): the caller streams instead. The answer names the Unix
-        socket on which the caller may send its SharedReadRequests (a round trip
-        there costs a few tens of microseconds, a gRPC call here 0.5-1 ms).
+        """Same host only, the fallback where there is no socket or no memfd_create: a
+        caller registers a named region it created (SharedRegion);
+        FAILED_PRECONDITION when the store cannot see it (another host or /dev/shm):
+        the caller streams instead. The answer names the Unix socket on which the
+        caller may send its SharedReadRequests ("" = over gRPC, ReadNeuronsShared).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,7 +179,8 @@ class NeuronStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseRegion(self, request, context):
-        """The store drops its mapping of a region (the caller then unlinks it).
+        """The store drops its mapping of a named region (the caller then unlinks it);
+        a region registered on the socket goes with its connection instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +223,11 @@ def add_NeuronStoreServicer_to_server(servicer, server):
                     servicer.FetchFile,
                     request_deserializer=m2cache_dot_v1_dot_common__pb2.FileRequest.FromString,
                     response_serializer=m2cache_dot_v1_dot_common__pb2.FileBlob.SerializeToString,
+            ),
+            'SharedSocket': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedSocket,
+                    request_deserializer=m2cache_dot_v1_dot_store__pb2.SharedSocketRequest.FromString,
+                    response_serializer=m2cache_dot_v1_dot_store__pb2.SharedSocketInfo.SerializeToString,
             ),
             'OpenShared': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenShared,
@@ -411,6 +435,33 @@ class NeuronStore:
             '/m2cache.v1.NeuronStore/FetchFile',
             m2cache_dot_v1_dot_common__pb2.FileRequest.SerializeToString,
             m2cache_dot_v1_dot_common__pb2.FileBlob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedSocket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/m2cache.v1.NeuronStore/SharedSocket',
+            m2cache_dot_v1_dot_store__pb2.SharedSocketRequest.SerializeToString,
+            m2cache_dot_v1_dot_store__pb2.SharedSocketInfo.FromString,
             options,
             channel_credentials,
             insecure,
