@@ -65,6 +65,9 @@ def test_validate_runs_the_bench_configurations_side_by_side(bench_run, tmp_path
         assert "failed" not in r, r.get("failed")
         assert r["predicted_tok_s"] > 0 and r["measured_tok_s"] > 0 and math.isfinite(r["error"])
         assert r["fraction"] == 0.5 and r["profile"]["measured"]
-    assert "stack" not in doc["probes"][0]["engine"] and "stack" in doc["probes"][1]["engine"]
+    stack = next(r for r in rows if r["system"] == "m2cache-stack")
+    # same host: the worker reads the store's file itself, so its misses are SSD-tier bytes, priced as in-process's
+    assert stack["bytes_per_token"]["dram"] == 0 and stack["bytes_per_token"]["ssd"] > 0
+    assert set(stack["terms_s"]) - {"fixed", "compute", "hbm", "engine"} <= {"ssd"}
     printed = capsys.readouterr().out
     assert "| predicted tok/s | measured tok/s |" in printed and (tmp_path / "work" / "validate.png").is_file()

@@ -56,6 +56,7 @@ def measure(system, prompt_ids: list[int], warmup: int, tokens: int, io_pids: li
         "decode_tok_s": tokens / max(times[-1] - mark["t"], 1e-9),
         "bytes_per_token": {tier: delta.get(f"{tier}_bytes", 0) / tokens for tier in ("hbm", "dram", "ssd")},
         "device_read_bytes_per_token": (end_io - mark["io"]) / tokens,
+        **({"page_cache_bytes_per_token": delta["page_cache_bytes"] / tokens} if "page_cache_bytes" in delta else {}),
         "hbm_hit_rate": hits / (hits + misses) if hits + misses else None,
         "dram_hit_rate": dram / (dram + through) if dram + through else None,
     }

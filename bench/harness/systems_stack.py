@@ -65,6 +65,16 @@ def stop_child(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _transport(config: WorkerConfig) -> str:
+    """The data plane a worker on the store's host uses (worker/fetcher.py)."""
+    if config.shared_memory_bytes <= 0:
+        return "data plane: Redis MGET + StreamNeurons from the store"
+    reads = ("the worker reads the store's records file itself (short-circuit)" if config.short_circuit
+             else "the store reads into a shared-memory region")
+    first = ", page cache before Redis" if config.page_cache_first else ", Redis before the page cache"
+    return f"same host: {reads}{first}"
+
+
 class ServiceStack:
     """NeuronStore + DramTier (+ its redis-server) for one measured configuration."""
 
@@ -124,7 +134,7 @@ class StackWorker:
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info = {"cache_budget_bytes": self.runtime.cache.budget_bytes, "window": window,
                      "ratios": choosers.ratios,
-                     "transport": "data plane: Redis MGET + the store's reads into a shared-memory region"}
+                     "transport": _transport(self.config)}
 
     def generate(self, prompt_ids, n_new, on_token):
         """Stream one request; tokens are clocked where the worker emits them (the
@@ -146,17 +156,21 @@ class StackWorker:
             #                   cycle keeping the engine, its KV and its cache, alive after close)
 
     def counters(self) -> dict:
-        """DRAM bytes: what the worker read from Redis itself (plus any through the tier)
-        and from the store's page cache (same host, worker/same_host.py); SSD bytes: the
-        worker's misses read from the store's records file (by the store, or by the worker
-        itself: short-circuit) plus what the tier read from the store into Redis."""
+        """DRAM bytes: what the worker read from Redis itself (plus any through the tier);
+        SSD bytes: the worker's misses read from the store's records file (by the store, or
+        by the worker itself: short-circuit), as in-process counts them whether the page
+        cache held them or not, plus what the tier read from the store into Redis. Of the
+        worker's, ``page_cache_bytes`` were in the store's page cache (same host,
+        worker/same_host.py): the block device's counters say what the rest cost."""
         hits, misses, b_hbm, b_fetched = self.runtime.snapshot()
         f = self.runtime.fetcher.stats
         d = self.stack.dram_stats()
+        store = f.store_bytes + f.page_cache_bytes
         return {"hbm_bytes": b_hbm, "hbm_hits": hits, "hbm_misses": misses,
-                "fetched_bytes": b_fetched, "dram_bytes": f.redis_bytes + f.page_cache_bytes + d.bytes_from_redis,
-                "ssd_bytes": f.store_bytes + d.bytes_from_store + d.bytes_preloaded,
-                "ssd_read_through_bytes": f.store_bytes + d.bytes_from_store}
+                "fetched_bytes": b_fetched, "dram_bytes": f.redis_bytes + d.bytes_from_redis,
+                "ssd_bytes": store + d.bytes_from_store + d.bytes_preloaded,
+                "ssd_read_through_bytes": store + d.bytes_from_store,
+                "page_cache_bytes": f.page_cache_bytes, "short_circuit_records": f.local_records}
 
     def service_peak_rss(self) -> dict[str, int]:
         """Peak resident memory of the service processes (store, dram, redis-server)."""

@@ -52,7 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--systems", nargs="+", default=None, help="validation: systems to run (default all on a store)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1],
                    help="validation: fast-memory budgets (default 1 0.5 0.25 0.1)")
-    p.add_argument("--tokens", type=int, default=4, help="validation: measured decode tokens (default 4)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="validation: measured decode tokens per configuration (default: planner/validate.py's "
+                        "ValidateConfig, 16 after 2 warm-up)")
     p.add_argument("--tolerance", type=float, default=0.25, help="validation: allowed relative error (default 0.25)")
     return p
 
@@ -141,10 +143,11 @@ def _measure(args) -> int:
     store = _store(args)
     shape = shapes.from_store(store)
     print(f"measuring this machine on {store} ...", flush=True)
-    probe = probes.probe_in_child(store, ("resident", "full", "int8", "int4", "miss", "stream"),
+    probe = probes.probe_in_child(store, ("full", "int8", "int4", "miss", "stream"),
                                   args.out_dir.resolve() / "probe", probe_layers=2, tokens=3)
-    coeffs = probes.engine_coefficients(probe, shape)
-    profile = measure.local_profile(coeffs, measure.probe_tiers(store), when=time.strftime("%Y-%m-%d %H:%M"))
+    tiers = measure.probe_tiers(store)
+    coeffs = probes.engine_coefficients(probe, shape, tiers["hbm"]["bytes_per_s"])
+    profile = measure.local_profile(coeffs, tiers, when=time.strftime("%Y-%m-%d %H:%M"))
     args.measure_profile.write_text(yaml.safe_dump(profiles.to_dict(profile), sort_keys=False))
     print(f"profile: {args.measure_profile} (load average {probe['load_avg_start'][0]:.2f})")
     return 0
@@ -154,7 +157,9 @@ def _validate(args) -> int:
     from m2cache.planner import report, validate
 
     kwargs = dict(store=_store(args), out_dir=args.out_dir.resolve(), fractions=tuple(args.fractions),
-                  tokens=args.tokens, tolerance=args.tolerance)
+                  tolerance=args.tolerance)
+    if args.tokens:
+        kwargs["tokens"] = args.tokens
     if args.ratios:
         kwargs["ratios"] = tuple(args.ratios)
     if args.systems:

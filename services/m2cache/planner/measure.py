@@ -80,7 +80,7 @@ def local_profile(engine: dict, tiers: dict, name: str = "this-machine", price_p
                    "overlap": OVERLAP, "source": f"measured {when}"},
         "tiers": [
             {"name": "memory", "kind": "hbm", "capacity_gb": mem / gb, "bandwidth_gbs": engine["hbm_bandwidth"] / gb,
-             "power_w_per_gb": 0.1016, "source": "float32 weights through the model's matmuls (engine probe)"},
+             "power_w_per_gb": 0.1016, "source": engine.get("hbm_source", "engine probe")},
             {"name": "redis", "kind": "dram", "capacity_gb": mem / gb,
              "bandwidth_gbs": tiers["dram"]["bytes_per_s"] / gb, "source": "Redis MGET of FULL records (bench probe)"},
             {"name": "ssd", "kind": "ssd", "capacity_gb": disk / gb, "bandwidth_gbs": tiers["ssd_records"]["bytes_per_s"] / gb,
@@ -121,12 +121,12 @@ def calibrate(reps: int = 5) -> float:
 
 
 class Speedometer:
-    """``calibrate`` sampled at a low duty cycle (one 5-rep sample every ``period_s``) on a
+    """``calibrate`` sampled at a low duty cycle (one 1-rep sample every ``period_s``) on a
     thread while something else runs, so the machine's speed is known *during* it: on a
     shared box the load changes within a run. Use as a context manager; ``seconds`` is
     the median sample (the reference workload's time), None if none was taken."""
 
-    def __init__(self, period_s: float = 3.0):
+    def __init__(self, period_s: float = 1.5):  # a sample is ~25 ms: a few percent of one core
         import threading
 
         self.period_s = period_s

@@ -4,9 +4,10 @@ FFN restricted to a few probe layers, so each figure is a difference of two meas
 step times: no neurons at all (the fixed per-layer and per-token cost), the FFN
 resident as float32 (the compute rate), records at each precision through the
 worker's cache as hits and as misses from a warm local store, whole layers streamed
-as naive streaming does, the mixed policy's own choice, and (``probe_stack``) a
-fetch through the service stack. None of these is a configuration the benchmark
-runs. ``probe_in_child`` runs them in a fresh process under the benchmark's own
+as naive streaming does, and the mixed policy's own choice. None of these is a
+configuration the benchmark runs. The service stack needs no probe of its own: its
+worker reads the store's records file itself (short-circuit reads), as in-process
+does. ``probe_in_child`` runs them in a fresh process under the benchmark's own
 isolation (page cache dropped and capped by a cgroup memory limit).
 """
 from __future__ import annotations
@@ -51,8 +52,8 @@ def _choose_on(layers: frozenset[int], prec: Precision | None, num_neurons: int)
     return choose
 
 
-def _step_seconds(model, prompt: list[int], ffn, tokens: int, before_step=lambda: None) -> float:
-    """Median seconds of a decode step (prefill and one warm-up token excluded)."""
+def _step_times(model, prompt: list[int], ffn, tokens: int, before_step=lambda: None) -> list[float]:
+    """Seconds of each decode step (prefill and one warm-up token excluded)."""
     from bench.harness.systems_local import greedy_loop
 
     stamps: list[float] = []
@@ -60,7 +61,7 @@ def _step_seconds(model, prompt: list[int], ffn, tokens: int, before_step=lambda
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     if not steps:
         raise RuntimeError("the probe model stopped at EOS before the measured steps")
-    return statistics.median(steps)
+    return steps
 
 
 def _memo_choose(choose, layers: frozenset[int]):
@@ -79,7 +80,7 @@ def _memo_choose(choose, layers: frozenset[int]):
 
 
 def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tokens: int = 5,
-                 prompt: list[int] | None = None, mixed=None, before=lambda: None) -> dict:
+                 prompt: list[int] | None = None, mixed=None, before=lambda: None, rounds: int = 3) -> dict:
     """The engine's per-token costs on this machine for the store's model.
 
     ``variants``: which steps to time besides the empty one: "resident" (FullProvider),
@@ -87,7 +88,8 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
     "miss" (FULL records with no cache: read from the store every step), "stream" (whole
     layers read and decoded every step, as naive streaming does), "mixed" (with ``mixed``,
     the benchmark's policy object: its own choice on the probe layers, fixed after the
-    first step, as hits and as misses). Every provider is built (its cache allocated)
+    first step, as hits and as misses), ``tokens`` steps each in each of ``rounds``
+    rounds, the median of all. Every provider is built (its cache allocated)
     before ``before()`` runs, so an isolation it sets up (a cgroup limit over the memory
     in use) applies to the timed steps only."""
     harness()
@@ -104,9 +106,14 @@ def probe_engine(store_path: Path, variants=VARIANTS, probe_layers: int = 2, tok
         out = {"probe_layers": k, "tokens": tokens, "num_layers": store.manifest.num_layers,
                "load_avg_start": os.getloadavg(), **sizes}
         t0 = time.perf_counter()
+        times: dict[str, list[float]] = {key: [] for key, _, _ in steps}
         try:
-            for key, ffn, before_step in steps:
-                out[key] = _step_seconds(model, prompt, ffn, tokens, before_step)
+            # rounds over every variant, not one block each: a figure is a difference of two medians,
+            # and a slow spell of this shared machine then lands on all of them, not on one
+            for _ in range(rounds):
+                for key, ffn, before_step in steps:
+                    times[key] += _step_times(model, prompt, ffn, tokens, before_step)
+            out.update({key: statistics.median(t) for key, t in times.items()})
         finally:
             for close in closers:
                 close()
@@ -181,18 +188,19 @@ def _choose_seconds(choose, num_layers: int, d_model: int, reps: int = 3) -> flo
 
 
 def engine_coefficients(p: dict, shape, memory_bandwidth: float | None = None) -> dict:
-    """Engine figures from a probe: the compute rate (float32 weights resident, bytes/s;
-    else ``memory_bandwidth``, the benchmark's memory probe), the fixed cost per layer
+    """Engine figures from a probe: the compute rate (``memory_bandwidth``, the benchmark's
+    memory probe, bytes/s; else the resident FFN's probe step), the fixed cost per layer
     (what an empty step leaves after the dense weights' GEMVs), and seconds per record
     byte by path."""
     out: dict = {"per_byte_s": {}, "choose_s_per_layer": p.get("choose_s_per_layer", 0.0)}
     step = lambda key: max(p[key] - p["empty_s"], 1e-9)
-    if "resident_s" in p:
+    if memory_bandwidth:  # a steady figure (best of five passes); the dense path's GEMVs stream at it
+        out["hbm_bandwidth"], out["hbm_source"] = memory_bandwidth, "memory read bandwidth (bench probe)"
+    elif "resident_s" in p:  # a difference of two medians of a few steps: noisier
         out["hbm_bandwidth"] = p["resident_bytes"] / step("resident_s")
-    elif memory_bandwidth:
-        out["hbm_bandwidth"] = memory_bandwidth
+        out["hbm_source"] = "resident FFN weights through the model's matmuls (engine probe)"
     else:
-        raise ValueError("no compute rate: probe 'resident' or give the memory bandwidth")
+        raise ValueError("no compute rate: give the memory bandwidth or probe 'resident'")
     out["dense_s"] = shape.decode_dense_params * DTYPES[shape.dtype].itemsize / out["hbm_bandwidth"]
     out["per_layer_s"] = max(p["empty_s"] - out["dense_s"], 0.0) / p["num_layers"]
     out["empty_s"] = p["empty_s"]
@@ -207,48 +215,6 @@ def engine_coefficients(p: dict, shape, memory_bandwidth: float | None = None) -
         out["per_byte_s"]["record_mixed"] = step("mixed_s") / p["mixed_bytes"]
         out["per_byte_s"]["miss_mixed"] = max(p["mixed_miss_s"] - p["mixed_s"], 0.0) / p["mixed_bytes"]
     return out
-
-
-def probe_stack(store_path: Path, log_dir: Path, fraction: float = 0.25) -> dict:
-    """Seconds per record byte through the service stack (bench/harness/systems_stack.py's
-    ServiceStack: NeuronStore + DramTier + Redis processes), as the worker's fetch sees
-    them: a quarter of the last layer read through from the cold store, then again from Redis."""
-    harness()
-    import numpy as np
-
-    from bench.harness.honest import drop_caches
-    from bench.harness.systems_stack import ServiceStack
-    from m2cache import grpc_util
-    from m2cache.store.reader import NeuronStore
-    from m2cache.worker.fetcher import TierFetcher
-
-    store_path = Path(store_path).resolve()
-    store = NeuronStore(store_path)
-    m = store.manifest
-    store.close()
-    rb = m.layout.num_bytes(Precision.FULL)
-    layer = m.num_layers - 1
-    ids = torch.from_numpy(np.sort(np.random.default_rng(0).choice(m.d_ffn, max(1, int(fraction * m.d_ffn)),
-                                                                    replace=False)))
-    stack = ServiceStack(store_path.parent, m.num_layers * m.d_ffn * rb, "full", log_dir, None)
-    try:
-        fetcher = TierFetcher(grpc_util.channel(stack.dram_target), store_path.name, "probe", deadline_s=600.0)
-        fetcher.manifest()
-        spare = torch.tensor([int(np.setdiff1d(np.arange(m.d_ffn), ids.numpy())[0])])
-        fetcher.neurons(layer, Precision.FULL, spare, layer)  # first-call costs (store handle, crc table) off the clock
-        drop_caches([store_path / "data.mdb"])
-        t0 = time.perf_counter()
-        fetcher.neurons(layer, Precision.FULL, ids, layer)  # read through from the store
-        t1 = time.perf_counter()
-        fetcher.neurons(layer, Precision.FULL, ids, layer)  # admitted on the way: Redis hits now
-        t2 = time.perf_counter()
-        hits = stack.dram_stats().bytes_from_redis
-        fetcher.channel.close()
-    finally:
-        stack.close()
-    nbytes = len(ids) * rb
-    return {"through_s_per_byte": (t1 - t0) / nbytes, "redis_s_per_byte": (t2 - t1) / nbytes, "bytes": nbytes,
-            "second_pass_from_redis": hits / nbytes}
 
 
 def probe_in_child(store_path: Path, variants, work: Path, headroom_bytes: int | None = None,

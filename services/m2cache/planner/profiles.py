@@ -44,7 +44,7 @@ class Engine:
 
     per_token_s: float = 0.0
     per_layer_s: float = 0.0
-    per_byte_s: dict = field(default_factory=dict)  # path -> s/B: "record_full", ..., "miss", "fetch_dram"
+    per_byte_s: dict = field(default_factory=dict)  # path -> s/B: "record_full", ..., "miss", "warm_read"
     per_layer_choose_s: float = 0.0  # ranking a layer's neurons (mixed policies)
     overlap: bool = True
     source: str = "assumed"

@@ -65,35 +65,32 @@ def engine_bytes_s(profile: HardwareProfile, traffic: Traffic) -> float:
         t = traffic.used_bytes * c["record_mixed"]
     else:
         t = sum(b * c.get(f"record_{p}", 0.0) for p, b in traffic.used.items())
-    t += traffic.miss_bytes * miss_s_per_byte(c, traffic, c.get("miss_mixed" if mixed else "miss", 0.0))
-    if "fetch_dram" in c:  # misses fetched over the DRAM tier's RPC, measured through the service stack
-        t += (traffic.dram + traffic.through) * c["fetch_dram"] \
-            + traffic.through * min(1.0, traffic.cold_share) * c.get("fetch_through", 0.0)
-    return t
+    return t + traffic.miss_bytes * miss_s_per_byte(c, traffic, c.get("miss_mixed" if mixed else "miss", 0.0))
 
 
 def miss_s_per_byte(c: dict, traffic: Traffic, miss: float) -> float:
     """A miss byte's engine cost. The probe measures a miss on a warm local store, so
     its figure holds the page-cache read (``warm_read``, s/B); a miss read from the
-    device (priced by the SSD term) or over the stack's RPC (``fetch_dram``) pays that
-    read there instead, so it is taken out for those bytes."""
+    device, or from a DRAM / CXL tier, is priced by that tier's term (io_terms), so
+    the page-cache read is taken out for those bytes. A worker on the store's host
+    reads the records file itself (short-circuit), exactly as in-process does."""
     warm = min(c.get("warm_read", 0.0), miss)
-    elsewhere = 1.0 if "fetch_dram" in c else min(1.0, traffic.cold_share)
+    lower = traffic.dram + traffic.cxl + traffic.ssd
+    if lower <= 0:
+        return miss - warm * min(1.0, traffic.cold_share)
+    elsewhere = (traffic.dram + traffic.cxl + traffic.ssd * min(1.0, traffic.cold_share)) / lower
     return miss - warm * elsewhere
 
 
 def io_terms(profile: HardwareProfile, traffic: Traffic) -> dict:
     """Seconds of each lower tier's reads at its bandwidth (whole-layer runs at its sequential
     bandwidth), SSD bytes scaled by ``cold_share`` (on measured runs: what reached the device,
-    so a scattered record costs the pages it spans). Bytes a measured engine already costs
-    per byte on its fetch path are left out."""
-    fetch_path = "fetch_dram" in profile.engine.per_byte_s
-    dram = 0.0 if fetch_path else traffic.dram
+    so a scattered record costs the pages it spans)."""
     cold = traffic.cold_share
-    ssd = [((traffic.ssd - traffic.through) * cold, True),
-           (0.0 if fetch_path else traffic.through * cold, traffic.sequential)]
+    ssd = [((traffic.ssd - traffic.through) * cold, True), (traffic.through * cold, traffic.sequential)]
     out = {}
-    for kind, parts in (("dram", [(dram + traffic.dense_streamed, traffic.sequential)]), ("cxl", [(traffic.cxl, False)]),
+    for kind, parts in (("dram", [(traffic.dram + traffic.dense_streamed, traffic.sequential)]),
+                        ("cxl", [(traffic.cxl, False)]),
                         ("ssd", ssd)):
         tier = profile.tier(kind) or _next_slower(profile, kind)
         seconds = sum(n / (tier.sequential_bandwidth if seq and tier.sequential_bandwidth else tier.bandwidth)
