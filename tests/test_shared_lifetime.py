@@ -22,7 +22,7 @@ import pytest
 from m2cache import errors, grpc_util
 from m2cache.codec.format import Precision
 from m2cache.store.shared import HEADER_BYTES, MAGIC, SharedRegion
-from m2cache.store.shared_socket import SharedReader, SocketClient
+from m2cache.store.shared_socket import SharedReader, SocketClient, SocketServer
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 from tiers import StoreHandle, wait_for
 
@@ -208,3 +208,19 @@ def test_an_evicted_socket_region_registers_again_at_its_next_read(make_store):
         for reader in readers:
             reader.close()
     wait_for(lambda: handle.regions_mapped() == 0, 5.0, "the closed readers' regions to be unmapped")
+
+
+def test_a_new_store_removes_the_sockets_of_stores_that_were_killed(tmp_path):
+    """A store killed with SIGKILL cannot unlink its socket; the next one on the host does."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"m2cache-store-{int(gone.stdout)}-00000000deadbeef.sock"
+    alive = tmp_path / f"m2cache-store-{os.getpid()}-00000000cafef00d.sock"
+    other = tmp_path / "m2cache-store-notapid-x.sock"
+    for path in (dead, alive, other):
+        path.touch()
+    server = SocketServer(str(tmp_path), lambda request, fds, peer: None)
+    try:
+        assert not dead.exists() and alive.exists() and other.exists() and server.path.exists()
+    finally:
+        server.close()
+    assert not server.path.exists()

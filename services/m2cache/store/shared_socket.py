@@ -123,6 +123,7 @@ class SocketServer:
     ``token``: what a registration presents (given out over gRPC)."""
 
     def __init__(self, directory: str, handle: Handler, on_close: Callable[[Peer], object] = lambda peer: None):
+        _sweep_dead_sockets(Path(directory))
         self.path = Path(directory) / f"m2cache-store-{os.getpid()}-{secrets.token_hex(8)}.sock"
         self.handle = handle
         self.on_close = on_close
@@ -192,6 +193,21 @@ class SocketServer:
             for conn in self._peers:
                 conn.shutdown(socket.SHUT_RDWR)
         self.path.unlink(missing_ok=True)
+
+
+def _sweep_dead_sockets(directory: Path) -> None:
+    """Unlink this uid's store sockets whose store process is gone (killed before it could)."""
+    for path in directory.glob("m2cache-store-*-*.sock"):
+        try:
+            pid = int(path.name.split("-")[2])
+            if path.lstat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: its store (pid %d) is gone", path, pid)
+        except (ValueError, OSError):
+            continue
 
 
 class SocketClient:
