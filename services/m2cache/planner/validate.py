@@ -52,7 +52,7 @@ class ValidateConfig:
     window: int = 4
     headroom_mb: int = 512
     dram_fraction: float = 0.5
-    probe_layers: int = 4
+    probe_layers: int = 8  # the mixed step is 5-10 ms over 4 layers against a 16-20 ms empty step: too near the noise
     probe_tokens: int = 5
     tolerance: float = 0.25
     child_timeout_s: float = 1800.0
