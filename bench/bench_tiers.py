@@ -46,7 +46,7 @@ from m2cache.codec.format import RECORDS_FILE, Manifest, Precision  # noqa: E402
 from m2cache.convert.store_writer import StoreWriter  # noqa: E402
 from m2cache.store.reader import DEFAULT_IO_THREADS, NeuronStore  # noqa: E402
 from m2cache.store.segments import RecordFile, plan  # noqa: E402
-from m2cache.store.shared_socket import SharedReader  # noqa: E402
+from m2cache.store.shared_reader import SharedReader  # noqa: E402
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc  # noqa: E402
 
 D_MODEL, NVEC = 4096, 3

@@ -22,7 +22,8 @@ import pytest
 from m2cache import errors, grpc_util
 from m2cache.codec.format import Precision
 from m2cache.store.shared import HEADER_BYTES, MAGIC, SharedRegion
-from m2cache.store.shared_socket import SharedReader, SocketClient, SocketServer
+from m2cache.store.shared_reader import SharedReader
+from m2cache.store.shared_socket import SocketClient, SocketServer
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 from tiers import StoreHandle, wait_for
 
@@ -34,7 +35,7 @@ CALLER = """
 import json, sys, time
 from m2cache import grpc_util
 from m2cache.codec.format import Precision
-from m2cache.store.shared_socket import SharedReader
+from m2cache.store.shared_reader import SharedReader
 from m2cache_client.pb import common_pb2, store_pb2_grpc
 
 target, model, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -21,7 +21,8 @@ import torch
 from m2cache import errors, grpc_util
 from m2cache.codec.format import RECORDS_FILE, Precision
 from m2cache.store.shared import SharedRegion
-from m2cache.store.shared_socket import SharedReader, SocketClient
+from m2cache.store.shared_reader import SharedReader
+from m2cache.store.shared_socket import SocketClient
 from m2cache.worker.fetcher import TierFetcher
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc
 from tiers import DramHandle, StoreHandle, drop_page_cache, flip_record_byte

@@ -19,9 +19,10 @@ from m2cache.dram import dataplane, id_sets
 from m2cache.dram.cache import RedisCache
 from m2cache.dram.config import DramConfig
 from m2cache.dram.redis_proc import RedisProcess, find_redis_server
+from m2cache.dram.requests import FetchRequest, LayerUse
 from m2cache.dram.stats import TierStats
 from m2cache.dram.store_client import StoreClient
-from m2cache.dram.tier import DramTier, FetchRequest, LayerUse
+from m2cache.dram.tier import DramTier
 from m2cache.metrics import start_metrics_server
 from m2cache_client.pb import common_pb2, dram_pb2, dram_pb2_grpc
 

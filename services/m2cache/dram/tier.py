@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,40 +38,12 @@ from m2cache.dram.cache import CacheUnavailable, RedisCache
 from m2cache.dram.config import DramConfig
 from m2cache.dram.dataplane import HEADER_BYTES, RecordSeal
 from m2cache.dram.policy import LayerAwarePolicy, UnitKey
+from m2cache.dram.requests import Batch, FetchRequest, LayerUse
 from m2cache.dram.stats import TierStats
 from m2cache.dram.store_client import StoreClient
 from m2cache.errors import ChecksumError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class FetchRequest:
-    model: str
-    layer: int
-    precision: int
-    neuron_ids: Sequence[int]
-    all_neurons: bool = False
-    current_layer: int = 0
-    caller_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    neuron_ids: list[int]
-    record_bytes: int
-    payload: bytes
-    crc32: list[int]
-    codec: str = "dense"
-    record_lengths: list[int] = field(default_factory=list)  # codec "bitmap": stored length per record
-
-
-@dataclass(frozen=True, slots=True)
-class LayerUse:
-    layer: int
-    precision: int
-    used_ids: Sequence[int]
-    missed_ids: Sequence[int]
 
 
 class DramTier:

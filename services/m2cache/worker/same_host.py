@@ -27,7 +27,7 @@ import numpy as np
 
 from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import ChecksumError, DeadlineExceeded, FailedPrecondition, M2CacheError, Unavailable
-from m2cache.store.shared_socket import SharedReader
+from m2cache.store.shared_reader import SharedReader
 from m2cache.worker.records import check_rows, place
 from m2cache.worker.short_circuit import LocalRecords
 from m2cache_client.pb import common_pb2

@@ -23,7 +23,7 @@ from m2cache.errors import FailedPrecondition, M2CacheError
 from m2cache.store.reader import DEFAULT_IO_THREADS
 from m2cache.store.record_reads import RecordReads
 from m2cache.store.segments import RecordFile
-from m2cache.store.shared_socket import SharedReader
+from m2cache.store.shared_reader import SharedReader
 
 log = logging.getLogger(__name__)
 
