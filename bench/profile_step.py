@@ -89,10 +89,23 @@ def main() -> None:
     net.head = _timed(acc, "head (final norm, vocabulary projection)", net.head)
     marks = []
 
+    calls = {"fetch": 0}
+    if system.path == "cached":
+        timed_fetch = p._fetch
+
+        def counted_fetch(*args, **kwargs):
+            calls["fetch"] += 1
+            return timed_fetch(*args, **kwargs)
+        p._fetch = counted_fetch
+    seen = {}
+
     def on_token(i: int, _token: int) -> None:
         if i == 0:  # the prefill is done: time the decode steps only
             for key in acc:
                 acc[key] = 0.0
+            calls["fetch"] = 0
+            if system.path == "cached":
+                seen["hits"], seen["misses"] = system.cache.stats.hits, system.cache.stats.misses
         marks.append(time.perf_counter())
 
     greedy_loop(system.model, PROMPT, args.tokens + 1, system.provider, on_token,
@@ -107,10 +120,18 @@ def main() -> None:
            "fraction": args.fraction, "path": system.path, "tokens": args.tokens,
            "decode_tok_s": 1 / bare, "ms_per_token": 1e3 * bare, "wrapped_ms_per_token": 1e3 * wrapped,
            "split_ms_per_token": {k: 1e3 * v for k, v in split.items()}}
+    if system.path == "cached":
+        misses = system.cache.stats.misses - seen["misses"]
+        out |= {"misses_per_token": misses / steps, "hits_per_token": (system.cache.stats.hits - seen["hits"]) / steps,
+                "fetch_calls_per_token": calls["fetch"] / steps,
+                "us_per_fetch_call": 1e6 * acc["  of which fetch"] / max(calls["fetch"], 1)}
     print(f"{out['policy']} at {args.fraction:.0%} ({system.path} path): {out['decode_tok_s']:.2f} tok/s, "
           f"{out['ms_per_token']:.1f} ms/token; wrapped {out['wrapped_ms_per_token']:.1f} ms/token:")
     for k, v in out["split_ms_per_token"].items():
         print(f"  {k:46s} {v:7.2f} ms/token")
+    if "misses_per_token" in out:
+        print(f"  misses {out['misses_per_token']:.0f} / hits {out['hits_per_token']:.0f} per token; "
+              f"{out['fetch_calls_per_token']:.1f} fetches per token, {out['us_per_fetch_call']:.0f} us each")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

@@ -104,6 +104,10 @@ def test_policy_search_round_trip_and_run_uses_it(root, tmp_path):
     assert storage.load_policy(store_dir) == policy
     assert policy["predictor_version"] == 1 and policy["budget"] == 0.3
     assert policy["byte_fraction"] <= 0.3 + 1e-9
+    # every candidate was charged its cache misses; the winner is within the cap (or misses least)
+    misses = [c["miss_fraction"] for c in policy["scored"]]
+    assert len(misses) == policy["candidates"] and all(0 <= f < 1 for f in misses) and policy["max_miss"] == 0.05
+    assert policy["miss_fraction"] <= 0.05 or policy["miss_fraction"] == min(misses)
     ranker = Ranker.from_store(store_dir)
     assert ranker.ratios == BandRatios.from_dict(policy["ratios"])
     # The default choice of `m2cache run` is the policy's, computed with the stored predictor.
@@ -217,3 +221,56 @@ def test_worker_pulls_the_predictor_it_is_served(root, channel):
     assert pulled.version == stored.version and pulled.kinds == stored.kinds
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
     assert all(torch.equal(pulled.scores(i, x), stored.scores(i, x)) for i in range(stored.num_layers))
+
+
+def test_the_search_counts_misses_as_the_workers_cache_has_them(root):
+    """MissCounter (one-byte stand-in records) over a policy's choices counts the bytes
+    the worker's own cache, built as a worker builds it (real record sizes), fetches
+    for the same choices."""
+    from m2cache.predictors.churn import MissCounter
+    from m2cache.worker.runtime import build_cache
+    store = NeuronStore(root / "trained")
+    try:
+        ranker = Ranker(storage.load_predictor(store))
+        model, tok, bank = load_model(store)
+        seqs = tokenize(tok, corpus("tinystories/valid_000-499_calib.txt").read_text(), 32, 64, model.config.bos_token_id)
+        m = store.manifest
+        for ratios in (BandRatios(0.0, 0.5, 0.3), BandRatios(0.1, 0.0, 0.6)):
+            counter, seen = MissCounter(m, 0.25, ratios.to_dict(), window=2), []
+            choose = ranker.choose(ratios)
+
+            def recording(layer, x, choose=choose, seen=seen):
+                seen.append((layer, choose(layer, x)))
+                return seen[-1][1]
+            stepwise_score(model, seqs, ChoiceProvider(bank, counter.wrap(recording)))
+            cache, step, fetched = build_cache(m, 0.25, ratios.to_dict(), window=2), 0, {"bytes": 0}
+
+            def take(prec, ids):
+                if step > 1:
+                    fetched["bytes"] += ids.numel() * m.layout.num_bytes(prec)
+                return torch.zeros((ids.numel(), m.layout.num_bytes(prec)), dtype=torch.uint8)
+            for layer, choice in seen:
+                step += layer == 0
+                cache.bands(layer, {p: ids.sort().values for p, ids in choice.items()}, step, take)
+            assert counter.missed_bytes == fetched["bytes"] > 0, ratios
+            assert 0 < counter.miss_fraction < 1
+    finally:
+        store.close()
+
+
+def test_the_search_passes_over_candidates_that_miss_too_much():
+    from m2cache.predictors.evaluate import StepScore
+    from m2cache.predictors.search import search
+    cands = [BandRatios(0, 0, 0.9), BandRatios(0, 0.1, 0.7), BandRatios(0.1, 0, 0.5)]
+    figures = {cands[0]: (3.0, 0.03), cands[1]: (2.0, 0.09), cands[2]: (2.5, 0.04)}  # (nll per token, misses)
+
+    def score(r):
+        nll, miss = figures[r]
+        return StepScore(nll * 10, 1.0, 10), miss
+    assert search(score, cands)[0].ratios == cands[1]  # no cap: the lowest perplexity
+    assert search(score, cands, max_miss=0.05)[0].ratios == cands[2]  # the best under the cap
+    best, scored = search(score, cands, max_miss=0.01)  # none under it: the one that misses least
+    assert best.ratios == cands[0] and [c.miss_fraction for c in scored] == [0.03, 0.09, 0.04]
+    assert search(lambda r: StepScore(figures[r][0], 1.0, 1), cands, max_miss=0.05)[0].ratios == cands[1]  # uncounted
+    with pytest.raises(InvalidArgument, match="max_miss"):
+        search(score, cands, max_miss=-1)

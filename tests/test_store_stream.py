@@ -185,6 +185,39 @@ def test_scattered_reads_equal_one_record_at_a_time(store_root, monkeypatch, imp
         reader.close()
 
 
+def test_a_cache_miss_batch_is_read_and_checked_in_one_c_call(tmp_path):
+    """RecordFile.read_checked (gather.c): ascending ids of one segment read into their
+    rows, each checked against the segment's CRC table (the first bad row returned);
+    batches it does not take (descending or out-of-range ids, mostly contiguous runs)
+    read nothing; a record past the end of the file is ShortRead."""
+    from m2cache.codec import checksum
+    from m2cache.store import segments
+    assert segments._gather_library() is not None, "gather.c did not build here"
+    size, n, base = 300, 1000, 4096
+    data = np.random.default_rng(0).integers(0, 256, size=base + n * size, dtype=np.uint8)
+    path = tmp_path / "records.bin"
+    data.tofile(path)
+    rows = data[base:].reshape(n, size)
+    crcs = checksum.crc32c_rows(rows).astype(np.uint32)
+    rf = segments.RecordFile(path)
+    try:
+        ids = np.sort(np.random.default_rng(1).choice(n, 161, replace=False)).astype(np.int64)
+        dest = np.zeros((ids.size, size), np.uint8)
+        assert rf.read_checked(base, ids, n, size, crcs.ctypes.data, dest, 8) == -1
+        assert np.array_equal(dest, rows[ids])
+        bad = crcs.copy()
+        bad[ids[100]] ^= 1  # as if record ids[100] had changed on disk
+        assert rf.read_checked(base, torch.from_numpy(ids), n, size, bad.ctypes.data, torch.from_numpy(dest), 8) == 100
+        assert rf.read_checked(base, ids, n, size, 0, dest, 8) == -1  # unchecked
+        for no in (ids[::-1].copy(), np.append(ids, n), np.arange(64, dtype=np.int64),  # not taken
+                   ids.astype(np.int32), ids[::2]):  # (wrong dtype; not contiguous)
+            assert rf.read_checked(base, no, n, size, crcs.ctypes.data, np.zeros((no.size, size), np.uint8), 8) is None
+        with pytest.raises(segments.ShortRead):
+            rf.read_checked(base, np.asarray([5, n + 3], np.int64), n + 10, size, 0, np.zeros((2, size), np.uint8), 8)
+    finally:
+        rf.close()
+
+
 def test_large_scattered_batches_split_across_the_pool(tmp_path):
     """RecordFile.read_records on a batch big enough to split across the I/O threads:
     every record lands in its row; a batch reaching past the end names ShortRead."""

@@ -2,7 +2,8 @@
 
 Each library is one ``.c`` file shipped with the package that calls it (model/kernels:
 the FFN, qcopy and band-selection kernels; codec: CRC-32C of many spans). ``load``
-compiles it once per source (with the headers beside it), flags and compiler into
+compiles it once per source (with the headers beside it and those it includes by a
+quoted relative path, e.g. codec/crc32c.h), flags and compiler into
 ``$M2CACHE_KERNEL_CACHE`` (default ``~/.cache/m2cache/kernels``), atomically, with OpenMP and the instruction
 sets /proc/cpuinfo lists (never -march=native: this VM's cpuid promises more than it
 runs), checks its ABI version and sets its functions' argument types. It returns
@@ -15,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -57,7 +59,7 @@ def _build(source: Path, libs: tuple[str, ...] = ()) -> Path:
     flags = _compile_flags()
     link = [f"-l{lib}" for lib in libs]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source may include
+    headers = b"".join(h.read_bytes() for h in _headers(source))  # what the source may include
     key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags + link).encode()
                          + version.encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
@@ -72,6 +74,13 @@ def _build(source: Path, libs: tuple[str, ...] = ()) -> Path:
         os.replace(out, target)
     log.info("built kernel %s: %s (%s)", source.stem, target, " ".join(flags))
     return target
+
+
+def _headers(source: Path) -> list[Path]:
+    """The headers beside ``source`` and those its ``#include "..."`` lines name (one level)."""
+    named = re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), flags=re.M)
+    found = set(source.parent.glob("*.h")) | {(source.parent / n).resolve() for n in named}
+    return sorted(h for h in found if h.is_file())
 
 
 def load(source: Path, abi_symbol: str, abi_version: int, functions: dict[str, list],

@@ -73,6 +73,8 @@ class Precision(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: "str | int | Precision") -> "Precision":
+        if type(value) is cls:  # the per-token callers: nothing to convert
+            return value
         if isinstance(value, str):
             try:
                 return cls[value.upper()]

@@ -1,6 +1,8 @@
 """``m2cache search-policy STORE --text FILE --budget F``: M2Cache Algorithm 1,
 the band ratios (FULL / INT8 / INT4) that minimise perplexity (or predictive
-entropy) under a byte budget; saved as the store's policy (workers' default)."""
+entropy) under a byte budget, among those whose choices a worker's cache of that
+budget serves with misses of at most ``--max-miss`` of the FFN bytes per token;
+saved as the store's policy (workers' default)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from m2cache.predictors.pipeline import DEFAULT_SEARCH_TOKENS, SearchJob, run_search
-from m2cache.predictors.search import OBJECTIVES
+from m2cache.predictors.search import DEFAULT_MAX_MISS, OBJECTIVES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,6 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="ppl", help="what to minimise (default ppl)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_SEARCH_TOKENS,
                    help=f"calibration tokens per candidate (default {DEFAULT_SEARCH_TOKENS})")
+    p.add_argument("--max-miss", type=float, default=DEFAULT_MAX_MISS,
+                   help="pass over candidates whose cache misses fetch more than this fraction of the FFN "
+                        f"bytes per token, counted with the worker's cache at this budget (default "
+                        f"{DEFAULT_MAX_MISS}; 0 keeps only miss-free ones, a negative value no cap)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -32,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
-    job = SearchJob(text, args.budget, args.step, args.objective, args.max_tokens, args.device, str(args.text))
+    job = SearchJob(text, args.budget, args.step, args.objective, args.max_tokens, args.device, str(args.text),
+                    None if args.max_miss < 0 else args.max_miss)
     with tqdm(desc="search", unit="cand", disable=not args.progress) as bar:
         def progress(i: int, n: int, score: float) -> None:
             bar.total, bar.n = n, i

@@ -10,9 +10,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __SSE4_2__
-#include <nmmintrin.h>
-#endif
+
+#include "../codec/crc32c.h"
 
 #define TAG 16
 #define HEADER 20
@@ -20,21 +19,10 @@
 
 int m2seal_abi_version(void) { return 4; }
 
-#ifdef __SSE4_2__
+#if M2_CRC32C
 // 1: m2seal_open checks each record against its CRC-32C when asked (else the caller does)
 int m2seal_crc_supported(void) { return 1; }
-
-static uint32_t crc32c(const uint8_t* p, int64_t n) {  // as codec/crc32c_spans.c (google-crc32c's CRC)
-    uint64_t c = 0xFFFFFFFFu;
-    for (; n >= 8; p += 8, n -= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        c = _mm_crc32_u64(c, w);
-    }
-    uint32_t c32 = (uint32_t)c;
-    for (; n > 0; p++, n--) c32 = _mm_crc32_u8(c32, *p);
-    return ~c32;
-}
+#define crc32c m2_crc32c
 #else
 int m2seal_crc_supported(void) { return 0; }
 static uint32_t crc32c(const uint8_t* p, int64_t n) {

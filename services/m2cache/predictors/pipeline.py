@@ -22,7 +22,8 @@ from m2cache.predictors.budget import DEFAULT_COST
 from m2cache.predictors.checkpoint import TrainCheckpoint, fingerprint
 from m2cache.predictors.predictor import Predictor, parse_ranks
 from m2cache.predictors.ranking import Ranker
-from m2cache.predictors.search import candidates, policy_record, search
+from m2cache.predictors.churn import DEFAULT_WINDOW, MissCounter
+from m2cache.predictors.search import DEFAULT_MAX_MISS, candidates, policy_record, search
 from m2cache.predictors.train import TrainConfig, steps_per_layer, train_layer
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class SearchJob:
     max_tokens: int = DEFAULT_SEARCH_TOKENS
     device: str = "cpu"
     source: str = ""
+    max_miss: float | None = DEFAULT_MAX_MISS  # None: no cap (the lowest score wins)
+    window: int = DEFAULT_WINDOW  # the workers' cache window the misses are counted with
 
 
 def check_device(device: str) -> str:
@@ -194,11 +197,13 @@ def run_search(store_dir, job: SearchJob, progress: Callable[[int, int, float], 
         cands = candidates(job.budget, layout, m.d_ffn, job.step)
 
         def score(ratios):
-            return stepwise_score(model, seqs, ChoiceProvider(bank, ranker.choose(ratios)))
+            misses = MissCounter(m, job.budget, ratios.to_dict(), job.window)
+            s = stepwise_score(model, seqs, ChoiceProvider(bank, misses.wrap(ranker.choose(ratios))))
+            return s, misses.miss_fraction
 
-        best, _ = search(score, cands, job.objective, progress)
+        best, scored = search(score, cands, job.objective, progress, job.max_miss)
     policy = policy_record(best, job.budget, job.objective, ranker.predictor.version, layout,
-                           sum(s.numel() for s in seqs), len(cands), job.source)
+                           sum(s.numel() for s in seqs), len(cands), job.source, job.max_miss, scored)
     storage.save_policy(store_dir, policy)
     return policy
 

@@ -10,8 +10,13 @@ predictor choosing the bands token by token; the lowest score wins:
   quality directly, the text is at hand);
 - objective "entropy": mean entropy of the model's own predictions, the
   uncertainty estimate of the paper (no labels needed).
-The winner is stored as the policy (storage.save_policy) and becomes the
-workers' default ratios.
+A candidate is also charged what its choices cost the worker's HBM cache at
+this budget (predictors/churn.py: the bytes its misses fetch per token, as a
+fraction of the layer's FULL FFN bytes). With ``max_miss`` set, candidates
+over it are passed over unless none is under it (then the one that misses
+least wins): a policy that fills the budget with bands whose neurons change
+every token is not a policy that fits the budget. The winner is stored as the
+policy (storage.save_policy) and becomes the workers' default ratios.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("ppl", "entropy")
 POLICY_FORMAT = 1
+DEFAULT_MAX_MISS = 0.05  # SmolLM2-135M at 25%: INT4-only misses 2.7%, the best-ppl mixed split 9.4% (BENCHMARKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,7 @@ class Candidate:
     score: float
     perplexity: float
     entropy: float
+    miss_fraction: float | None = None  # cache misses' bytes per token / the layer's FULL bytes
 
 
 def _floor(x: float, quantum: float) -> float:
@@ -60,26 +67,48 @@ def candidates(budget: float, layout: RecordLayout, num_neurons: int, step: floa
     return out
 
 
-def search(score_fn: Callable[[BandRatios], StepScore], cands: list[BandRatios], objective: str = "ppl",
-           progress: Callable[[int, int, float], None] | None = None) -> tuple[Candidate, list[Candidate]]:
-    """Score every candidate; returns (best, all scored)."""
+def search(score_fn: Callable[[BandRatios], "StepScore | tuple[StepScore, float]"], cands: list[BandRatios],
+           objective: str = "ppl", progress: Callable[[int, int, float], None] | None = None,
+           max_miss: float | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Score every candidate (``score_fn``: its StepScore, or (StepScore, miss fraction));
+    returns (best, all scored). ``max_miss``: see the module doc."""
     if objective not in OBJECTIVES:
         raise InvalidArgument(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if max_miss is not None and max_miss < 0:
+        raise InvalidArgument(f"max_miss must be >= 0 (a fraction of the FFN bytes per token), got {max_miss}")
     scored = []
     for i, ratios in enumerate(cands):
-        s = score_fn(ratios)
+        got = score_fn(ratios)
+        s, miss = got if isinstance(got, tuple) else (got, None)
         value = s.perplexity if objective == "ppl" else s.mean_entropy
-        scored.append(Candidate(ratios, value, s.perplexity, s.mean_entropy))
-        log.debug("candidate %s -> %s %.4f", ratios, objective, value)
+        scored.append(Candidate(ratios, value, s.perplexity, s.mean_entropy, miss))
+        log.debug("candidate %s -> %s %.4f, misses %s", ratios, objective, value, miss)
         if progress:
             progress(i + 1, len(cands), value)
-    return min(scored, key=lambda c: c.score), scored
+    return _best(scored, max_miss), scored
+
+
+def _best(scored: list[Candidate], max_miss: float | None) -> Candidate:
+    if max_miss is None or not scored or any(c.miss_fraction is None for c in scored):
+        return min(scored, key=lambda c: c.score)
+    within = [c for c in scored if c.miss_fraction <= max_miss]
+    if not within:
+        least = min(scored, key=lambda c: c.miss_fraction)
+        log.warning("no candidate misses at most %.1f%% of the FFN bytes per token; the least (%.1f%%) wins",
+                    100 * max_miss, 100 * least.miss_fraction)
+        return least
+    return min(within, key=lambda c: c.score)
 
 
 def policy_record(best: Candidate, budget: float, objective: str, predictor_version: int,
-                  layout: RecordLayout, num_tokens: int, num_candidates: int, source: str = "") -> dict:
+                  layout: RecordLayout, num_tokens: int, num_candidates: int, source: str = "",
+                  max_miss: float | None = None, scored: list[Candidate] | None = None) -> dict:
     """The JSON stored at b"policy"."""
-    return {
+    extra = {} if best.miss_fraction is None else {
+        "miss_fraction": best.miss_fraction, "max_miss": max_miss,
+        "scored": [{"ratios": c.ratios.to_dict(), "score": c.score, "miss_fraction": c.miss_fraction}
+                   for c in scored or []]}
+    return extra | {
         "format": POLICY_FORMAT,
         "ratios": best.ratios.to_dict(),
         "budget": budget,

@@ -177,7 +177,7 @@ def build_spec(kind: str, x_in: torch.Tensor, x_target: torch.Tensor, vectors: t
     if kind == "qcopy":
         if x_in is not x_target:
             raise InvalidArgument("a qcopy predictor cannot look ahead: layer l+1's rows need layer l+1's input")
-        q = QCopyPredictor.from_rows(w[:, 0], w[:, 1], rank)  # nothing to fit
+        q = QCopyPredictor.from_rows(w[:, 0], w[:, 1], rank, x_in.float().cpu())  # no gradient steps
         return _Spec([], lambda xb, p: None, lambda *a: torch.zeros(()), lambda p: q)
     cov = fit.covariance(x_in)
     same = x_in is x_target

@@ -37,7 +37,7 @@ from m2cache.codec.format import (
     unpack_segment,
 )
 from m2cache.errors import ChecksumError, InvalidArgument, NotFound, StoreNotFound
-from m2cache.store.record_reads import RecordReads
+from m2cache.store.record_reads import FixedSegment, RecordReads
 from m2cache.store.segments import RecordFile
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class NeuronStore:
                       self.records.size, self.manifest.records_file_bytes)
         self._tables: dict[tuple[bytes, int, Precision], np.ndarray | tuple[int, int]] = {}
         self._tables_lock = threading.Lock()
+        self._fixed: dict[tuple[int, Precision], FixedSegment] = {}
 
     def close(self) -> None:
         """Release this user's share; the store closes with the last one."""
@@ -193,6 +194,16 @@ class NeuronStore:
         """CRC-32C of every stored record of (layer, prec) [d_ffn], uint32."""
         return self._table(b"c", layer, Precision.parse(prec))
 
+    def _fixed_segment(self, layer: int, prec: Precision) -> FixedSegment | None:
+        """(layer, prec)'s records as one FixedSegment (dense codec; None otherwise), cached."""
+        key = (layer, prec)
+        found = self._fixed.get(key)
+        if found is None and self.manifest.codec == "dense":
+            self.check_layer(layer)
+            found = FixedSegment.of(self.segment(layer, prec)[0], self.layout.num_bytes(prec), self.crc_table(layer, prec))
+            self._fixed[key] = found  # (a race only builds the same value twice)
+        return found
+
     def stored_lengths(self, layer: int, prec: Precision, ids: np.ndarray) -> np.ndarray | None:
         """Stored length of each record of ``ids`` (None for the dense codec)."""
         if self.manifest.codec == "dense":
@@ -219,6 +230,11 @@ class NeuronStore:
         prec = Precision.parse(prec)
         self.check_layer(layer)
         ids = self.check_neurons(neuron_ids)
+        fixed = self._fixed_segment(layer, prec)
+        if fixed is not None:  # dense: a scattered batch is one C call (read_into's path)
+            payload = np.empty(ids.size * fixed.size, np.uint8) if out is None else out.reshape(-1)[: ids.size * fixed.size]
+            if self.reads.read_ids(layer, prec, ids, fixed, payload.reshape(ids.size, fixed.size)):
+                return StoredRecords(payload, None, fixed.crcs[ids], fixed.size)
         starts, lengths = self.record_spans(layer, prec, ids)
         crcs = self.crc_table(layer, prec)[ids]
         total = int(lengths.sum())
@@ -232,6 +248,9 @@ class NeuronStore:
         uint8 [m, record_bytes] (numpy or CPU tensor, e.g. pinned), in ids order; returns ``out``.
         Sorted unique ids on a dense-codec store are read straight into ``out`` (no allocation)."""
         prec = Precision.parse(prec)
+        fixed = self._fixed_segment(layer, prec)
+        if fixed is not None and self.reads.read_ids(layer, prec, neuron_ids, fixed, out):
+            return out  # a cache's misses (sorted, scattered): one C call, nothing converted
         ids = self.check_neurons(neuron_ids)
         size = self.layout.num_bytes(prec)
         dest = _check_out("read_into", out.numpy() if isinstance(out, torch.Tensor) else out, ids.size, size)

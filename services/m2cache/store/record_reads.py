@@ -6,10 +6,13 @@ descriptor passed with them) read records the same way, so a record is found and
 checked the same way whichever process reads it:
 - ``read``: any batch, as stored, back to back; scattered batches of fixed-size records
   in C loops of preads, the rest as coalesced runs on the file's thread pool;
+- ``read_ids``: a cache's scattered misses of one segment, read and checked in one C call;
 - ``resident``: only what the page cache holds, never waiting on the device.
 A record that fails its CRC, or that the file ends before, is a ChecksumError naming it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +22,22 @@ from m2cache.errors import ChecksumError
 from m2cache.store.segments import RecordFile, ShortRead, plan
 
 SCATTERED_MIN_RECORDS_PER_RUN = 8  # a sorted batch with runs shorter than this on average is read in C loops
+
+
+@dataclass(frozen=True, slots=True)
+class FixedSegment:
+    """One (layer, precision) of fixed-size records: where it starts in the records file,
+    its record size, its CRC-32C table [d_ffn] and that table's address (for C)."""
+
+    base: int
+    size: int
+    crcs: np.ndarray  # uint32 [d_ffn], kept alive with its address
+    crc_addr: int
+
+    @classmethod
+    def of(cls, base: int, size: int, crcs: np.ndarray) -> "FixedSegment":
+        crcs = np.ascontiguousarray(crcs, dtype=np.uint32)
+        return cls(base, size, crcs, crcs.ctypes.data)
 
 
 class RecordReads:
@@ -36,6 +55,28 @@ class RecordReads:
         is ``lengths[0]`` long (the dense codec)."""
         if not (fixed and self._read_scattered(layer, prec, ids, starts, lengths, crcs, dest)):
             self._read_tasks(layer, prec, ids, starts, lengths, crcs, dest)
+
+    def read_ids(self, layer: int, prec: Precision, ids, segment: FixedSegment, dest) -> bool:
+        """A cache's scattered misses in one C call: ascending ``ids`` [m] (int64, numpy or
+        CPU tensor) of a segment of fixed-size records -> ``dest`` [m, size], checked against
+        the segment's CRC table when verifying. False (nothing read) where the C call does
+        not apply (RecordFile.read_checked); the caller takes ``read``."""
+        seg = segment
+        try:
+            bad = self.records.read_checked(seg.base, ids, seg.crcs.size, seg.size, seg.crc_addr if self.verify else 0,
+                                            dest, SCATTERED_MIN_RECORDS_PER_RUN)
+        except ShortRead as err:
+            ids = np.asarray(ids, dtype=np.int64)
+            self._short_read(layer, prec, ids, seg.base + ids * seg.size, np.full(ids.size, seg.size, np.int64), err)
+        if bad is None:
+            return False
+        if bad >= 0:
+            raise ChecksumError(f"record layer {layer} neuron {int(ids[bad])} {prec.name} fails its checksum")
+        if bad == -2 and self.verify:  # no CRC32 instruction: the library's CRC, one call per record
+            ids, rows = np.asarray(ids, dtype=np.int64), np.asarray(dest).reshape(len(ids), seg.size)
+            self.check_each(layer, prec, ids, rows, np.arange(ids.size, dtype=np.int64) * seg.size,
+                            np.full(ids.size, seg.size, np.int64), seg.crcs[ids])
+        return True
 
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, size: int,
                  crcs: np.ndarray, out: np.ndarray) -> np.ndarray | None:

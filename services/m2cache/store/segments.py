@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from m2cache import native
 from m2cache.codec import checksum
@@ -169,6 +170,35 @@ class RecordFile:
             return
         self._split(offsets, size, dest.reshape(-1), lambda o, d, _p: self._read_records_c(lib, o, size, d), None)
 
+    def read_checked(self, base: int, ids, num_ids: int, size: int, crc_addr: int, dest, min_per_run: int
+                     ) -> int | None:
+        """A scattered batch of one segment's fixed-size records in one C call (gather.c):
+        ascending ``ids`` [m] (int64, numpy or CPU tensor) at ``base + id * size`` -> ``dest``
+        [m, size] (uint8, numpy or CPU tensor), each checked against the segment's CRC-32C
+        table at address ``crc_addr`` (uint32 [num_ids]; 0: unchecked). Returns -1 (read and
+        checked), -2 (read, not checked: no CRC32 instruction in this build), or the row of
+        the first record that differs from its CRC; None where nothing was read (no C
+        library, O_DIRECT, a batch for the pool's threads, buffers not contiguous, ids not
+        ascending or outside [0, num_ids), or runs of ``min_per_run`` records or more on
+        average). Raises :class:`ShortRead` past the end of the file."""
+        lib = _gather_library()
+        n = len(ids)
+        if lib is None or self.direct_fd is not None or n >= 2 * RECORDS_PER_THREAD:
+            return None
+        ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
+        if ids_at is None or dest_at is None or tuple(dest.shape) != (n, size):
+            return None
+        out = (ctypes.c_int64 * 3)()
+        lib.m2r_read_checked(self.fd, base, ids_at, n, num_ids, size, RECORD_GAP_BYTES, min_per_run, crc_addr or None,
+                             dest_at, out)
+        if out[0] == -2:
+            return None
+        if out[0] >= 0:
+            if out[1]:
+                raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
+            raise ShortRead(base + int(ids[out[0]]) * size)
+        return int(out[2])
+
     def read_resident(self, starts: np.ndarray, size: int, dest: np.ndarray) -> np.ndarray | None:
         """The records of ``starts`` [m] that the page cache holds -> their rows of ``dest``
         [m, size], without waiting on the device (preadv2 RWF_NOWAIT, gather.c); returns
@@ -250,10 +280,24 @@ class RecordFile:
         return buf
 
 
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.uint8): torch.uint8}
+
+
+def address(a, dtype) -> int | None:
+    """The data address of a C-contiguous CPU numpy array or tensor of ``dtype``, else None."""
+    if isinstance(a, torch.Tensor):
+        ok = a.dtype == _TORCH_DTYPES[np.dtype(dtype)] and a.device.type == "cpu" and a.is_contiguous()
+        return a.data_ptr() if ok else None
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous:
+        return a.ctypes.data
+    return None
+
+
 @functools.cache
 def _gather_library():
     """gather.c, or None (no compiler, M2CACHE_KERNELS=torch)."""
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 3,
+    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 4,
                        {"m2r_pread_records": [I32, P, I64, I64, I64, P, P],
-                        "m2r_pread_resident": [I32, P, I64, I64, I64, P, P, P]})
+                        "m2r_pread_resident": [I32, P, I64, I64, I64, P, P, P],
+                        "m2r_read_checked": [I32, I64, P, I64, I64, I64, I64, I64, P, P, P]})

@@ -210,15 +210,19 @@ class NeuronCache:
         """Split ``budget_bytes`` evenly across layers and by ``shares`` (summing to
         1) across precisions; capacity never exceeds the layer's neuron count. A budget
         that holds every neuron at every precision with a share holds them all."""
+        capacity = cls.capacities(num_layers, num_neurons, record_bytes, budget_bytes, shares)
+        return cls(num_layers, num_neurons, record_bytes, capacity, window, torch.device(device))
+
+    @staticmethod
+    def capacities(num_layers: int, num_neurons: int, record_bytes: dict[Precision, int], budget_bytes: int,
+                   shares: dict[Precision, float]) -> dict[Precision, int]:
+        """Rows per layer and precision of :meth:`with_budget`'s cache."""
         per_layer = budget_bytes // max(num_layers, 1)
         used = [p for p in Precision if shares.get(p, 0.0) > 0]
         if per_layer >= sum(num_neurons * record_bytes[p] for p in used):
-            capacity = {p: num_neurons for p in used}
-        else:
-            total = sum(shares.values()) or 1.0
-            capacity = {p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total) // record_bytes[p])
-                        for p in Precision}
-        return cls(num_layers, num_neurons, record_bytes, capacity, window, torch.device(device))
+            return {p: num_neurons for p in used}
+        total = sum(shares.values()) or 1.0
+        return {p: min(num_neurons, int(per_layer * shares.get(p, 0.0) / total) // record_bytes[p]) for p in Precision}
 
     @property
     def holds_everything(self) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 from m2cache.codec.format import Precision, RecordLayout
 from m2cache.errors import FailedPrecondition, M2CacheError
 from m2cache.store.reader import DEFAULT_IO_THREADS
-from m2cache.store.record_reads import RecordReads
+from m2cache.store.record_reads import FixedSegment, RecordReads
 from m2cache.store.segments import RecordFile
 from m2cache.store.shared_reader import SharedReader
 
@@ -38,7 +38,7 @@ class LocalRecords:
         self.layout = layout
         self.d_ffn = d_ffn
         self.reads = RecordReads(records, verify, expected_bytes)
-        self._tables: dict[tuple[int, Precision], tuple[int, np.ndarray]] = {}
+        self._tables: dict[tuple[int, Precision], FixedSegment] = {}
 
     @classmethod
     def open(cls, reader: SharedReader, model: str, layout: RecordLayout, d_ffn: int, verify: bool
@@ -62,16 +62,16 @@ class LocalRecords:
         log.info("short-circuit reads of model %s's records (%d MiB)", model, records.size >> 20)
         return local
 
-    def _parse(self, layer: int, prec: Precision, resp) -> tuple[int, np.ndarray]:
+    def _parse(self, layer: int, prec: Precision, resp) -> FixedSegment:
         crcs = np.frombuffer(resp.crc32c, dtype="<u4")
         rb = self.layout.num_bytes(prec)
         if resp.record_bytes != rb or crcs.size != self.d_ffn:
             raise FailedPrecondition(f"model {self.model} layer {layer} {prec.name}: the store describes "
                                      f"{crcs.size} records of {resp.record_bytes} B, the manifest {self.d_ffn} "
                                      f"of {rb} B (the model changed under this worker)")
-        return int(resp.segment_offset), crcs
+        return FixedSegment.of(int(resp.segment_offset), rb, crcs)
 
-    def _table(self, layer: int, prec: Precision) -> tuple[int, np.ndarray]:
+    def _table(self, layer: int, prec: Precision) -> FixedSegment:
         found = self._tables.get((layer, prec))
         if found is None:
             resp, _ = self.reader.record_file(self.model, layer, int(prec), want_fd=False)
@@ -81,17 +81,17 @@ class LocalRecords:
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
         """The records of ``ids`` [m] the page cache holds -> their rows of ``out`` [m, rb],
         checked; the mask [m] of rows read (None: this file system cannot say)."""
-        seg, crcs = self._table(layer, prec)
-        rb = self.layout.num_bytes(prec)
-        return self.reads.resident(layer, prec, ids, seg + ids * rb, rb, crcs[ids], out)
+        seg = self._table(layer, prec)
+        return self.reads.resident(layer, prec, ids, seg.base + ids * seg.size, seg.size, seg.crcs[ids], out)
 
     def read(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray) -> None:
         """The records of ``ids`` [m] -> ``out`` [m, rb] (contiguous), checked: the page
         cache's or the device's, as the kernel has them."""
-        seg, crcs = self._table(layer, prec)
-        rb = self.layout.num_bytes(prec)
-        self.reads.read(layer, prec, ids, seg + ids * rb, np.full(ids.size, rb, np.int64), crcs[ids],
-                        out.reshape(-1), fixed=True)
+        seg = self._table(layer, prec)
+        if self.reads.read_ids(layer, prec, ids, seg, out):  # scattered: one C call
+            return
+        self.reads.read(layer, prec, ids, seg.base + ids * seg.size, np.full(ids.size, seg.size, np.int64),
+                        seg.crcs[ids], out.reshape(-1), fixed=True)
 
     def close(self) -> None:
         self.reads.records.close()
