@@ -214,6 +214,14 @@ def test_a_cache_miss_batch_is_read_and_checked_in_one_c_call(tmp_path):
             assert rf.read_checked(base, no, n, size, crcs.ctypes.data, np.zeros((no.size, size), np.uint8), 8) is None
         with pytest.raises(segments.ShortRead):
             rf.read_checked(base, np.asarray([5, n + 3], np.int64), n + 10, size, 0, np.zeros((2, size), np.uint8), 8)
+        # the page-cache-only twin (the file was just written: every page is resident)
+        got = rf.resident_checked(base, ids, n, size, crcs.ctypes.data, dest)
+        if got is not None:  # None: this kernel or file system has no RWF_NOWAIT
+            dest[:] = 0
+            present, bad_row = rf.resident_checked(base, ids, n, size, crcs.ctypes.data, dest)
+            assert bad_row == -1 and present.all() and np.array_equal(dest, rows[ids])
+            assert rf.resident_checked(base, ids, n, size, bad.ctypes.data, dest)[1] == 100
+            assert rf.resident_checked(base, ids[::-1].copy(), n, size, 0, dest) is None
     finally:
         rf.close()
 

@@ -16,6 +16,8 @@
 // the records of ascending neuron ids of one segment, read as m2r_pread_records reads
 // them, then each checked against the segment's CRC-32C table (three records at once),
 // so the caller pays one ctypes call where it paid a dozen numpy and Python steps.
+// m2r_resident_checked is its page-cache-only twin (m2r_pread_resident's loop): only the
+// records the page cache holds are read and checked, and marked in `present`.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
@@ -28,7 +30,7 @@
 
 #define RUN_BYTES (64 << 10)  // one pread covers at most this much
 
-int m2r_abi_version(void) { return 4; }
+int m2r_abi_version(void) { return 5; }
 
 // bytes read into buf (fewer only at the end of the file), or -errno
 static int64_t read_full(int fd, uint8_t* buf, int64_t len, int64_t off) {
@@ -150,6 +152,39 @@ void m2r_read_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t n, i
     }
     for (; k < n; k++)
         if (m2_crc32c(dest + k * size, size) != crcs[ids[k]]) {
+            out[2] = k;
+            return;
+        }
+#else
+    out[2] = -2;
+#endif
+}
+
+// out[0]: -2 not taken (ids not ascending or out of [0, num_ids); nothing read), else the
+// number of records read (present[k] set for each); out[1]: an errno other than EAGAIN
+// (EOPNOTSUPP: no RWF_NOWAIT here), else 0; out[2]: as m2r_read_checked's, over the
+// records read.
+void m2r_resident_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t n, int64_t num_ids, int64_t size,
+                          int64_t max_gap, const uint32_t* crcs, uint8_t* dest, uint8_t* present, int64_t* out) {
+    out[0] = -2;
+    out[1] = 0;
+    out[2] = -1;
+    for (int64_t k = 0; k < n; k++)
+        if (ids[k] < 0 || ids[k] >= num_ids || (k && ids[k] <= ids[k - 1])) return;
+    int64_t* offsets = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (!offsets) {
+        out[0] = 0;
+        out[1] = ENOMEM;
+        return;
+    }
+    for (int64_t k = 0; k < n; k++) offsets[k] = base + ids[k] * size;
+    memset(present, 0, (size_t)n);
+    m2r_pread_resident(fd, offsets, n, size, max_gap, dest, present, out);
+    free(offsets);
+    if (out[1] || !crcs || !out[0]) return;
+#if M2_CRC32C
+    for (int64_t k = 0; k < n; k++)
+        if (present[k] && m2_crc32c(dest + k * size, size) != crcs[ids[k]]) {
             out[2] = k;
             return;
         }

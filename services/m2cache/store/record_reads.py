@@ -6,7 +6,8 @@ descriptor passed with them) read records the same way, so a record is found and
 checked the same way whichever process reads it:
 - ``read``: any batch, as stored, back to back; scattered batches of fixed-size records
   in C loops of preads, the rest as coalesced runs on the file's thread pool;
-- ``read_ids``: a cache's scattered misses of one segment, read and checked in one C call;
+- ``read_ids`` / ``resident_ids``: a cache's scattered misses of one segment, read and
+  checked in one C call (``resident_ids``: what the page cache holds of them);
 - ``resident``: only what the page cache holds, never waiting on the device.
 A record that fails its CRC, or that the file ends before, is a ChecksumError naming it.
 """
@@ -77,6 +78,23 @@ class RecordReads:
             self.check_each(layer, prec, ids, rows, np.arange(ids.size, dtype=np.int64) * seg.size,
                             np.full(ids.size, seg.size, np.int64), seg.crcs[ids])
         return True
+
+    def resident_ids(self, layer: int, prec: Precision, ids, segment: FixedSegment, dest) -> np.ndarray | None:
+        """``read_ids`` from the page cache alone: the mask [m] of the rows read and checked,
+        or None where the C call does not apply (the caller takes ``resident``)."""
+        seg = segment
+        got = self.records.resident_checked(seg.base, ids, seg.crcs.size, seg.size, seg.crc_addr if self.verify else 0,
+                                            dest)
+        if got is None:
+            return None
+        present, bad = got
+        if bad >= 0:
+            raise ChecksumError(f"record layer {layer} neuron {int(ids[bad])} {prec.name} fails its checksum")
+        if bad == -2 and self.verify and present.any():
+            ids, rows = np.asarray(ids, dtype=np.int64), np.flatnonzero(present)
+            self.check_each(layer, prec, ids[rows], np.asarray(dest).reshape(ids.size, seg.size), rows * seg.size,
+                            np.full(rows.size, seg.size, np.int64), seg.crcs[ids[rows]])
+        return present
 
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, size: int,
                  crcs: np.ndarray, out: np.ndarray) -> np.ndarray | None:

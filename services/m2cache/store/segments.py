@@ -199,6 +199,33 @@ class RecordFile:
             raise ShortRead(base + int(ids[out[0]]) * size)
         return int(out[2])
 
+    def resident_checked(self, base: int, ids, num_ids: int, size: int, crc_addr: int, dest
+                         ) -> tuple[np.ndarray, int] | None:
+        """``read_checked`` from the page cache alone (RWF_NOWAIT, gather.c): the records of
+        ``ids`` it holds -> their rows of ``dest``, each checked. Returns (present mask [m],
+        -1 / -2 / the first row that differs from its CRC, as ``read_checked``), or None
+        where nothing was asked (no C library or RWF_NOWAIT, O_DIRECT, a batch for the pool,
+        buffers not contiguous, ids not ascending or outside [0, num_ids))."""
+        lib = _gather_library()
+        n = len(ids)
+        if lib is None or not self.nowait or self.direct_fd is not None or n >= 2 * RECORDS_PER_THREAD:
+            return None
+        ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
+        if ids_at is None or dest_at is None or tuple(dest.shape) != (n, size):
+            return None
+        present = np.empty(n, dtype=np.uint8)
+        out = (ctypes.c_int64 * 3)()
+        lib.m2r_resident_checked(self.fd, base, ids_at, n, num_ids, size, RECORD_GAP_BYTES, crc_addr or None, dest_at,
+                                 present.ctypes.data, out)
+        if out[0] == -2:
+            return None
+        if out[1] in (errno.EOPNOTSUPP, errno.EINVAL):
+            self.nowait = False
+            return None
+        if out[1]:
+            raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
+        return present.view(bool), int(out[2])
+
     def read_resident(self, starts: np.ndarray, size: int, dest: np.ndarray) -> np.ndarray | None:
         """The records of ``starts`` [m] that the page cache holds -> their rows of ``dest``
         [m, size], without waiting on the device (preadv2 RWF_NOWAIT, gather.c); returns
@@ -297,7 +324,8 @@ def address(a, dtype) -> int | None:
 def _gather_library():
     """gather.c, or None (no compiler, M2CACHE_KERNELS=torch)."""
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 4,
+    return native.load(Path(__file__).with_name("gather.c"), "m2r_abi_version", 5,
                        {"m2r_pread_records": [I32, P, I64, I64, I64, P, P],
                         "m2r_pread_resident": [I32, P, I64, I64, I64, P, P, P],
-                        "m2r_read_checked": [I32, I64, P, I64, I64, I64, I64, I64, P, P, P]})
+                        "m2r_read_checked": [I32, I64, P, I64, I64, I64, I64, I64, P, P, P],
+                        "m2r_resident_checked": [I32, I64, P, I64, I64, I64, I64, P, P, P, P]})

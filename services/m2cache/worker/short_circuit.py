@@ -82,6 +82,9 @@ class LocalRecords:
         """The records of ``ids`` [m] the page cache holds -> their rows of ``out`` [m, rb],
         checked; the mask [m] of rows read (None: this file system cannot say)."""
         seg = self._table(layer, prec)
+        present = self.reads.resident_ids(layer, prec, ids, seg, out)  # one C call
+        if present is not None:
+            return present
         return self.reads.resident(layer, prec, ids, seg.base + ids * seg.size, seg.size, seg.crcs[ids], out)
 
     def read(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray) -> None:
