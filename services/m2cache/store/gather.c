@@ -113,6 +113,28 @@ void m2r_pread_resident(int32_t fd, const int64_t* offsets, int64_t n, int64_t s
     }
 }
 
+// Runs of consecutive ids in ids[0..n) (ascending, in [0, num_ids)), or -1 where they are not.
+static int64_t count_runs(const int64_t* ids, int64_t n, int64_t num_ids) {
+    int64_t runs = n > 0;
+    for (int64_t k = 0; k < n; k++) {
+        if (ids[k] < 0 || ids[k] >= num_ids || (k && ids[k] <= ids[k - 1])) return -1;
+        if (k && ids[k] != ids[k - 1] + 1) runs++;
+    }
+    return runs;
+}
+
+// File offsets of the ids' records (malloc'd; NULL: out of memory, out[0] = 0 and out[1] = ENOMEM)
+static int64_t* record_offsets(int64_t base, const int64_t* ids, int64_t n, int64_t size, int64_t* out) {
+    int64_t* offsets = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (!offsets) {
+        out[0] = 0;
+        out[1] = ENOMEM;
+        return NULL;
+    }
+    for (int64_t k = 0; k < n; k++) offsets[k] = base + ids[k] * size;
+    return offsets;
+}
+
 // out[0]: -1 read, -2 not taken (ids not ascending or out of [0, num_ids), or the batch is
 // mostly contiguous: min_per_run records a run or more on average; nothing read), else the
 // first record not wholly read (out[1]: errno, or 0 at the end of the file); out[2]: -1
@@ -123,19 +145,10 @@ void m2r_read_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t n, i
     out[0] = -2;
     out[1] = 0;
     out[2] = -1;
-    int64_t runs = n > 0;
-    for (int64_t k = 0; k < n; k++) {
-        if (ids[k] < 0 || ids[k] >= num_ids || (k && ids[k] <= ids[k - 1])) return;
-        if (k && ids[k] != ids[k - 1] + 1) runs++;
-    }
-    if (runs * min_per_run < n) return;
-    int64_t* offsets = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    if (!offsets) {
-        out[0] = 0;
-        out[1] = ENOMEM;
-        return;
-    }
-    for (int64_t k = 0; k < n; k++) offsets[k] = base + ids[k] * size;
+    const int64_t runs = count_runs(ids, n, num_ids);
+    if (runs < 0 || runs * min_per_run < n) return;
+    int64_t* offsets = record_offsets(base, ids, n, size, out);
+    if (!offsets) return;
     m2r_pread_records(fd, offsets, n, size, max_gap, dest, out);
     free(offsets);
     if (out[0] >= 0 || !crcs) return;
@@ -169,15 +182,9 @@ void m2r_resident_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t 
     out[0] = -2;
     out[1] = 0;
     out[2] = -1;
-    for (int64_t k = 0; k < n; k++)
-        if (ids[k] < 0 || ids[k] >= num_ids || (k && ids[k] <= ids[k - 1])) return;
-    int64_t* offsets = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    if (!offsets) {
-        out[0] = 0;
-        out[1] = ENOMEM;
-        return;
-    }
-    for (int64_t k = 0; k < n; k++) offsets[k] = base + ids[k] * size;
+    if (count_runs(ids, n, num_ids) < 0) return;
+    int64_t* offsets = record_offsets(base, ids, n, size, out);
+    if (!offsets) return;
     memset(present, 0, (size_t)n);
     m2r_pread_resident(fd, offsets, n, size, max_gap, dest, present, out);
     free(offsets);
