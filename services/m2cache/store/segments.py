@@ -182,11 +182,11 @@ class RecordFile:
         ascending or outside [0, num_ids), or runs of ``min_per_run`` records or more on
         average). Raises :class:`ShortRead` past the end of the file."""
         lib = _gather_library()
-        n = len(ids)
-        if lib is None or self.direct_fd is not None or n >= 2 * RECORDS_PER_THREAD:
-            return None
         ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
-        if ids_at is None or dest_at is None or tuple(dest.shape) != (n, size):
+        if lib is None or self.direct_fd is not None or ids_at is None or dest_at is None or ids.ndim != 1:
+            return None
+        n = ids.shape[0]
+        if n >= 2 * RECORDS_PER_THREAD or tuple(dest.shape) != (n, size):
             return None
         out = (ctypes.c_int64 * 3)()
         lib.m2r_read_checked(self.fd, base, ids_at, n, num_ids, size, RECORD_GAP_BYTES, min_per_run, crc_addr or None,
@@ -207,11 +207,12 @@ class RecordFile:
         where nothing was asked (no C library or RWF_NOWAIT, O_DIRECT, a batch for the pool,
         buffers not contiguous, ids not ascending or outside [0, num_ids))."""
         lib = _gather_library()
-        n = len(ids)
-        if lib is None or not self.nowait or self.direct_fd is not None or n >= 2 * RECORDS_PER_THREAD:
-            return None
         ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
-        if ids_at is None or dest_at is None or tuple(dest.shape) != (n, size):
+        if lib is None or not self.nowait or self.direct_fd is not None or ids_at is None or dest_at is None \
+                or ids.ndim != 1:
+            return None
+        n = ids.shape[0]
+        if n >= 2 * RECORDS_PER_THREAD or tuple(dest.shape) != (n, size):
             return None
         present = np.empty(n, dtype=np.uint8)
         out = (ctypes.c_int64 * 3)()
