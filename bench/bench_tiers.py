@@ -16,6 +16,9 @@ neurons per layer (270 MB). The page cache is dropped before every cold figure.
                                batch's ratio is printed too)
 - stream_over_inprocess:       the same for StreamNeurons assembled into a client buffer (the path
                                across hosts, where no region is shared)
+- short_circuit_over_inprocess: what a same-host worker does instead of a read RPC: it reads the
+                               records file itself, with the descriptor and CRC tables the store
+                               passed over its socket (worker/short_circuit.py), / in-process
 
 The "Done when" targets are printed beside the ratios measured here, not asserted.
 
@@ -48,6 +51,7 @@ from m2cache.store.reader import DEFAULT_IO_THREADS, NeuronStore  # noqa: E402
 from m2cache.store.segments import RecordFile, plan  # noqa: E402
 from m2cache.store.shared_reader import SharedReader  # noqa: E402
 from m2cache_client.pb import common_pb2, store_pb2, store_pb2_grpc  # noqa: E402
+from m2cache.worker.short_circuit import LocalRecords  # noqa: E402
 
 D_MODEL, NVEC = 4096, 3
 FULL = Precision.FULL
@@ -222,6 +226,9 @@ def rpc_figures(root: Path, model: str, store_dir: Path, manifest: Manifest, bat
     store = NeuronStore(store_dir, io_threads=threads)
     reader = server.shared_reader(max(batches) * rb)
     reader.region.data[::4096] = 0  # resident before the clock, like ``dest``
+    local_records = LocalRecords.open(reader, model, manifest.layout, manifest.d_ffn, verify=True)
+    if local_records is None:
+        sys.exit("the store would not share its records file (short-circuit reads)")
     rows = {}
     try:
         store.read_into(0, FULL, np.arange(manifest.d_ffn), np.empty((manifest.d_ffn, rb), np.uint8))  # warm
@@ -232,16 +239,22 @@ def rpc_figures(root: Path, model: str, store_dir: Path, manifest: Manifest, bat
             server.stream_into(model, 0, ids[0], dest)  # warm-up and check
             assert dest.tobytes() == store.get_neurons(0, ids[0], FULL)
             assert server.shared_into(model, 0, ids[1], reader).tobytes() == store.get_neurons(0, ids[1], FULL)
-            t_stream, t_shared, t_local = [], [], []
-            for r in range(reps):
+            local_records.read(0, FULL, ids[2], dest)
+            assert dest.tobytes() == store.get_neurons(0, ids[2], FULL)
+            t_stream, t_shared, t_local, t_short = [], [], [], []
+            for r in range(reps):  # each read follows one of other ids (not of its own, hot in the CPU's caches)
                 t_shared.append(timed(lambda: server.shared_into(model, 0, ids[r % 4], reader)))
-                t_stream.append(timed(lambda: server.stream_into(model, 0, ids[r % 4], dest)))
-                t_local.append(timed(lambda: store.read_into(0, FULL, ids[r % 4], dest)))
-            shared, stream, local = (statistics.median(t) for t in (t_shared, t_stream, t_local))
+                t_stream.append(timed(lambda: server.stream_into(model, 0, ids[(r + 1) % 4], dest)))
+                t_local.append(timed(lambda: store.read_into(0, FULL, ids[(r + 2) % 4], dest)))
+                t_short.append(timed(lambda: local_records.read(0, FULL, ids[(r + 3) % 4], dest)))
+            shared, stream, local, short = (statistics.median(t) for t in (t_shared, t_stream, t_local, t_short))
             rows[batch] = {"batch_bytes": batch * rb, "rpc_bytes_per_s": batch * rb / shared,
                            "stream_bytes_per_s": batch * rb / stream, "inprocess_bytes_per_s": batch * rb / local,
-                           "rpc_over_inprocess": local / shared, "stream_over_inprocess": local / stream}
+                           "short_circuit_bytes_per_s": batch * rb / short,
+                           "rpc_over_inprocess": local / shared, "stream_over_inprocess": local / stream,
+                           "short_circuit_over_inprocess": local / short}
     finally:
+        local_records.close()
         reader.close()
         store.close()
         server.stop()
@@ -255,12 +268,13 @@ def report(doc: dict) -> None:
     for key, value in f.items():
         shown = f"{value:10.2f}" if key.endswith("_over_inprocess") else f"{value / MB:10,.0f} MB/s"
         print(f"  {key:36s} {shown}")
-    print("\n| batch | MB | ReadNeuronsShared MB/s | StreamNeurons MB/s | in-process read_into MB/s | shared / in-process"
-          " | stream / in-process |\n|---|---|---|---|---|---|---|")
+    print("\n| batch | MB | ReadNeuronsShared MB/s | StreamNeurons MB/s | short-circuit MB/s | in-process read_into MB/s"
+          " | shared / in-process | stream / in-process | short-circuit / in-process |\n|---|---|---|---|---|---|---|---|---|")
     for batch, row in r.items():
         print(f"| {batch} | {row['batch_bytes'] / MB:.1f} | {row['rpc_bytes_per_s'] / MB:,.0f} | "
-              f"{row['stream_bytes_per_s'] / MB:,.0f} | {row['inprocess_bytes_per_s'] / MB:,.0f} | "
-              f"{row['rpc_over_inprocess']:.2f} | {row['stream_over_inprocess']:.2f} |")
+              f"{row['stream_bytes_per_s'] / MB:,.0f} | {row['short_circuit_bytes_per_s'] / MB:,.0f} | "
+              f"{row['inprocess_bytes_per_s'] / MB:,.0f} | {row['rpc_over_inprocess']:.2f} | "
+              f"{row['stream_over_inprocess']:.2f} | {row['short_circuit_over_inprocess']:.2f} |")
     t = doc["targets"]
     print("\nDone-when targets (measured ratio vs target):")
     for name, (ratio, target) in t.items():
@@ -289,7 +303,7 @@ def main() -> None:
         figures.update(memcpy_figures(raw, args.neurons * rb))
         rpc = rpc_figures(tmp / "root", model, store_dir, manifest, args.batches, args.reps, args.io_threads)
         big = [row for row in rpc.values() if row["batch_bytes"] >= 1 << 20]
-        for key in ("rpc_over_inprocess", "stream_over_inprocess"):
+        for key in ("rpc_over_inprocess", "stream_over_inprocess", "short_circuit_over_inprocess"):
             figures[key] = min(row[key] for row in big) if big else float("nan")
         doc = {"figures": figures, "rpc": rpc, "record_bytes": rb, "layer_bytes": args.neurons * rb,
                "io_threads": args.io_threads, "cores": os.cpu_count(),
@@ -305,7 +319,9 @@ def main() -> None:
                    "NeuronStore RPC / in-process, batches >= 1 MB (min; same host, shared region)": (
                        figures["rpc_over_inprocess"], 0.7),
                    "StreamNeurons / in-process, batches >= 1 MB (min; across hosts)": (
-                       figures["stream_over_inprocess"], 0.7)}}
+                       figures["stream_over_inprocess"], 0.7),
+                   "(not a target) same-host worker's short-circuit read / in-process, batches >= 1 MB (min)": (
+                       figures["short_circuit_over_inprocess"], 0.7)}}
         report(doc)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
