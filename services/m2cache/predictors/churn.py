@@ -40,7 +40,6 @@ class MissCounter:
         # the worker's bookkeeping over one-byte stand-in records: its misses, none of its memory
         self.cache = NeuronCache(manifest.num_layers, manifest.d_ffn, {p: 1 for p in Precision}, capacity, window)
         self.layer_bytes = manifest.d_ffn * self.record_bytes[Precision.FULL]
-        self.num_layers = manifest.num_layers
         self.step = 0
         self.missed_bytes = 0
         self.counted_layers = 0
