@@ -20,7 +20,7 @@ import torch
 from m2cache.codec.format import Manifest, Precision
 from m2cache.worker.config import WorkerConfig
 from m2cache.worker.neuron_cache import NeuronCache
-from m2cache.worker.runtime import cache_shares
+from m2cache.worker.runtime import cache_capacities
 
 DEFAULT_WINDOW = next(f.default for f in fields(WorkerConfig) if f.name == "window")  # the worker's
 
@@ -32,13 +32,10 @@ class MissCounter:
 
     def __init__(self, manifest: Manifest, fraction: float, ratios: dict[str, float],
                  window: int = DEFAULT_WINDOW):
-        layout = manifest.layout
-        self.record_bytes = {p: layout.num_bytes(p) for p in Precision}
-        ffn_bytes = manifest.num_layers * manifest.d_ffn * self.record_bytes[Precision.FULL]
-        capacity = NeuronCache.capacities(manifest.num_layers, manifest.d_ffn, self.record_bytes,
-                                          int(ffn_bytes * fraction), cache_shares(ratios, manifest))
+        self.record_bytes = {p: manifest.layout.num_bytes(p) for p in Precision}
         # the worker's bookkeeping over one-byte stand-in records: its misses, none of its memory
-        self.cache = NeuronCache(manifest.num_layers, manifest.d_ffn, {p: 1 for p in Precision}, capacity, window)
+        self.cache = NeuronCache(manifest.num_layers, manifest.d_ffn, {p: 1 for p in Precision},
+                                 cache_capacities(manifest, fraction, ratios), window)
         self.layer_bytes = manifest.d_ffn * self.record_bytes[Precision.FULL]
         self.step = 0
         self.missed_bytes = 0

@@ -135,6 +135,30 @@ static int64_t* record_offsets(int64_t base, const int64_t* ids, int64_t n, int6
     return offsets;
 }
 
+// The first row k (present[k] set, or every row where present is NULL) whose record
+// differs from crcs[ids[k]]: -1 none, -2 not checked (no CRC32 instruction in this build).
+// Every row: three records at once (three independent CRC chains).
+static int64_t first_bad(const uint8_t* dest, const int64_t* ids, int64_t n, int64_t size, const uint32_t* crcs,
+                         const uint8_t* present) {
+#if M2_CRC32C
+    int64_t k = 0;
+    if (!present) {
+        uint32_t got[3];
+        for (; k + 3 <= n; k += 3) {
+            m2_crc32c_x3(dest + k * size, dest + (k + 1) * size, dest + (k + 2) * size, size, got);
+            for (int r = 0; r < 3; r++)
+                if (got[r] != crcs[ids[k + r]]) return k + r;
+        }
+    }
+    for (; k < n; k++)
+        if ((!present || present[k]) && m2_crc32c(dest + k * size, size) != crcs[ids[k]]) return k;
+    return -1;
+#else
+    (void)dest; (void)ids; (void)n; (void)size; (void)crcs; (void)present;
+    return -2;
+#endif
+}
+
 // out[0]: -1 read, -2 not taken (ids not ascending or out of [0, num_ids), or the batch is
 // mostly contiguous: min_per_run records a run or more on average; nothing read), else the
 // first record not wholly read (out[1]: errno, or 0 at the end of the file); out[2]: -1
@@ -151,26 +175,7 @@ void m2r_read_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t n, i
     if (!offsets) return;
     m2r_pread_records(fd, offsets, n, size, max_gap, dest, out);
     free(offsets);
-    if (out[0] >= 0 || !crcs) return;
-#if M2_CRC32C
-    uint32_t got[3];
-    int64_t k = 0;
-    for (; k + 3 <= n; k += 3) {
-        m2_crc32c_x3(dest + k * size, dest + (k + 1) * size, dest + (k + 2) * size, size, got);
-        for (int r = 0; r < 3; r++)
-            if (got[r] != crcs[ids[k + r]]) {
-                out[2] = k + r;
-                return;
-            }
-    }
-    for (; k < n; k++)
-        if (m2_crc32c(dest + k * size, size) != crcs[ids[k]]) {
-            out[2] = k;
-            return;
-        }
-#else
-    out[2] = -2;
-#endif
+    if (out[0] < 0 && crcs) out[2] = first_bad(dest, ids, n, size, crcs, NULL);
 }
 
 // out[0]: -2 not taken (ids not ascending or out of [0, num_ids); nothing read), else the
@@ -188,14 +193,5 @@ void m2r_resident_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t 
     memset(present, 0, (size_t)n);
     m2r_pread_resident(fd, offsets, n, size, max_gap, dest, present, out);
     free(offsets);
-    if (out[1] || !crcs || !out[0]) return;
-#if M2_CRC32C
-    for (int64_t k = 0; k < n; k++)
-        if (present[k] && m2_crc32c(dest + k * size, size) != crcs[ids[k]]) {
-            out[2] = k;
-            return;
-        }
-#else
-    out[2] = -2;
-#endif
+    if (!out[1] && crcs && out[0]) out[2] = first_bad(dest, ids, n, size, crcs, present);
 }

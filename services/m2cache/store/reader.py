@@ -231,17 +231,16 @@ class NeuronStore:
         self.check_layer(layer)
         ids = self.check_neurons(neuron_ids)
         fixed = self._fixed_segment(layer, prec)
-        if fixed is not None:  # dense: a scattered batch is one C call (read_into's path)
+        if fixed is not None:  # dense: every record fixed-size (a cache's misses: one C call)
             payload = np.empty(ids.size * fixed.size, np.uint8) if out is None else out.reshape(-1)[: ids.size * fixed.size]
-            if self.reads.read_ids(layer, prec, ids, fixed, payload.reshape(ids.size, fixed.size)):
-                return StoredRecords(payload, None, fixed.crcs[ids], fixed.size)
+            self.reads.read_fixed(layer, prec, ids, fixed, payload.reshape(ids.size, fixed.size))
+            return StoredRecords(payload, None, fixed.crcs[ids], fixed.size)
         starts, lengths = self.record_spans(layer, prec, ids)
         crcs = self.crc_table(layer, prec)[ids]
         total = int(lengths.sum())
         payload = np.empty(total, dtype=np.uint8) if out is None else out.reshape(-1)[:total]
-        dense = self.manifest.codec == "dense"
-        self.reads.read(layer, prec, ids, starts, lengths, crcs, payload, fixed=dense)
-        return StoredRecords(payload, None if dense else lengths, crcs, self.layout.num_bytes(prec))
+        self.reads.read(layer, prec, ids, starts, lengths, crcs, payload, fixed=False)
+        return StoredRecords(payload, lengths, crcs, self.layout.num_bytes(prec))
 
     def read_into(self, layer: int, prec: Precision | int | str, neuron_ids, out) -> np.ndarray | torch.Tensor:
         """Dense records of ``neuron_ids`` (sorted or not, duplicates allowed) into ``out``
@@ -275,12 +274,11 @@ class NeuronStore:
         prec = Precision.parse(prec)
         self.check_layer(layer)
         ids = self.check_neurons(neuron_ids)
-        size = self.layout.num_bytes(prec)
-        if self.manifest.codec != "dense":
+        fixed = self._fixed_segment(layer, prec)
+        if fixed is None:
             return None
-        _check_out("read_resident", out, ids.size, size)
-        starts, _lengths = self.record_spans(layer, prec, ids)
-        return self.reads.resident(layer, prec, ids, starts, size, self.crc_table(layer, prec)[ids], out)
+        _check_out("read_resident", out, ids.size, fixed.size)
+        return self.reads.resident_fixed(layer, prec, ids, fixed, out)
 
     def get_records(self, layer: int, neuron_ids, prec: Precision | int | str) -> tuple[bytes, np.ndarray]:
         """Concatenated records as stored, in ``neuron_ids`` order, and their lengths [n]."""

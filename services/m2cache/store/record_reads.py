@@ -6,8 +6,9 @@ descriptor passed with them) read records the same way, so a record is found and
 checked the same way whichever process reads it:
 - ``read``: any batch, as stored, back to back; scattered batches of fixed-size records
   in C loops of preads, the rest as coalesced runs on the file's thread pool;
-- ``read_ids`` / ``resident_ids``: a cache's scattered misses of one segment, read and
-  checked in one C call (``resident_ids``: what the page cache holds of them);
+- ``read_fixed`` / ``resident_fixed``: records of one segment of fixed-size records (the
+  dense codec), a cache's scattered misses in one C call (``read_ids`` / ``resident_ids``),
+  anything else by ``read`` / ``resident``;
 - ``resident``: only what the page cache holds, never waiting on the device.
 A record that fails its CRC, or that the file ends before, is a ChecksumError naming it.
 """
@@ -57,12 +58,27 @@ class RecordReads:
         if not (fixed and self._read_scattered(layer, prec, ids, starts, lengths, crcs, dest)):
             self._read_tasks(layer, prec, ids, starts, lengths, crcs, dest)
 
-    def read_ids(self, layer: int, prec: Precision, ids, segment: FixedSegment, dest) -> bool:
+    def read_fixed(self, layer: int, prec: Precision, ids: np.ndarray, seg: FixedSegment, dest: np.ndarray) -> None:
+        """Records of ``ids`` [m] (any order) of a segment of fixed-size records -> ``dest``
+        [m, size], checked: a cache's scattered misses in one C call, the rest by ``read``."""
+        if not self.read_ids(layer, prec, ids, seg, dest):
+            self.read(layer, prec, ids, seg.base + ids * seg.size, np.full(ids.size, seg.size, np.int64), seg.crcs[ids],
+                      dest.reshape(-1), fixed=True)
+
+    def resident_fixed(self, layer: int, prec: Precision, ids: np.ndarray, seg: FixedSegment, dest: np.ndarray
+                       ) -> np.ndarray | None:
+        """``read_fixed`` from the page cache alone: the mask [m] of the rows read (None:
+        the page cache cannot be asked alone; see ``resident``)."""
+        present = self.resident_ids(layer, prec, ids, seg, dest)
+        if present is not None:
+            return present
+        return self.resident(layer, prec, ids, seg.base + ids * seg.size, seg.size, seg.crcs[ids], dest)
+
+    def read_ids(self, layer: int, prec: Precision, ids, seg: FixedSegment, dest) -> bool:
         """A cache's scattered misses in one C call: ascending ``ids`` [m] (int64, numpy or
         CPU tensor) of a segment of fixed-size records -> ``dest`` [m, size], checked against
         the segment's CRC table when verifying. False (nothing read) where the C call does
-        not apply (RecordFile.read_checked); the caller takes ``read``."""
-        seg = segment
+        not apply (RecordFile.read_checked)."""
         try:
             bad = self.records.read_checked(seg.base, ids, seg.crcs.size, seg.size, seg.crc_addr if self.verify else 0,
                                             dest, SCATTERED_MIN_RECORDS_PER_RUN)
@@ -71,30 +87,30 @@ class RecordReads:
             self._short_read(layer, prec, ids, seg.base + ids * seg.size, np.full(ids.size, seg.size, np.int64), err)
         if bad is None:
             return False
-        if bad >= 0:
-            raise ChecksumError(f"record layer {layer} neuron {int(ids[bad])} {prec.name} fails its checksum")
-        if bad == -2 and self.verify:  # no CRC32 instruction: the library's CRC, one call per record
-            ids, rows = np.asarray(ids, dtype=np.int64), np.asarray(dest).reshape(len(ids), seg.size)
-            self.check_each(layer, prec, ids, rows, np.arange(ids.size, dtype=np.int64) * seg.size,
-                            np.full(ids.size, seg.size, np.int64), seg.crcs[ids])
+        self._checked(layer, prec, ids, seg, dest, bad, None)
         return True
 
-    def resident_ids(self, layer: int, prec: Precision, ids, segment: FixedSegment, dest) -> np.ndarray | None:
+    def resident_ids(self, layer: int, prec: Precision, ids, seg: FixedSegment, dest) -> np.ndarray | None:
         """``read_ids`` from the page cache alone: the mask [m] of the rows read and checked,
-        or None where the C call does not apply (the caller takes ``resident``)."""
-        seg = segment
+        or None where the C call does not apply (RecordFile.resident_checked)."""
         got = self.records.resident_checked(seg.base, ids, seg.crcs.size, seg.size, seg.crc_addr if self.verify else 0,
                                             dest)
         if got is None:
             return None
-        present, bad = got
+        self._checked(layer, prec, ids, seg, dest, got[1], got[0])
+        return got[0]
+
+    def _checked(self, layer, prec, ids, seg: FixedSegment, dest, bad: int, present: np.ndarray | None) -> None:
+        """The C call's CRC verdict ``bad`` (-1 all matched, -2 unchecked, else the first bad
+        row) -> ChecksumError naming the record; unchecked rows (``present``, or all) are
+        checked here with the library's CRC, one call per record, when verifying."""
         if bad >= 0:
             raise ChecksumError(f"record layer {layer} neuron {int(ids[bad])} {prec.name} fails its checksum")
-        if bad == -2 and self.verify and present.any():
-            ids, rows = np.asarray(ids, dtype=np.int64), np.flatnonzero(present)
+        if bad == -2 and self.verify:  # no CRC32 instruction in the C build
+            ids = np.asarray(ids, dtype=np.int64)
+            rows = np.arange(ids.size) if present is None else np.flatnonzero(present)
             self.check_each(layer, prec, ids[rows], np.asarray(dest).reshape(ids.size, seg.size), rows * seg.size,
                             np.full(rows.size, seg.size, np.int64), seg.crcs[ids[rows]])
-        return present
 
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, starts: np.ndarray, size: int,
                  crcs: np.ndarray, out: np.ndarray) -> np.ndarray | None:

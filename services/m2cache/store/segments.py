@@ -181,13 +181,10 @@ class RecordFile:
         library, O_DIRECT, a batch for the pool's threads, buffers not contiguous, ids not
         ascending or outside [0, num_ids), or runs of ``min_per_run`` records or more on
         average). Raises :class:`ShortRead` past the end of the file."""
-        lib = _gather_library()
-        ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
-        if lib is None or self.direct_fd is not None or ids_at is None or dest_at is None or ids.ndim != 1:
+        args = self._checked_args(ids, dest, size)
+        if args is None:
             return None
-        n = ids.shape[0]
-        if n >= 2 * RECORDS_PER_THREAD or tuple(dest.shape) != (n, size):
-            return None
+        lib, ids_at, n, dest_at = args
         out = (ctypes.c_int64 * 3)()
         lib.m2r_read_checked(self.fd, base, ids_at, n, num_ids, size, RECORD_GAP_BYTES, min_per_run, crc_addr or None,
                              dest_at, out)
@@ -206,14 +203,10 @@ class RecordFile:
         -1 / -2 / the first row that differs from its CRC, as ``read_checked``), or None
         where nothing was asked (no C library or RWF_NOWAIT, O_DIRECT, a batch for the pool,
         buffers not contiguous, ids not ascending or outside [0, num_ids))."""
-        lib = _gather_library()
-        ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
-        if lib is None or not self.nowait or self.direct_fd is not None or ids_at is None or dest_at is None \
-                or ids.ndim != 1:
+        args = self._checked_args(ids, dest, size) if self.nowait else None
+        if args is None:
             return None
-        n = ids.shape[0]
-        if n >= 2 * RECORDS_PER_THREAD or tuple(dest.shape) != (n, size):
-            return None
+        lib, ids_at, n, dest_at = args
         present = np.empty(n, dtype=np.uint8)
         out = (ctypes.c_int64 * 3)()
         lib.m2r_resident_checked(self.fd, base, ids_at, n, num_ids, size, RECORD_GAP_BYTES, crc_addr or None, dest_at,
@@ -226,6 +219,18 @@ class RecordFile:
         if out[1]:
             raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
         return present.view(bool), int(out[2])
+
+    def _checked_args(self, ids, dest, size: int) -> tuple[ctypes.CDLL, int, int, int] | None:
+        """(library, ids' address, m, dest's address) for a checked read of ``ids`` [m] into
+        ``dest`` [m, size] in one C call; None where it does not apply (see read_checked)."""
+        lib = _gather_library()
+        ids_at, dest_at = address(ids, np.int64), address(dest, np.uint8)
+        if lib is None or self.direct_fd is not None or ids_at is None or dest_at is None or ids.ndim != 1:
+            return None
+        n = ids.shape[0]
+        if n >= 2 * RECORDS_PER_THREAD or tuple(dest.shape) != (n, size):
+            return None
+        return lib, ids_at, n, dest_at
 
     def read_resident(self, starts: np.ndarray, size: int, dest: np.ndarray) -> np.ndarray | None:
         """The records of ``starts`` [m] that the page cache holds -> their rows of ``dest``

@@ -174,10 +174,17 @@ def build_cache(manifest: Manifest, fraction: float, ratios: dict[str, float] | 
                 device: str = "cpu") -> NeuronCache:
     """The HBM neuron cache for ``fraction`` of the model's FULL FFN bytes, split across
     the precisions the policy uses (cache_shares)."""
+    record_bytes = {p: manifest.layout.num_bytes(p) for p in Precision}
+    return NeuronCache(manifest.num_layers, manifest.d_ffn, record_bytes, cache_capacities(manifest, fraction, ratios),
+                       window, torch.device(device))
+
+
+def cache_capacities(manifest: Manifest, fraction: float, ratios: dict[str, float] | None) -> dict[Precision, int]:
+    """Rows per layer and precision of ``build_cache``'s cache."""
     layout = manifest.layout
     ffn_bytes = manifest.num_layers * manifest.d_ffn * layout.num_bytes(Precision.FULL)
-    return NeuronCache.with_budget(manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
-                                   int(ffn_bytes * fraction), cache_shares(ratios, manifest), window, device)
+    return NeuronCache.capacities(manifest.num_layers, manifest.d_ffn, {p: layout.num_bytes(p) for p in Precision},
+                                  int(ffn_bytes * fraction), cache_shares(ratios, manifest))
 
 
 def dense_layers(manifest: Manifest, fetch, dtype: torch.dtype, device: str = "cpu") -> list[DenseFFN]:

@@ -81,20 +81,12 @@ class LocalRecords:
     def resident(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
         """The records of ``ids`` [m] the page cache holds -> their rows of ``out`` [m, rb],
         checked; the mask [m] of rows read (None: this file system cannot say)."""
-        seg = self._table(layer, prec)
-        present = self.reads.resident_ids(layer, prec, ids, seg, out)  # one C call
-        if present is not None:
-            return present
-        return self.reads.resident(layer, prec, ids, seg.base + ids * seg.size, seg.size, seg.crcs[ids], out)
+        return self.reads.resident_fixed(layer, prec, ids, self._table(layer, prec), out)
 
     def read(self, layer: int, prec: Precision, ids: np.ndarray, out: np.ndarray) -> None:
         """The records of ``ids`` [m] -> ``out`` [m, rb] (contiguous), checked: the page
         cache's or the device's, as the kernel has them."""
-        seg = self._table(layer, prec)
-        if self.reads.read_ids(layer, prec, ids, seg, out):  # scattered: one C call
-            return
-        self.reads.read(layer, prec, ids, seg.base + ids * seg.size, np.full(ids.size, seg.size, np.int64),
-                        seg.crcs[ids], out.reshape(-1), fixed=True)
+        self.reads.read_fixed(layer, prec, ids, self._table(layer, prec), out)
 
     def close(self) -> None:
         self.reads.records.close()

@@ -15,7 +15,7 @@ in order of decreasing E[x_j^2], each column's rounding error pushed onto the
 columns not yet rounded through the inverse of H = E[x x^T] (damped by
 ``DAMP`` x its mean diagonal), then each row's scale refitted by least squares
 under H. Same codes, same bytes, same kernel; on SmolLM2's held-out WikiText
-the 1-bit copies' top-25% recall rises from 0.49 to about 0.63 (docs/BENCHMARKS.md).
+the 1-bit copies' top-25% recall rises from 0.50 to 0.60 (docs/BENCHMARKS.md).
 Codes are packed little-end first, 8 / bits per byte: gate_codes / up_codes
 uint8 [F, ceil(d * bits / 8)], gate_scale / up_scale fp16 [F], bits uint8 [1].
 Cost: 2 * bits / 16 of an fp16 FFN's gate+up bytes, i.e. bits/12 of the whole
