@@ -40,3 +40,21 @@ def test_bench_runs_every_system(tmp_path):
     assert set(doc["bandwidth"]) == {"ssd_records", "ssd_sequential", "dram", "hbm"}
     assert (out / "results.md").is_file() and all((out / p).is_file() for p in
                                                  ("bench_tokens_per_s.png", "bench_bytes_per_token.png"))
+
+
+def test_each_budget_is_measured_in_its_own_child(tmp_path):
+    """A budget's peak memory must be its own: an earlier budget's bigger cache leaves heap
+    behind in the process (6.5 MiB at 25% after 100% on SmolLM2), so every m2cache and
+    Accelerate budget gets a child of its own."""
+    from pathlib import Path
+
+    from bench.harness.models import BenchModel
+    from bench.harness.run import BenchConfig, specs_for
+
+    cfg = BenchConfig(out_dir=tmp_path, fractions=(1.0, 0.25), accelerate_fractions=(0.5, 0.25),
+                      systems=("transformers-dense", "accelerate-offload", "m2cache-inprocess", "m2cache-stack"),
+                      policies=("full", "mixed"))
+    specs = specs_for(cfg, BenchModel(name="m", hf_dir=Path("hf")), [1, 2])
+    runs = sorted((s["kind"], s["policy"], tuple(s["fractions"])) for s in specs if s["kind"] != "transformers-dense")
+    assert runs == sorted([("accelerate-offload", "full", (0.5,)), ("accelerate-offload", "full", (0.25,))] + [
+        (k, p, (f,)) for k in ("m2cache-inprocess", "m2cache-stack") for p in ("full", "mixed") for f in (1.0, 0.25)])
