@@ -7,7 +7,8 @@ greedy request measured, then optionally sampled by py-spy.
 
 STORES_ROOT is a directory of stores (``m2cache bench``'s ``OUT/stores``), MODEL one of
 them. Prints decode tok/s and the fetcher's counters (calls, records, Redis and store
-bytes, shared-region reads) over the measured request. With ``--spy`` it then decodes
+bytes, shared-region reads) over the measured request, and the CPU milliseconds per token
+of the worker and of each service process. With ``--spy`` it then decodes
 for 8 s more under ``py-spy record -f raw`` of this process (``--threads``): the
 decode thread is ``decode-loop``. Not a test; figures compare only within a run.
 """
@@ -67,17 +68,21 @@ def main() -> None:
     try:
         worker = StackWorker(stack, args.model, manifest, model, args.fraction, mixed, 4, compute)
         worker.generate(PROMPT, 8, lambda i, t: None)  # warm: cache, Redis, kernels
-        before = dataclasses.asdict(worker.runtime.fetcher.stats)
+        before, cpu0 = dataclasses.asdict(worker.runtime.fetcher.stats), cpu_seconds(stack)
         times: list[float] = []
         worker.generate(PROMPT, args.tokens + 1, lambda i, t: times.append(time.perf_counter()))
-        after = dataclasses.asdict(worker.runtime.fetcher.stats)
+        after, cpu1 = dataclasses.asdict(worker.runtime.fetcher.stats), cpu_seconds(stack)
         steps = len(times) - 2
         out = {"model": args.model, "policy": args.policy, "fraction": args.fraction,
                "decode_tok_s": steps / (times[-1] - times[1]),
-               "fetch_per_token": {k: (after[k] - before[k]) / (steps + 1) for k in after}}
+               "fetch_per_token": {k: (after[k] - before[k]) / (steps + 1) for k in after},
+               "cpu_ms_per_token": {k: 1e3 * (cpu1[k] - cpu0.get(k, 0.0)) / (steps + 1) for k in cpu1}}
         print(f"{args.policy} at {args.fraction:.0%} through the stack: {out['decode_tok_s']:.2f} tok/s")
         for key, value in out["fetch_per_token"].items():
             print(f"  fetch {key:16s} {value:14,.3f} per token")
+        for key, value in out["cpu_ms_per_token"].items():
+            if value >= 0.05:
+                print(f"  cpu   {key:16s} {value:14,.3f} ms per token")
         if args.spy:
             exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
             if exe is None:
@@ -97,6 +102,37 @@ def main() -> None:
     finally:
         stack.close()
         compute.close()
+
+
+def cpu_seconds(stack) -> dict[str, float]:
+    """User + system CPU seconds so far of this process (the worker) and of each service
+    process (store, DRAM tier, its Redis): on a 2-core machine their work is the decode's loss."""
+    import psutil
+
+    def used(proc) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system
+
+    dram = psutil.Process(stack.dram.pid)
+    out = {"worker": used(psutil.Process()), **worker_threads(),
+           "store": used(psutil.Process(stack.store.pid)), "dram": used(dram)}
+    out.update({child.name(): used(child) for child in dram.children(recursive=True)})
+    return out
+
+
+def worker_threads() -> dict[str, float]:
+    """This process's CPU seconds by thread ("worker/<comm>/<tid>": torch's and Python's
+    threads are all "python")."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        out[f"worker/{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 if __name__ == "__main__":
