@@ -185,6 +185,57 @@ def test_scattered_reads_equal_one_record_at_a_time(store_root, monkeypatch, imp
         reader.close()
 
 
+def test_records_off_the_device_are_read_several_at_a_time_and_checked(tmp_path):
+    """After a batch that waited on the device, RecordReads.read_ids reads what the page
+    cache holds in one call and the rest on the pool's threads (read_checked_parallel),
+    each record still checked and a bad one named; a batch the page cache held whole
+    counts the streak down."""
+    from m2cache.codec import checksum
+    from m2cache.errors import ChecksumError
+    from m2cache.store import record_reads, segments
+    assert segments._gather_library() is not None, "gather.c did not build here"
+    size, n, base = 4096, 2000, 4096  # a record a page: evicted pages are whole records
+    data = np.random.default_rng(0).integers(0, 256, size=base + n * size, dtype=np.uint8)
+    path = tmp_path / "records.bin"
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: fadvise can drop them
+    rows = data[base:].reshape(n, size)
+    crcs = checksum.crc32c_rows(rows).astype(np.uint32)
+    rf = segments.RecordFile(path, io_threads=4)
+    reads = record_reads.RecordReads(rf, verify=True, expected_bytes=base + n * size)
+    seg = record_reads.FixedSegment.of(base, size, crcs)
+    parts = []
+    real = rf.read_checked_parallel
+    rf.read_checked_parallel = lambda *a: parts.append(a[1].copy()) or real(*a)
+    try:
+        ids = np.sort(np.random.default_rng(1).choice(n, 300, replace=False)).astype(np.int64)
+        if rf.resident_checked(base, ids, n, size, 0, np.empty((ids.size, size), np.uint8)) is None:
+            pytest.skip("no RWF_NOWAIT on this kernel or file system: nothing can be read page-cache-first")
+        os.posix_fadvise(rf.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing resident...
+        warm = ids[::3].copy()
+        reads.read_ids(0, Precision.FULL, warm, seg, np.empty((warm.size, size), np.uint8))  # ...but these
+        reads.cold_streak = record_reads.COLD_STREAK
+        dest = torch.zeros((ids.size, size), dtype=torch.uint8)
+        assert reads.read_ids(0, Precision.FULL, torch.from_numpy(ids), seg, dest)
+        assert np.array_equal(dest.numpy(), rows[ids])
+        assert parts, "no record was read off the device"
+        cold = np.concatenate(parts)
+        assert np.isin(cold, ids).all() and not np.isin(cold, warm).all()
+        assert reads.cold_streak == record_reads.COLD_STREAK
+        assert reads.read_ids(0, Precision.FULL, ids, seg, np.empty((ids.size, size), np.uint8))  # all resident now
+        assert reads.cold_streak == record_reads.COLD_STREAK - 1
+        os.posix_fadvise(rf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        bad = crcs.copy()
+        bad[ids[200]] ^= 1  # as if record ids[200] had changed on disk
+        with pytest.raises(ChecksumError, match=f"neuron {ids[200]} FULL"):
+            reads.read_ids(3, Precision.FULL, ids, record_reads.FixedSegment.of(base, size, bad),
+                           np.empty((ids.size, size), np.uint8))
+    finally:
+        rf.close()
+
+
 def test_a_cache_miss_batch_is_read_and_checked_in_one_c_call(tmp_path):
     """RecordFile.read_checked (gather.c): ascending ids of one segment read into their
     rows, each checked against the segment's CRC table (the first bad row returned);

@@ -137,7 +137,7 @@ static int64_t* record_offsets(int64_t base, const int64_t* ids, int64_t n, int6
 
 // The first row k (present[k] set, or every row where present is NULL) whose record
 // differs from crcs[ids[k]]: -1 none, -2 not checked (no CRC32 instruction in this build).
-// Every row: three records at once (three independent CRC chains).
+// Every row (present NULL: all read): three records at once (three independent CRC chains).
 static int64_t first_bad(const uint8_t* dest, const int64_t* ids, int64_t n, int64_t size, const uint32_t* crcs,
                          const uint8_t* present) {
 #if M2_CRC32C
@@ -193,5 +193,5 @@ void m2r_resident_checked(int32_t fd, int64_t base, const int64_t* ids, int64_t 
     memset(present, 0, (size_t)n);
     m2r_pread_resident(fd, offsets, n, size, max_gap, dest, present, out);
     free(offsets);
-    if (!out[1] && crcs && out[0]) out[2] = first_bad(dest, ids, n, size, crcs, present);
+    if (!out[1] && crcs && out[0]) out[2] = first_bad(dest, ids, n, size, crcs, out[0] == n ? NULL : present);
 }

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 RECORD_GAP_BYTES = 4096  # read_records: records this close share one pread (a syscall costs more than 4 KiB of copy)
 RECORDS_PER_THREAD = 512  # read_records: batches this many times the pool's threads are split across them
+COLD_RECORDS_PER_THREAD = 4  # read_checked_parallel: records off the device, this many a thread at least
 
 
 class ShortRead(Exception):
@@ -195,6 +196,31 @@ class RecordFile:
                 raise OSError(int(out[1]), os.strerror(int(out[1])), self.path)
             raise ShortRead(base + int(ids[out[0]]) * size)
         return int(out[2])
+
+    def read_checked_parallel(self, base: int, ids: np.ndarray, num_ids: int, size: int, crc_addr: int,
+                              dest: np.ndarray) -> int:
+        """``read_checked`` of records the page cache does not hold, split across the pool's
+        threads so the device sees several reads at once (600 cold 24 KiB records of a layer
+        came off this VM's disk 2-3x faster four or eight at a time than one after another).
+        ``ids`` ascending int64 [m], ``dest`` uint8 [m, size], both contiguous numpy. Returns
+        as read_checked (the first bad row of the whole batch); raises ShortRead, OSError."""
+        n = ids.size
+        parts = max(min(self.io_threads, -(-n // COLD_RECORDS_PER_THREAD)), -(-n // (2 * RECORDS_PER_THREAD - 1)))
+        bounds = np.linspace(0, n, parts + 1).astype(np.int64).tolist()
+
+        def part(a: int, b: int) -> int:
+            got = self.read_checked(base, ids[a:b], num_ids, size, crc_addr, dest[a:b], n + 1)  # every batch taken
+            assert got is not None, "read_checked refused a part of a batch resident_checked took"
+            return got
+
+        if parts == 1:
+            results = [part(0, n)]
+        else:
+            results = [f.result() for f in [self.pool.submit(part, a, b) for a, b in zip(bounds[:-1], bounds[1:])]]
+        for a, got in zip(bounds, results):
+            if got >= 0:
+                return a + got
+        return results[0]
 
     def resident_checked(self, base: int, ids, num_ids: int, size: int, crc_addr: int, dest
                          ) -> tuple[np.ndarray, int] | None:
