@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 from m2cache.codec.format import Precision
-from m2cache.local.memory import return_freed_memory
+from m2cache.local.memory import return_freed_memory, trim_freed_memory
 from m2cache.model.config import ModelConfig
 from m2cache.model.model import CausalLM
 from m2cache.model.providers import WeightBank
@@ -39,7 +39,8 @@ def load_model(store: NeuronStore, device: str | torch.device = "cpu", dtype: to
     LMDB map afterwards so the dense pages leave the resident set; only where no other
     thread reads the same store meanwhile (a CLI run, one benchmark process).
     ``tokenizer`` False: skip it (callers that hand in token ids). Fixes the process's
-    allocator thresholds first (local/memory.py), so the copies freed here leave RSS."""
+    allocator thresholds first and trims its heaps after (local/memory.py), so the copies
+    freed here leave RSS."""
     return_freed_memory()
     dtype = dtype or compute_dtype(store.manifest.dtype)
     config = ModelConfig.from_hf(store.manifest.hf_config)
@@ -47,6 +48,8 @@ def load_model(store: NeuronStore, device: str | torch.device = "cpu", dtype: to
     if drop_pages:  # the copies above are the model's: the mapped pages need not stay resident
         store.drop_mapped_pages()
     model = CausalLM(config, dense, device, dtype)
+    del dense
+    trim_freed_memory()  # the staging copies just freed lie between the weights kept
     return model, load_tokenizer(store) if tokenizer else None, WeightBank.from_store(store, device, dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from m2cache.codec.format import Manifest, Precision
 from m2cache.errors import InvalidArgument
-from m2cache.local.memory import return_freed_memory
+from m2cache.local.memory import return_freed_memory, trim_freed_memory
 from m2cache.model.config import ModelConfig
 from m2cache.model.ffn import DenseFFN
 from m2cache.model.model import CausalLM, attention_names
@@ -73,6 +73,7 @@ class WorkerRuntime:
                 self.cache.fill(lambda layer, prec, ids: fetcher.neurons(layer, prec, ids, layer))
             self.provider = CachedProvider(self.cache, manifest.layout, fetcher.neurons, manifest.num_layers,
                                            prefetch=config.prefetches)
+        trim_freed_memory()  # the build's staging copies, freed between buffers it keeps (local/memory.py)
         self.engine = Engine(model, self.provider, tokenizer, config.max_batch, config.max_queue,
                              config.queue_timeout_s, config.max_context, attention=streamer, compute=self.compute)
         self.energy = energy.for_engine(self.engine, config.hardware, config.grid_gco2_per_kwh)
