@@ -210,7 +210,8 @@ class RecordFile:
 
         def part(a: int, b: int) -> int:
             got = self.read_checked(base, ids[a:b], num_ids, size, crc_addr, dest[a:b], n + 1)  # every batch taken
-            assert got is not None, "read_checked refused a part of a batch resident_checked took"
+            if got is None:  # parts are contiguous and under the pool's size: only a bad caller gets here
+                raise ValueError(f"records [{a}, {b}) of a batch could not be read in one C call")
             return got
 
         if parts == 1:
