@@ -85,9 +85,9 @@ def specs(cfg: ValidateConfig, prompt: list[int]) -> list[dict]:
             out.append({**spec, "tokens": cfg.resident_tokens})
         elif spec["kind"] == "naive-streaming":  # one configuration each
             out.append(spec)
-        else:
-            for f in spec["fractions"]:  # one child per budget: measured right after its own probes
-                out.append({**spec, "fractions": [f], "tokens": cfg.resident_tokens if f >= 1 else cfg.tokens})
+        else:  # specs_for gives each budget a child of its own: measured right after its own probes
+            (f,) = spec["fractions"]
+            out.append({**spec, "tokens": cfg.resident_tokens if f >= 1 else cfg.tokens})
     return out
 
 

@@ -206,7 +206,6 @@ class RecordFile:
         as read_checked (the first bad row of the whole batch); raises ShortRead, OSError."""
         n = ids.size
         parts = max(min(self.io_threads, -(-n // COLD_RECORDS_PER_THREAD)), -(-n // (2 * RECORDS_PER_THREAD - 1)))
-        bounds = np.linspace(0, n, parts + 1).astype(np.int64).tolist()
 
         def part(a: int, b: int) -> int:
             got = self.read_checked(base, ids[a:b], num_ids, size, crc_addr, dest[a:b], n + 1)  # every batch taken
@@ -214,14 +213,8 @@ class RecordFile:
                 raise ValueError(f"records [{a}, {b}) of a batch could not be read in one C call")
             return got
 
-        if parts == 1:
-            results = [part(0, n)]
-        else:
-            results = [f.result() for f in [self.pool.submit(part, a, b) for a, b in zip(bounds[:-1], bounds[1:])]]
-        for a, got in zip(bounds, results):
-            if got >= 0:
-                return a + got
-        return results[0]
+        results = self._in_parts(n, parts, part)
+        return next((a + got for a, got in results if got >= 0), results[0][1])
 
     def resident_checked(self, base: int, ids, num_ids: int, size: int, crc_addr: int, dest
                          ) -> tuple[np.ndarray, int] | None:
@@ -285,15 +278,20 @@ class RecordFile:
     def _split(self, offsets: np.ndarray, size: int, flat: np.ndarray, call, present: np.ndarray | None) -> None:
         """``call(offsets part, dest part, present part)`` once, or once per pool thread
         for a batch of more than RECORDS_PER_THREAD records a thread."""
-        parts = min(self.io_threads, offsets.size // RECORDS_PER_THREAD)
-        bounds = np.linspace(0, offsets.size, max(parts, 1) + 1).astype(np.int64).tolist()
-        pieces = [(offsets[a:b], flat[a * size : b * size], None if present is None else present[a:b])
-                  for a, b in zip(bounds[:-1], bounds[1:])]
-        if len(pieces) == 1:
-            call(*pieces[0])
-            return
-        for f in [self.pool.submit(call, *piece) for piece in pieces]:
-            f.result()  # re-raises ShortRead / OSError
+        self._in_parts(offsets.size, min(self.io_threads, offsets.size // RECORDS_PER_THREAD),
+                       lambda a, b: call(offsets[a:b], flat[a * size : b * size],
+                                         None if present is None else present[a:b]))
+
+    def _in_parts(self, n: int, parts: int, call) -> list[tuple[int, object]]:
+        """``call(a, b)`` over ``max(parts, 1)`` even slices [a, b) of [0, n): inline for one,
+        else on the pool's threads; returns [(a, its result)] in order (re-raises
+        ShortRead / OSError)."""
+        bounds = np.linspace(0, n, max(parts, 1) + 1).astype(np.int64).tolist()
+        slices = list(zip(bounds[:-1], bounds[1:]))
+        if len(slices) == 1:
+            return [(0, call(0, n))]
+        futures = [(a, self.pool.submit(call, a, b)) for a, b in slices]
+        return [(a, f.result()) for a, f in futures]
 
     def _read_records_c(self, lib, offsets: np.ndarray, size: int, dest: np.ndarray) -> None:
         out = np.empty(2, dtype=np.int64)
